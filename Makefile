@@ -1,0 +1,45 @@
+# `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test lint bench models clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	@echo '$$ derivcli info sample_models/square_relu.keras'
+	@$(BIN)/derivcli info sample_models/square_relu.keras
+	@echo
+	@echo '$$ derivcli deriv sample_models/square_tanh.keras --grid -1:1:5 --partial x --partial x^2 --format table'
+	@$(BIN)/derivcli deriv sample_models/square_tanh.keras --grid -1:1:5 --partial x --partial x^2 --format table
+	@echo
+	@echo '$$ derivcli grad sample_models/shifted_square.h5 --at 0.5'
+	@$(BIN)/derivcli grad sample_models/shifted_square.h5 --at 0.5
+
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check derivcli tests bench sample_models
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_derivatives.py
+
+models: $(TEST_STAMP)
+	$(BIN)/python sample_models/build_models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,450 @@
+"""The command line: parse, validate, choose a format, call the library.
+
+TensorFlow is imported only inside the commands that compute, so `--help`
+and `--version` answer at once. Every failure reaches `DerivcliGroup.main`,
+the one place that turns exceptions into one line on standard error and an
+exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+from derivcli import __version__
+from derivcli.errors import DerivcliError, ExitStatus, Terminated, UsageError
+from derivcli.specs import (
+    AtPoint,
+    GridAxis,
+    parse_at,
+    parse_grid,
+    parse_names,
+    parse_partial,
+)
+
+
+def _fail_line(message: str) -> None:
+    sys.stderr.write(f"derivcli: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _raise_terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
+def _silence_stdout() -> None:
+    """Points standard output at /dev/null so the final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class DerivcliGroup(TyperGroup):
+    """The command group; its `main` maps every exception to one line and a status."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        from derivcli.run import PipeClosed
+
+        arguments = list(sys.argv[1:] if args is None else args)
+        show_traceback = "--traceback" in arguments
+        extra.pop("standalone_mode", None)
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            status = super().main(
+                args=arguments, prog_name=prog_name or "derivcli", standalone_mode=False, **extra
+            )
+            if status == ExitStatus.INTERRUPTED:
+                _fail_line("interrupted")
+            status = status if isinstance(status, int) else ExitStatus.SUCCESS
+        except DerivcliError as error:
+            if show_traceback:
+                traceback.print_exc()
+            _fail_line(error.message)
+            status = error.status
+        except typer.TyperException as error:
+            command = arguments[0] if arguments and not arguments[0].startswith("-") else ""
+            hint = f" (see 'derivcli {command} --help')".replace("  ", " ")
+            _fail_line(error.format_message().replace("\n", " ") + hint)
+            status = getattr(error, "exit_code", ExitStatus.USAGE)
+        except (typer.Abort, KeyboardInterrupt):
+            _fail_line("interrupted")
+            status = ExitStatus.INTERRUPTED
+        except Terminated:
+            _fail_line("terminated")
+            status = ExitStatus.TERMINATED
+        except PipeClosed:
+            _silence_stdout()
+            status = ExitStatus.SUCCESS
+        except MemoryError:
+            _fail_line("out of memory; lower --batch-size")
+            status = ExitStatus.ERROR
+        except Exception as error:  # the one place that catches everything
+            if show_traceback:
+                traceback.print_exc()
+            _fail_line(
+                f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''} "
+                "(rerun with --traceback and report it)"
+            )
+            status = ExitStatus.ERROR
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(int(status))
+
+
+app = typer.Typer(
+    cls=DerivcliGroup,
+    help="Derivatives of saved Keras models, from the shell.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"derivcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Derivatives of saved Keras models, from the shell.
+
+    Load a .keras, .h5 or SavedModel, give points (--at, --grid, --csv, --npz),
+    and get values, gradients, Hessians, Laplacians or any partial derivative
+    as a table, CSV, TSV, JSON, NPZ or HDF5.
+    """
+
+
+# Options shared by several commands, defined once.
+ModelArgument = Annotated[str, typer.Argument(help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
+CustomObjectsOption = Annotated[
+    list[str] | None,
+    typer.Option("--custom-objects", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
+]
+UnsafeOption = Annotated[bool, typer.Option("--unsafe", help="Allow Lambda layers (runs the file's Python code).")]
+NamesOption = Annotated[str | None, typer.Option("--names", help="Rename the inputs: a,b,... (count must match).", show_default=False)]
+OutputNamesOption = Annotated[str | None, typer.Option("--output-names", help="Rename the outputs: u,v,...", show_default=False)]
+AtOption = Annotated[list[str] | None, typer.Option("--at", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False)]
+GridOption = Annotated[
+    list[str] | None,
+    typer.Option("--grid", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False),
+]
+CsvOption = Annotated[str | None, typer.Option("--csv", help="A CSV file with a header row; - reads standard input.", show_default=False)]
+ColumnsOption = Annotated[str | None, typer.Option("--columns", help="CSV columns to take as the inputs, in order.", show_default=False)]
+NpzOption = Annotated[str | None, typer.Option("--npz", help="An .npz with one array per input, or one array x of shape (N, d).", show_default=False)]
+FormatOption = Annotated[
+    str | None,
+    typer.Option("--format", "-f", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
+]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
+BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", min=1, help="Points per compiled batch [default: 4096].", show_default=False)]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, or float64 to evaluate in double precision.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")]
+WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
+OutputsOption = Annotated[str | None, typer.Option("--outputs", help="Report these outputs only: y0,y2.", show_default=False)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Silence warnings.")]
+TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
+
+
+@dataclass
+class CommonOptions:
+    """The validated options every computing command shares."""
+
+    model: str
+    custom_objects: list[str]
+    unsafe: bool
+    names: list[str] | None
+    output_names: list[str] | None
+    at: list[AtPoint]
+    grid: list[GridAxis]
+    csv: str | None
+    columns: list[str] | None
+    npz: str | None
+    format: str
+    output: str | None
+    batch_size: int
+    dtype: str
+    device: str
+    quiet: bool
+
+
+# (name, annotation, default) of the options shared by every computing command,
+# in the order --help lists them after the command's own options.
+SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("at", AtOption, None),
+    ("grid", GridOption, None),
+    ("csv", CsvOption, None),
+    ("columns", ColumnsOption, None),
+    ("npz", NpzOption, None),
+    ("format", FormatOption, None),
+    ("output", OutputOption, None),
+    ("names", NamesOption, None),
+    ("output_names", OutputNamesOption, None),
+    ("custom_objects", CustomObjectsOption, None),
+    ("unsafe", UnsafeOption, False),
+    ("batch_size", BatchSizeOption, None),
+    ("dtype", DtypeOption, "float32"),
+    ("device", DeviceOption, "auto"),
+    ("quiet", QuietOption, False),
+    ("traceback", TracebackOption, False),
+]
+
+
+def with_shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds the shared options to a command (sqlite-utils' `output_options` idea).
+
+    The command declares `model`, its own options and `options: CommonOptions`;
+    it receives the shared options validated, as one `CommonOptions`.
+    """
+    own = inspect.signature(command, eval_str=True)
+    own_parameters = [p for p in own.parameters.values() if p.name != "options"]
+    shared_parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+        for name, annotation, default in SHARED_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**values: Any) -> None:
+        shared = {name: values.pop(name) for name, _, _ in SHARED_OPTIONS}
+        shared.pop("traceback")
+        command(options=_common(model=values["model"], **shared), **values)
+
+    parameters = own_parameters + shared_parameters
+    wrapper.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def _choice(value: str, option: str, choices: Sequence[str]) -> str:
+    if value.lower() not in choices:
+        raise UsageError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _names_or_none(text: str | None, option: str) -> list[str] | None:
+    return parse_names(text, option) if text else None
+
+
+def _common(
+    model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
+    output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
+    columns: str | None, npz: str | None, format: str | None, output: str | None,
+    batch_size: int | None, dtype: str, device: str, quiet: bool,
+) -> CommonOptions:
+    """Validates the shared options at the edge, before TensorFlow is imported."""
+    from derivcli.points import check_one_source
+    from derivcli.run import DEFAULT_BATCH_SIZE
+    from derivcli.writers import choose_format
+
+    check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
+    return CommonOptions(
+        model=model,
+        custom_objects=list(custom_objects or []),
+        unsafe=unsafe,
+        names=_names_or_none(names, "--names"),
+        output_names=_names_or_none(output_names, "--output-names"),
+        at=[parse_at(a) for a in at or []],
+        grid=[parse_grid(g) for g in grid or []],
+        csv=csv,
+        columns=_names_or_none(columns, "--columns"),
+        npz=npz,
+        format=choose_format(format, output, sys.stdout.isatty()),
+        output=output,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
+        dtype=_choice(dtype, "--dtype", ("float32", "float64")),
+        device=_choice(device, "--device", ("auto", "cpu", "gpu")),
+        quiet=quiet,
+    )
+
+
+def _warn(options: CommonOptions, message: str) -> None:
+    if not options.quiet:
+        sys.stderr.write(f"derivcli: warning: {message}\n")
+
+
+def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A progress bar on standard error for long runs on a terminal, else nothing."""
+    long_run = total is None or total > 8 * batch_size
+    if quiet or not long_run or not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.console import Console
+    from rich.progress import Progress
+
+    bar = Progress(console=Console(stderr=True), transient=True)
+    task = bar.add_task("points", total=total)
+    bar.start()
+    return (lambda n: bar.advance(task, n)), bar.stop
+
+
+def _format_point(names: Sequence[str], point: Any) -> str:
+    return ", ".join(f"{n}={float(v):.6g}" for n, v in zip(names, point))
+
+
+def _run_request(options: CommonOptions, request: Any) -> Any:
+    """Loads, plans, computes and writes one derivative command; returns the summary."""
+    from derivcli.models import load_model
+    from derivcli.points import open_source
+    from derivcli.run import compute, layout_for, make_kernel, plan_columns
+    from derivcli.writers import open_writer
+
+    model = load_model(
+        options.model, options.custom_objects, options.unsafe, options.dtype,
+        options.names, options.output_names,
+    )
+    columns, value_names = plan_columns(model, request)
+    highest = max((sum(c.partial) + 2 * (c.laplacian_over is not None) for c in columns), default=0)
+    if highest >= 2 and not options.quiet:
+        from derivcli.diagnose import smoothness_verdict
+
+        verdict = smoothness_verdict(model)
+        if verdict.zero_from_order is not None and highest >= verdict.zero_from_order:
+            _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 here: {verdict.reason}")
+    source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
+    kernel = make_kernel(model, columns, options.device)
+    writer = open_writer(options.format, layout_for(model, source, value_names), options.output)
+    advance, stop = _progress(source.total, options.batch_size, options.quiet)
+    try:
+        summary = compute(model, source, kernel, value_names, writer, options.batch_size, advance)
+    finally:
+        stop()
+    _report(options, model, summary)
+    return summary
+
+
+def _report(options: CommonOptions, model: Any, summary: Any) -> None:
+    """Warnings about NaN/Inf in the results, on standard error."""
+    total = int(summary.nonfinite.sum())
+    if total:
+        where = ", ".join(f"{n}: {int(c)}" for n, c in zip(summary.value_names, summary.nonfinite) if c)
+        _warn(
+            options,
+            f"{total} NaN/Inf value(s) ({where}); first at {_format_point(model.coordinate_names, summary.first_nonfinite)}",
+        )
+    if summary.written_as_null:
+        _warn(options, f"{summary.written_as_null} NaN/Inf value(s) written as JSON null")
+
+
+@app.command("info")
+def info_command(
+    model: ModelArgument,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    names: NamesOption = None,
+    output_names: OutputNamesOption = None,
+    custom_objects: CustomObjectsOption = None,
+    unsafe: UnsafeOption = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """Inputs, outputs, layers, activations, parameter count and smoothness verdict."""
+    from derivcli.info import describe, render_info
+    from derivcli.models import load_model
+
+    chosen = _choice(format, "--format", ("table", "json"))
+    loaded = load_model(
+        model, list(custom_objects or []), unsafe, "float32",
+        _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names"),
+    )
+    description = describe(loaded)
+    if chosen == "json":
+        sys.stdout.write(json.dumps(description, indent=2) + "\n")
+    else:
+        render_info(description)
+
+
+@app.command("eval")
+@with_shared_options
+def eval_command(model: ModelArgument, outputs: OutputsOption = None, *, options: CommonOptions) -> None:
+    """The model's outputs at the points."""
+    from derivcli.run import DerivativeRequest
+
+    _run_request(options, DerivativeRequest(outputs=_names_or_none(outputs, "--outputs")))
+
+
+@app.command("grad")
+@with_shared_options
+def grad_command(
+    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
+) -> None:
+    """All first derivatives (the Jacobian) of each output with respect to each input."""
+    from derivcli.run import DerivativeRequest
+
+    _run_request(options, DerivativeRequest(
+        jacobian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+
+
+@app.command("hessian")
+@with_shared_options
+def hessian_command(
+    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
+) -> None:
+    """All second derivatives: the upper triangle of the Hessian, diagonal included."""
+    from derivcli.run import DerivativeRequest
+
+    _run_request(options, DerivativeRequest(
+        hessian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+
+
+@app.command("laplacian")
+@with_shared_options
+def laplacian_command(
+    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
+) -> None:
+    """The Laplacian of each output, summed over the --wrt inputs (default: all)."""
+    from derivcli.run import DerivativeRequest
+
+    _run_request(options, DerivativeRequest(
+        laplacian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+
+
+PartialOption = Annotated[
+    list[str] | None,
+    typer.Option("--partial", "-p", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
+]
+OrderOption = Annotated[
+    int | None, typer.Option("--order", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
+]
+
+
+@app.command("deriv")
+@with_shared_options
+def deriv_command(
+    model: ModelArgument,
+    partial: PartialOption = None,
+    order: OrderOption = None,
+    wrt: WrtOption = None,
+    outputs: OutputsOption = None,
+    *,
+    options: CommonOptions,
+) -> None:
+    """Arbitrary partial derivatives of any order: --partial SPEC ... or --order N."""
+    from derivcli.run import DerivativeRequest
+
+    if not partial and order is None:
+        raise UsageError("deriv needs --partial SPEC (for example --partial x^2) or --order N")
+    _run_request(options, DerivativeRequest(
+        partials=[parse_partial(p) for p in partial or []], order=order,
+        wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))

@@ -1,0 +1,149 @@
+"""Smoothness verdicts: which derivative orders are zero almost everywhere, and why.
+
+The verdict is read off the ops of the model's traced TensorFlow graph, with
+SavedModel function calls inlined, so it covers Keras layers, custom layers
+and SavedModels alike, and it names the layers whose ops decide it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Ops whose value is piecewise linear in their input: every derivative of
+# order 2 and higher is zero except on a set of measure zero (the kinks).
+PIECEWISE_LINEAR_OPS = {
+    "Relu", "Relu6", "LeakyRelu", "Maximum", "Minimum", "Abs", "ClipByValue", "Select",
+    "SelectV2", "Sign", "Floor", "Ceil", "Round", "Rint", "MaxPool", "MaxPoolV2", "MaxPool3D",
+}
+# Ops with non-zero derivatives of every order.
+SMOOTH_OPS = {
+    "Tanh", "Sigmoid", "Softplus", "Softsign", "Exp", "Expm1", "Log", "Log1p", "Sin", "Cos",
+    "Tan", "Erf", "Erfc", "Sqrt", "Rsqrt", "Square", "Pow", "Reciprocal", "Inv", "Elu", "Selu",
+    "Atan", "Asinh", "Acosh", "Atanh", "Sinh", "Cosh", "Softmax", "LogSoftmax", "Asin", "Acos",
+    "Atan2", "Lgamma", "Digamma", "Xlogy", "Xdivy", "SquaredDifference",
+}
+# Ops that are bilinear: smooth and non-linear when two operands vary with the input.
+BILINEAR_OPS = {
+    "Mul", "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "RealDiv", "Div",
+    "DivNoNan", "Einsum", "Conv2D", "Conv1D", "Conv3D", "DepthwiseConv2dNative", "FloorDiv",
+}
+# Ops that are linear in their varying inputs, or do not touch values at all.
+LINEAR_OPS = {
+    "Placeholder", "Const", "Identity", "IdentityN", "ReadVariableOp", "VarHandleOp", "NoOp",
+    "AddV2", "Add", "AddN", "Sub", "Neg", "BiasAdd", "Reshape", "ConcatV2", "Concat",
+    "StridedSlice", "Slice", "Pack", "Unpack", "Split", "SplitV", "Transpose", "Squeeze",
+    "ExpandDims", "Tile", "Cast", "Shape", "ShapeN", "Size", "Rank", "Fill", "ZerosLike",
+    "OnesLike", "Sum", "Mean", "GatherV2", "Gather", "BroadcastTo", "BroadcastArgs",
+    "Cumsum", "Pad", "PadV2", "MirrorPad", "AvgPool", "AvgPool3D", "Range", "StopGradient",
+    "PreventGradient", "Snapshot", "EnsureShape", "Prod", "Equal", "NotEqual", "Less",
+    "LessEqual", "Greater", "GreaterEqual", "LogicalAnd", "LogicalOr", "LogicalNot",
+    "ResizeBilinear", "ResizeNearestNeighbor", "Reverse", "ReverseV2", "TensorScatterUpdate",
+    "GatherNd", "ScatterNd", "ZerosLike", "DepthToSpace", "SpaceToDepth", "MatrixDiag",
+    "MatrixDiagPartV3", "StatelessIf", "If", "Assert", "CheckNumerics", "Squeeze",
+}
+
+
+@dataclass
+class Verdict:
+    """Which derivative orders are zero almost everywhere.
+
+    Attributes:
+        zero_from_order: the lowest order that is identically zero almost
+            everywhere (2 for a relu network, 1 for a constant), or None
+            when every order is defined and in general non-zero.
+        reason: one sentence for the user.
+        kink_layers: layers with piecewise-linear ops.
+        smooth_layers: layers with smooth non-linear ops.
+        unknown_ops: op types derivcli does not classify.
+    """
+
+    zero_from_order: int | None
+    reason: str
+    kink_layers: list[str] = field(default_factory=list)
+    smooth_layers: list[str] = field(default_factory=list)
+    unknown_ops: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "zero_from_order": self.zero_from_order,
+            "reason": self.reason,
+            "piecewise_linear_layers": self.kink_layers,
+            "smooth_layers": self.smooth_layers,
+            "unclassified_ops": self.unknown_ops,
+        }
+
+
+def _layer_of(op_name: str) -> str:
+    """The layer an op belongs to, from its name scope (`model/dense_1/Relu` -> `dense_1`)."""
+    parts = [p for p in op_name.split("/") if p and not p.startswith(("StatefulPartitionedCall", "PartitionedCall"))]
+    return parts[-2] if len(parts) >= 2 else (parts[0] if parts else op_name)
+
+
+def flat_graph_ops(model: Any) -> list[Any]:
+    """The ops of the model's traced graph, with function calls inlined."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    dimension = len(model.coordinate_names)
+    concrete = tf.function(model.call_flat).get_concrete_function(
+        tf.TensorSpec((None, dimension), tf.as_dtype(model.dtype))
+    )
+    frozen = convert_variables_to_constants_v2(concrete)
+    return list(frozen.graph.get_operations())
+
+
+def smoothness_verdict(model: Any) -> Verdict:
+    """Classifies the model's ops to tell which derivative orders vanish.
+
+    Ops are followed from the input forward; an op on no path from the input
+    (a weight's own arithmetic) does not count.
+    """
+    ops = flat_graph_ops(model)
+    varying: set[str] = set()
+    kinks: dict[str, None] = {}
+    smooth: dict[str, None] = {}
+    unknown: dict[str, None] = {}
+    for op in ops:
+        if op.type == "Placeholder":
+            varying.update(t.name for t in op.outputs)
+            continue
+        varying_inputs = [t for t in op.inputs if t.name in varying]
+        if not varying_inputs:
+            continue
+        varying.update(t.name for t in op.outputs)
+        layer = _layer_of(op.name)
+        if op.type in PIECEWISE_LINEAR_OPS:
+            kinks[layer] = None
+        elif op.type in SMOOTH_OPS:
+            smooth[layer] = None
+        elif op.type in BILINEAR_OPS:
+            if len(varying_inputs) >= 2 or (op.type in {"RealDiv", "Div", "DivNoNan", "FloorDiv"} and op.inputs[1].name in varying):
+                smooth[layer] = None
+        elif op.type not in LINEAR_OPS:
+            unknown[op.type] = None
+    if unknown:
+        return Verdict(
+            None,
+            f"cannot tell from the graph: ops {', '.join(unknown)} are not classified; "
+            "`derivcli doctor` checks the orders numerically",
+            list(kinks), list(smooth), list(unknown),
+        )
+    if smooth:
+        reason = "smooth: derivatives of every order are defined and in general non-zero"
+        if kinks:
+            reason += f" (kinks at the piecewise-linear layers {', '.join(kinks)})"
+        return Verdict(None, reason, list(kinks), list(smooth))
+    if kinks:
+        return Verdict(
+            2,
+            "piecewise linear: derivatives of order 2 and higher are zero almost everywhere "
+            f"(layers {', '.join(kinks)} are piecewise linear and no layer is smooth); "
+            "use a smooth activation such as tanh, softplus or gelu for non-zero higher derivatives",
+            list(kinks), [],
+        )
+    return Verdict(
+        2, "linear: derivatives of order 2 and higher are zero everywhere (no non-linear layer)"
+    )

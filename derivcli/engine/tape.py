@@ -1,0 +1,175 @@
+"""Nested reverse-mode derivatives of any order, compiled once per run.
+
+The kernel differentiates `f: (batch, D) -> (batch, M)` inside one
+`tf.function` with a fixed input signature, so it is traced once and then
+runs whole batches. Per-sample derivatives come from differentiating the sum
+over the batch, which is exact because the samples of a batch are
+independent (see `derivcli.diagnose` for the check of that assumption).
+
+Every derivative is reached from a lower one by one more gradient; each
+gradient is taken once and shared between all columns that need it, so
+d2y/dx^2 and d3y/dx^2dt both reuse dy/dx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from derivcli.errors import RunError
+
+MultiIndex = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One requested quantity of one output.
+
+    Attributes:
+        output: the output's position in the flattened outputs.
+        partial: how often each input is differentiated; all zeros is the value.
+        laplacian_over: for a Laplacian, the input positions it sums over.
+    """
+
+    output: int
+    partial: MultiIndex = ()
+    laplacian_over: tuple[int, ...] | None = None
+
+
+class DerivativeGraph:
+    """Memoized derivatives of the outputs, built inside one traced function."""
+
+    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor) -> None:
+        self.coordinates = coordinates
+        self.values = values
+        self.dimension = int(coordinates.shape[1])
+        self.derivatives: dict[tuple[int, MultiIndex], tf.Tensor] = {}
+        self.gradients: dict[tuple[int, MultiIndex], tf.Tensor] = {}
+
+    def gradient(self, output: int, index: MultiIndex) -> tf.Tensor:
+        """The gradient (batch, D) of the derivative `index` of `output`."""
+        key = (output, index)
+        if key not in self.gradients:
+            self.gradients[key] = tf.gradients(
+                self.derivative(output, index),
+                self.coordinates,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )[0]
+        return self.gradients[key]
+
+    def derivative(self, output: int, index: MultiIndex) -> tf.Tensor:
+        """The derivative `index` of `output`, shape (batch,)."""
+        index = tuple(index) if index else (0,) * self.dimension
+        key = (output, index)
+        if key in self.derivatives:
+            return self.derivatives[key]
+        if not any(index):
+            result = self.values[:, output]
+        else:
+            position = self._predecessor(output, index)
+            lower = list(index)
+            lower[position] -= 1
+            result = self.gradient(output, tuple(lower))[:, position]
+        self.derivatives[key] = result
+        return result
+
+    def _predecessor(self, output: int, index: MultiIndex) -> int:
+        """Which input to differentiate last: the one that reuses the most work."""
+        candidates = [p for p, power in enumerate(index) if power]
+        lowers = {p: tuple(k - (q == p) for q, k in enumerate(index)) for p in candidates}
+        for table in (self.gradients, self.derivatives):
+            for p in candidates:
+                if (output, lowers[p]) in table:
+                    return p
+        return candidates[-1]
+
+    def laplacian(self, output: int, positions: Sequence[int]) -> tf.Tensor:
+        """The sum of the pure second derivatives over `positions`."""
+        terms = []
+        for p in positions:
+            index = [0] * self.dimension
+            index[p] = 2
+            terms.append(self.derivative(output, tuple(index)))
+        return tf.add_n(terms)
+
+    def column(self, column: Column) -> tf.Tensor:
+        if column.laplacian_over is not None:
+            return self.laplacian(column.output, column.laplacian_over)
+        return self.derivative(column.output, column.partial)
+
+
+class DerivativeKernel:
+    """All requested columns for a batch of points, in one compiled function.
+
+    Args:
+        function: the model, (batch, D) -> (batch, M), traceable by TensorFlow.
+        dimension: D, the number of scalar inputs.
+        columns: the quantities to compute, in output order.
+        dtype: the compute dtype, `float32` or `float64`.
+        device: a TensorFlow device string, or None for TensorFlow's choice.
+        combine: optional function of the DerivativeGraph returning extra
+            (batch,) tensors appended after `columns` (operator expressions).
+
+    Example:
+        >>> kernel = DerivativeKernel(model.call_flat, 1, [Column(0, (1,))], "float32")
+        >>> kernel(np.array([[0.5]]))  # dy/dx at x = 0.5
+    """
+
+    def __init__(
+        self,
+        function: Callable[[tf.Tensor], tf.Tensor],
+        dimension: int,
+        columns: Sequence[Column],
+        dtype: str,
+        device: str | None = None,
+        combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
+    ) -> None:
+        self.function = function
+        self.columns = list(columns)
+        self.dtype = dtype
+        self.device = device
+        self.combine = combine
+        self.compiled = tf.function(
+            self._compute,
+            input_signature=[tf.TensorSpec((None, dimension), tf.as_dtype(dtype))],
+            reduce_retracing=True,
+        )
+
+    def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
+        graph = DerivativeGraph(coordinates, self.function(coordinates))
+        results = [graph.column(c) for c in self.columns]
+        if self.combine is not None:
+            results += self.combine(graph)
+        batch = tf.shape(coordinates)[0]
+        results = [tf.broadcast_to(tf.cast(r, coordinates.dtype), [batch]) for r in results]
+        if not results:
+            return tf.zeros((batch, 0), coordinates.dtype)
+        return tf.stack(results, axis=1)
+
+    def __call__(self, coordinates: np.ndarray) -> np.ndarray:
+        """Computes the columns for a (batch, D) array; returns (batch, columns)."""
+        tensor = tf.convert_to_tensor(coordinates, dtype=self.dtype)
+        if self.device is None:
+            return self.compiled(tensor).numpy()
+        with tf.device(self.device):
+            return self.compiled(tensor).numpy()
+
+
+def select_device(choice: str) -> str | None:
+    """Maps `--device auto|cpu|gpu` to a TensorFlow device string.
+
+    Raises:
+        RunError: `gpu` was asked for and TensorFlow sees none.
+    """
+    if choice == "cpu":
+        return "/CPU:0"
+    gpus = tf.config.list_physical_devices("GPU")
+    if choice == "gpu":
+        if not gpus:
+            raise RunError("--device gpu: TensorFlow sees no GPU on this machine; use --device cpu or auto")
+        return "/GPU:0"
+    return "/GPU:0" if gpus else "/CPU:0"
+

@@ -1,0 +1,56 @@
+"""Exit statuses and the exceptions that carry them.
+
+Every failure derivcli reports is one of these exceptions; `derivcli.cli` maps
+each to one line on standard error and its exit status (httpie's `status.py`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """The exit statuses of the command-line contract (CLI.md)."""
+
+    SUCCESS = 0
+    ERROR = 1
+    USAGE = 2
+    CHECK_FAILED = 3
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+class DerivcliError(Exception):
+    """A failure with a one-line message for the user.
+
+    Args:
+        message: what was wrong, where, and how to fix it; one line.
+    """
+
+    status: ExitStatus = ExitStatus.ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(DerivcliError):
+    """A bad option, spec, grid or expression (exit status 2)."""
+
+    status = ExitStatus.USAGE
+
+
+class RunError(DerivcliError):
+    """The run failed: unreadable model, bad data, out of resources (exit status 1)."""
+
+    status = ExitStatus.ERROR
+
+
+class CheckFailed(DerivcliError):
+    """A check failed: tolerance, `--max-abs` or `--strict` (exit status 3)."""
+
+    status = ExitStatus.CHECK_FAILED
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup runs as for Ctrl-C."""

@@ -1,0 +1,95 @@
+"""`derivcli info`: what a model is, as a dict and as a terminal report."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from derivcli.diagnose import smoothness_verdict
+from derivcli.models import LoadedModel
+
+
+def _activation_name(layer: Any) -> str | None:
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
+def _layers(model: Any) -> list[dict[str, Any]]:
+    """Every layer, nested models flattened, with its activation and parameter count."""
+    rows = []
+    for layer in getattr(model, "layers", []):
+        if hasattr(layer, "layers") and layer.layers:
+            rows += _layers(layer)
+            continue
+        rows.append({
+            "name": layer.name,
+            "class": type(layer).__name__,
+            "activation": _activation_name(layer),
+            "parameters": int(layer.count_params()) if layer.built else 0,
+        })
+    return rows
+
+
+def describe(model: LoadedModel) -> dict[str, Any]:
+    """Everything `info` reports about `model`, JSON-ready."""
+    if model.kind == "keras":
+        layers = _layers(model.keras_model)
+        parameters = int(model.keras_model.count_params())
+    else:
+        layers = []
+        parameters = int(sum(v.shape.num_elements() for v in model.saved_object.variables)) \
+            if hasattr(model.saved_object, "variables") else 0
+    start = 0
+    inputs = []
+    for info in model.inputs:
+        inputs.append({
+            "name": info.name, "shape": [None, *info.shape], "dtype": info.dtype,
+            "coordinates": model.coordinate_names[start : start + info.size],
+        })
+        start += info.size
+    start = 0
+    outputs = []
+    for info in model.outputs:
+        outputs.append({
+            "name": info.name, "shape": [None, *info.shape], "dtype": info.dtype,
+            "columns": model.output_names[start : start + info.size],
+        })
+        start += info.size
+    return {
+        "path": model.path,
+        "format": model.kind,
+        "inputs": inputs,
+        "outputs": outputs,
+        "layers": layers,
+        "parameters": parameters,
+        "smoothness": smoothness_verdict(model).as_dict(),
+    }
+
+
+def render_info(description: dict[str, Any]) -> None:
+    """Prints the description for a terminal (Rich, on standard output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, soft_wrap=True)
+    console.print(f"[bold]{description['path']}[/bold] ({description['format']}), "
+                  f"{description['parameters']:,} parameters")
+    ports = Table(box=None, header_style="bold")
+    for heading in ("", "name", "shape", "dtype", "columns"):
+        ports.add_column(heading)
+    for kind, key, items in (("input", "coordinates", description["inputs"]), ("output", "columns", description["outputs"])):
+        for item in items:
+            shape = "(" + ", ".join("None" if d is None else str(d) for d in item["shape"]) + ")"
+            ports.add_row(kind, item["name"], shape, item["dtype"], ", ".join(item[key]))
+    console.print(ports)
+    if description["layers"]:
+        layers = Table(box=None, header_style="bold")
+        for heading in ("layer", "class", "activation", "parameters"):
+            layers.add_column(heading, justify="right" if heading == "parameters" else "left")
+        for layer in description["layers"]:
+            layers.add_row(layer["name"], layer["class"], layer["activation"] or "-", f"{layer['parameters']:,}")
+        console.print(layers)
+    smoothness = description["smoothness"]
+    console.print(f"[bold]smoothness:[/bold] {smoothness['reason']}")

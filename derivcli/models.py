@@ -1,0 +1,365 @@
+"""Loading saved Keras models, naming their inputs and outputs, dtype promotion.
+
+Everything that knows about Keras files lives here. A loaded model becomes a
+`LoadedModel`: one function from a (batch, inputs) tensor of coordinates to a
+(batch, outputs) tensor of values, whatever the file held (a `.keras` or `.h5`
+Keras model, or the serving signature of a SavedModel), plus the names the
+command line uses for its coordinates and outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from derivcli.errors import RunError, UsageError
+
+LOAD_HINT = "derivcli reads .keras files, .h5/.hdf5 files and SavedModel directories"
+
+
+@dataclass
+class TensorInfo:
+    """One input or output of a model: its name, shape without the batch axis, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to differentiate.
+
+    Attributes:
+        path: where it was loaded from.
+        kind: `keras` (a Keras model object) or `saved_model` (a serving signature).
+        inputs / outputs: the model's own inputs and outputs.
+        coordinate_names: one name per scalar input, in model order.
+        output_names: one name per scalar output, flattened in order.
+        dtype: the compute dtype, `float32` or `float64`.
+        keras_model: the Keras model when `kind == "keras"`.
+        signature: the concrete serving function when `kind == "saved_model"`.
+        saved_object: the restored SavedModel object, which owns the signature's variables.
+    """
+
+    path: str
+    kind: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    coordinate_names: list[str]
+    output_names: list[str]
+    dtype: str
+    keras_model: Any = None
+    signature: Any = None
+    saved_object: Any = None
+    signature_input_keys: list[str] = field(default_factory=list)
+    signature_output_keys: list[str] = field(default_factory=list)
+
+    def call_flat(self, coordinates: Any) -> Any:
+        """Evaluates the model on a (batch, inputs) tensor; returns (batch, outputs).
+
+        Traceable inside `tf.function`; derivatives flow through it.
+        """
+        import tensorflow as tf
+
+        pieces, start = [], 0
+        for info in self.inputs:
+            piece = coordinates[:, start : start + info.size]
+            pieces.append(tf.reshape(piece, (-1, *info.shape)))
+            start += info.size
+        if self.kind == "keras":
+            arguments = pieces[0] if len(pieces) == 1 else pieces
+            results = tf.nest.flatten(self.keras_model(arguments, training=False))
+        else:
+            by_key = {
+                key: tf.cast(piece, self.signature.structured_input_signature[1][key].dtype)
+                for key, piece in zip(self.signature_input_keys, pieces)
+            }
+            returned = self.signature(**by_key)
+            results = [returned[key] for key in self.signature_output_keys]
+        flat = [tf.reshape(tf.cast(r, self.dtype), (tf.shape(r)[0], -1)) for r in results]
+        return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
+
+
+def import_tensorflow() -> Any:
+    """Imports TensorFlow with its start-up chatter silenced.
+
+    TensorFlow's C++ start-up logs go to file descriptor 2 before Python can
+    configure them, so standard error is pointed at /dev/null for the import.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        import tensorflow as tf
+        import keras  # noqa: F401  (loaded here too, behind the same silence)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    import logging
+
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+def load_custom_objects(paths: Sequence[str]) -> dict[str, Any]:
+    """Runs each `--custom-objects` file and collects the classes it provides.
+
+    A file provides its `CUSTOM_OBJECTS` dict if it has one, and every Keras
+    class it defines; classes it registers with
+    `keras.saving.register_keras_serializable` are found by Keras itself.
+
+    Raises:
+        RunError: a file is missing or raises while it runs.
+    """
+    import keras
+
+    objects: dict[str, Any] = {}
+    for number, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise RunError(f"--custom-objects {path}: no such file")
+        spec = importlib.util.spec_from_file_location(f"derivcli_custom_objects_{number}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # the user's code may raise anything
+            raise RunError(
+                f"--custom-objects {path}: running it raised {type(error).__name__}: {error}"
+            ) from None
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, (keras.layers.Layer, keras.Model)):
+                objects[name] = value
+        objects.update(getattr(module, "CUSTOM_OBJECTS", {}))
+    return objects
+
+
+def _sniff(path: Path) -> str:
+    """Tells the format of a model file or directory: keras, h5 or saved_model."""
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return "saved_model"
+        raise RunError(f"cannot load {path}: a directory with no saved_model.pb is not a SavedModel; {LOAD_HINT}")
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic.startswith(b"PK"):
+        return "keras"
+    if magic == b"\x89HDF\r\n\x1a\n":
+        return "h5"
+    raise RunError(f"cannot load {path}: not a .keras (zip), HDF5 or SavedModel file; {LOAD_HINT}")
+
+
+def _explain_keras_error(path: Path, error: Exception) -> RunError:
+    """Turns a Keras loading exception into one line that says how to fix it."""
+    text = str(error)
+    missing = re.search(r"(?:Could not locate (?:class|function) |Unknown (?:layer|object)[^']*)'([^']+)'", text)
+    if missing:
+        return RunError(
+            f"cannot load {path}: unknown class {missing.group(1)!r}; pass the Python file "
+            "that defines it with --custom-objects FILE.py"
+        )
+    if "Lambda" in text and ("safe_mode" in text or "unsafe" in text.lower()):
+        return RunError(
+            f"cannot load {path}: it has a Lambda layer, whose Python code Keras will not run "
+            "in safe mode; pass --unsafe if you trust the file"
+        )
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return RunError(f"cannot load {path}: {first_line}")
+
+
+def _coordinate_names(inputs: Sequence[TensorInfo]) -> list[str]:
+    if len(inputs) == 1:
+        size = inputs[0].size
+        return ["x"] if size == 1 else [f"x{i}" for i in range(size)]
+    names = []
+    for info in inputs:
+        names += [info.name] if info.size == 1 else [f"{info.name}{i}" for i in range(info.size)]
+    return names
+
+
+def _output_names(outputs: Sequence[TensorInfo]) -> list[str]:
+    total = sum(info.size for info in outputs)
+    return ["y"] if total == 1 else [f"y{i}" for i in range(total)]
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    dims = tuple(shape)[1:]
+    if any(d is None for d in dims):
+        raise RunError(
+            f"input or output shape {tuple(shape)} has an unknown size beyond the batch axis; "
+            "derivcli needs fixed feature sizes"
+        )
+    return tuple(int(d) for d in dims)
+
+
+def _keras_inputs_outputs(model: Any) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise RunError(
+            "the model has no defined inputs (a subclassed model that was never built); "
+            "save a functional or Sequential model, or export a SavedModel with model.export()"
+        )
+    return (
+        [TensorInfo(t.name, _shape(t.shape), str(t.dtype)) for t in inputs],
+        [TensorInfo(t.name, _shape(t.shape), str(t.dtype)) for t in outputs],
+    )
+
+
+def _promote_to_float64(model: Any, custom_objects: dict[str, Any], safe_mode: bool) -> Any:
+    """Rebuilds a Keras model with float64 layers and its weights cast to float64.
+
+    The weights are cast, not retrained: the float64 model computes the same
+    function as the float32 one, in double precision.
+    """
+    import keras
+    import numpy as np
+
+    def promote(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" or node.get("class_name") == "FloatDTypePolicy":
+                return {**node, "config": {**node["config"], "name": "float64"}}
+            return {k: ("float64" if k == "dtype" and v in ("float32", "float16", "bfloat16") else promote(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [promote(v) for v in node]
+        return node
+
+    config = promote(keras.saving.serialize_keras_object(model))
+    with keras.saving.custom_object_scope(custom_objects):
+        promoted = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
+    promoted.set_weights(
+        [w.astype(np.float64) if np.issubdtype(w.dtype, np.floating) else w for w in model.get_weights()]
+    )
+    return promoted
+
+
+def load_model(
+    path: str,
+    custom_objects_files: Sequence[str] = (),
+    unsafe: bool = False,
+    dtype: str = "float32",
+    names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Loads a saved model of any supported format.
+
+    Args:
+        path: a `.keras` or `.h5`/`.hdf5` file, or a SavedModel directory.
+        custom_objects_files: Python files that define the model's custom classes.
+        unsafe: allow Keras to run the Python code of `Lambda` layers.
+        dtype: `float32`, or `float64` to evaluate in double precision.
+        names: new names for the coordinates (`--names`), count must match.
+        output_names: new names for the outputs (`--output-names`).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        RunError: missing, corrupt or unsupported files; unknown custom classes.
+        UsageError: `names` or `output_names` of the wrong length.
+    """
+    model_path = Path(path)
+    if not model_path.exists():
+        raise RunError(f"cannot load {path}: no such file or directory; {LOAD_HINT}")
+    kind = _sniff(model_path)
+    tf = import_tensorflow()
+    if kind == "saved_model":
+        loaded = _load_saved_model(model_path, tf, dtype)
+    else:
+        loaded = _load_keras(model_path, custom_objects_files, unsafe, dtype)
+    loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
+    loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
+    return loaded
+
+
+def _rename(current: list[str], new: Sequence[str] | None, option: str, what: str) -> list[str]:
+    if new is None:
+        return current
+    if len(new) != len(current):
+        raise UsageError(
+            f"{option} {','.join(new)}: {len(new)} name(s) for {len(current)} {what}(s) "
+            f"({', '.join(current)})"
+        )
+    return list(new)
+
+
+def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, dtype: str) -> LoadedModel:
+    import keras
+
+    custom_objects = load_custom_objects(custom_objects_files)
+    try:
+        model = keras.models.load_model(
+            path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
+        )
+    except Exception as error:  # Keras raises many types for a bad file
+        raise _explain_keras_error(path, error) from None
+    if not isinstance(model, keras.Model):
+        raise RunError(f"cannot load {path}: it holds a {type(model).__name__}, not a Keras model")
+    inputs, outputs = _keras_inputs_outputs(model)
+    if dtype == "float64":
+        model = _promote_to_float64(model, custom_objects, safe_mode=not unsafe)
+    return LoadedModel(
+        str(path), "keras", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
+        dtype, keras_model=model,
+    )
+
+
+def _load_saved_model(path: Path, tf: Any, dtype: str) -> LoadedModel:
+    if dtype == "float64":
+        raise UsageError(
+            f"--dtype float64: {path} is a SavedModel, whose serving signature is fixed at "
+            "float32; save the model as .keras to evaluate it in float64"
+        )
+    if not (path / "variables").is_dir():
+        raise RunError(f"cannot load {path}: the SavedModel has no variables folder (an incomplete copy?)")
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as error:  # TensorFlow raises many types for a bad directory
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"cannot load {path}: {first_line}") from None
+    signatures = dict(loaded.signatures)
+    if not signatures:
+        raise RunError(
+            f"cannot load {path}: the SavedModel has no serving signature; save it with "
+            "model.export() or tf.saved_model.save(model, dir, signatures=...)"
+        )
+    signature = signatures.get("serving_default") or next(iter(signatures.values()))
+    input_specs = signature.structured_input_signature[1]
+    output_specs = signature.structured_outputs
+    if not input_specs or not isinstance(output_specs, dict):
+        raise RunError(f"cannot load {path}: the serving signature takes no named inputs")
+    inputs = [TensorInfo(key, _shape(spec.shape), spec.dtype.name) for key, spec in input_specs.items()]
+    outputs = [TensorInfo(key, _shape(spec.shape), spec.dtype.name) for key, spec in output_specs.items()]
+    for info in inputs:
+        if not info.dtype.startswith("float"):
+            raise RunError(f"cannot differentiate {path}: input {info.name!r} has dtype {info.dtype}")
+    model = LoadedModel(
+        str(path), "saved_model", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
+        dtype, signature=signature,
+        signature_input_keys=list(input_specs), signature_output_keys=list(output_specs),
+    )
+    model.saved_object = loaded  # keeps the variables alive as long as the signature
+    return model

@@ -1,0 +1,347 @@
+"""Point sources (`--at`, `--grid`, `--csv`, `--npz`) as streams of batches.
+
+A source knows the input names it must fill and yields `PointBatch`es of at
+most `batch_size` rows, so that memory does not grow with the number of
+points. Sources use NumPy only; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from derivcli.errors import RunError, UsageError
+from derivcli.specs import AtPoint, GridAxis
+
+# Above this many points a grid is refused: it would run for days, and it is
+# almost always a typo (an extra zero in NUM).
+MAX_GRID_POINTS = 10**10
+
+
+@dataclass
+class PointBatch:
+    """A batch of points: coordinates in input order and pass-through cells."""
+
+    coordinates: np.ndarray  # (rows, inputs), float64
+    passthrough: list[list[str]] = field(default_factory=list)  # one list per column
+
+
+class PointSource:
+    """A stream of points for the inputs `input_names`.
+
+    Attributes:
+        passthrough_names: columns carried through unchanged (CSV only).
+        grid_shape: the grid's shape for `--grid`, else None.
+        grid_axes: the inputs along the grid's axes, in order.
+        total: the number of points when known in advance, else None.
+    """
+
+    passthrough_names: list[str]
+    grid_shape: tuple[int, ...] | None = None
+    grid_axes: list[str] | None = None
+    total: int | None = None
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        raise NotImplementedError
+
+
+class AtSource(PointSource):
+    """Points given one by one with `--at`."""
+
+    def __init__(self, points: Sequence[AtPoint], input_names: Sequence[str]) -> None:
+        rows = []
+        for point in points:
+            spelled = ",".join(
+                f"{n}={v:g}" for n, v in zip(point.names, point.values)
+            ) if point.names else ",".join(f"{v:g}" for v in point.values)
+            if point.names is None:
+                if len(point.values) != len(input_names):
+                    raise UsageError(
+                        f"--at {spelled!r}: {len(point.values)} value(s) for "
+                        f"{len(input_names)} input(s) ({', '.join(input_names)})"
+                    )
+                rows.append(point.values)
+            else:
+                unknown = [n for n in point.names if n not in input_names]
+                missing = [n for n in input_names if n not in point.names]
+                if unknown or missing:
+                    problem = (
+                        f"{', '.join(unknown)} is not an input" if unknown
+                        else f"no value for {', '.join(missing)}"
+                    )
+                    raise UsageError(
+                        f"--at {spelled!r}: {problem} (inputs: {', '.join(input_names)})"
+                    )
+                by_name = dict(zip(point.names, point.values))
+                rows.append(tuple(by_name[n] for n in input_names))
+        self.coordinates = np.array(rows, dtype=np.float64).reshape(len(rows), len(input_names))
+        self.passthrough_names = []
+        self.total = len(rows)
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        for start in range(0, self.total or 0, batch_size):
+            yield PointBatch(self.coordinates[start : start + batch_size])
+
+
+class GridSource(PointSource):
+    """The Cartesian product of `--grid` axes, first input varying slowest."""
+
+    def __init__(self, axes: Sequence[GridAxis], input_names: Sequence[str]) -> None:
+        by_name: dict[str, GridAxis] = {}
+        default: GridAxis | None = None
+        for axis in axes:
+            if axis.name is None:
+                if default is not None:
+                    raise UsageError("--grid: only one grid may leave out the input name")
+                default = axis
+            elif axis.name not in input_names:
+                raise UsageError(
+                    f"--grid {axis.name}=...: {axis.name!r} is not an input "
+                    f"(inputs: {', '.join(input_names)})"
+                )
+            elif axis.name in by_name:
+                raise UsageError(f"--grid: input {axis.name!r} has two grids")
+            else:
+                by_name[axis.name] = axis
+        missing = [n for n in input_names if n not in by_name]
+        if missing and default is None:
+            raise UsageError(
+                f"--grid: no grid for {', '.join(missing)}; add --grid NAME=START:STOP:NUM "
+                "or one --grid START:STOP:NUM for every input not named"
+            )
+        chosen = [by_name.get(name, default) for name in input_names]
+        self.axis_values = [
+            np.linspace(a.start, a.stop, a.num, dtype=np.float64) for a in chosen  # type: ignore[union-attr]
+        ]
+        self.grid_shape = tuple(len(v) for v in self.axis_values)
+        self.grid_axes = list(input_names)
+        self.total = math.prod(self.grid_shape)
+        if self.total > MAX_GRID_POINTS:
+            raise UsageError(
+                f"--grid: {self.total:,} points is more than {MAX_GRID_POINTS:,}; "
+                "use fewer points per axis, or split the run with --shard K/N"
+            )
+        self.passthrough_names = []
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        for start in range(0, self.total or 0, batch_size):
+            flat = np.arange(start, min(start + batch_size, self.total or 0))
+            indices = np.unravel_index(flat, self.grid_shape)
+            yield PointBatch(
+                np.stack([values[i] for values, i in zip(self.axis_values, indices)], axis=1)
+            )
+
+
+class CsvSource(PointSource):
+    """Rows of a CSV file or of standard input (`-`), read in batches.
+
+    Inputs are matched to columns by name, or taken from `columns` in order;
+    the other columns pass through unchanged.
+    """
+
+    def __init__(
+        self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None
+    ) -> None:
+        self.label = "standard input" if path == "-" else path
+        if path == "-":
+            self.stream: io.TextIOBase = io.TextIOWrapper(
+                sys.stdin.buffer, encoding="utf-8-sig", newline=""
+            )
+        else:
+            try:
+                self.stream = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+            except OSError as error:
+                raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
+        self.reader = csv.reader(self.stream)
+        header = self._next_row()
+        if header is None:
+            raise RunError(
+                f"{self.label} is empty: expected a header row naming the columns "
+                f"({', '.join(input_names)})"
+            )
+        self.header = [cell.strip() for cell in header]
+        wanted = list(columns) if columns else list(input_names)
+        if columns and len(columns) != len(input_names):
+            raise UsageError(
+                f"--columns {','.join(columns)}: {len(columns)} column(s) for "
+                f"{len(input_names)} input(s) ({', '.join(input_names)})"
+            )
+        missing = [name for name in wanted if name not in self.header]
+        if missing:
+            hint = "pass --columns to pick them" if not columns else "check --columns"
+            raise RunError(
+                f"{self.label}: no column {', '.join(map(repr, missing))} "
+                f"(columns: {', '.join(self.header)}); {hint}"
+            )
+        self.input_positions = [self.header.index(name) for name in wanted]
+        self.input_columns = wanted
+        self.passthrough_positions = [
+            i for i, name in enumerate(self.header) if i not in self.input_positions
+        ]
+        self.passthrough_names = [self.header[i] for i in self.passthrough_positions]
+
+    def _next_row(self) -> list[str] | None:
+        try:
+            for row in self.reader:
+                if row and any(cell.strip() for cell in row):
+                    return row
+        except csv.Error as error:
+            raise RunError(f"{self.label}, row {self.reader.line_num}: {error}") from None
+        except UnicodeDecodeError:
+            raise RunError(
+                f"{self.label}, row {self.reader.line_num + 1}: not UTF-8 text"
+            ) from None
+        return None
+
+    def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch:
+        width = len(self.header)
+        for row, line in zip(rows, line_numbers):
+            if len(row) != width:
+                raise RunError(
+                    f"{self.label}, row {line}: {len(row)} field(s), the header has {width}"
+                )
+        coordinates = np.empty((len(rows), len(self.input_positions)), dtype=np.float64)
+        for j, position in enumerate(self.input_positions):
+            cells = [row[position] for row in rows]
+            try:
+                coordinates[:, j] = np.array(cells, dtype=np.float64)
+            except ValueError:
+                for cell, line in zip(cells, line_numbers):
+                    try:
+                        float(cell)
+                    except ValueError:
+                        raise RunError(
+                            f"{self.label}, row {line}, column {self.input_columns[j]!r}: "
+                            f"{cell!r} is not a number"
+                        ) from None
+                raise
+        passthrough = [[row[p] for row in rows] for p in self.passthrough_positions]
+        return PointBatch(coordinates, passthrough)
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        try:
+            while True:
+                rows: list[list[str]] = []
+                lines: list[int] = []
+                while len(rows) < batch_size:
+                    row = self._next_row()
+                    if row is None:
+                        break
+                    rows.append(row)
+                    lines.append(self.reader.line_num)
+                if rows:
+                    yield self._parse(rows, lines)
+                if len(rows) < batch_size:
+                    return
+        finally:
+            if self.stream is not sys.stdin:
+                self.stream.close()
+
+
+class NpzSource(PointSource):
+    """Arrays of an `.npz` file: one per input name, or one `x` of shape (N, d)."""
+
+    def __init__(self, path: str, input_names: Sequence[str]) -> None:
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise RunError(f"cannot read NPZ {path}: no such file") from None
+        except (OSError, ValueError) as error:
+            raise RunError(f"cannot read NPZ {path}: {error}") from None
+        if not hasattr(archive, "files"):
+            raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays")
+        with archive:
+            if all(name in archive.files for name in input_names):
+                columns = [self._column(archive, path, name) for name in input_names]
+                lengths = {len(c) for c in columns}
+                if len(lengths) > 1:
+                    raise RunError(
+                        f"{path}: the input arrays have different lengths "
+                        f"({', '.join(f'{n}: {len(c)}' for n, c in zip(input_names, columns))})"
+                    )
+                self.coordinates = np.stack(columns, axis=1)
+            elif "x" in archive.files:
+                array = np.asarray(archive["x"], dtype=np.float64)
+                if array.ndim == 1 and len(input_names) == 1:
+                    array = array[:, None]
+                if array.ndim != 2 or array.shape[1] != len(input_names):
+                    raise RunError(
+                        f"{path}: array 'x' has shape {array.shape}, expected "
+                        f"(N, {len(input_names)}) for inputs {', '.join(input_names)}"
+                    )
+                self.coordinates = array
+            else:
+                raise RunError(
+                    f"{path}: no arrays named {', '.join(input_names)} and no array 'x' "
+                    f"(arrays: {', '.join(archive.files) or 'none'})"
+                )
+        self.passthrough_names = []
+        self.total = len(self.coordinates)
+
+    @staticmethod
+    def _column(archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
+        array = np.asarray(archive[name])
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
+            raise RunError(
+                f"{path}: array {name!r} has shape {array.shape} and dtype {array.dtype}, "
+                "expected a 1-D numeric array"
+            )
+        return array.astype(np.float64)
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        for start in range(0, self.total or 0, batch_size):
+            yield PointBatch(self.coordinates[start : start + batch_size])
+
+
+def open_source(
+    input_names: Sequence[str],
+    at: Sequence[AtPoint] = (),
+    grid: Sequence[GridAxis] = (),
+    csv_path: str | None = None,
+    npz_path: str | None = None,
+    columns: Sequence[str] | None = None,
+) -> PointSource:
+    """Opens the one point source given on the command line.
+
+    Raises:
+        UsageError: no source, or more than one.
+        RunError: the file cannot be read.
+    """
+    given = [
+        name for name, present in
+        (("--at", bool(at)), ("--grid", bool(grid)), ("--csv", csv_path is not None),
+         ("--npz", npz_path is not None))
+        if present
+    ]
+    check_one_source(given)
+    if columns and csv_path is None:
+        raise UsageError("--columns applies to --csv only")
+    if at:
+        return AtSource(at, input_names)
+    if grid:
+        return GridSource(grid, input_names)
+    if csv_path is not None:
+        return CsvSource(csv_path, input_names, columns)
+    assert npz_path is not None
+    if not Path(npz_path).exists():
+        raise RunError(f"cannot read NPZ {npz_path}: no such file")
+    return NpzSource(npz_path, input_names)
+
+
+def check_one_source(given: Sequence[str]) -> None:
+    """Raises UsageError unless exactly one point source was given."""
+    if not given:
+        raise UsageError("no points: give one of --at, --grid, --csv or --npz")
+    if len(given) > 1:
+        raise UsageError(
+            f"{' and '.join(given)} given together: give exactly one point source"
+        )

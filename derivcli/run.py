@@ -1,0 +1,274 @@
+"""Wiring: a loaded model, a point source and a writer make one run.
+
+This is the library's front door (httpie's `core.py`): `plan_columns` turns a
+request into kernel columns and their names, `compute` streams the points
+through the compiled kernel into a writer. Nothing here parses the command
+line or knows about Typer.
+
+Example:
+    >>> from derivcli import load_model, DerivativeRequest, evaluate
+    >>> model = load_model("sample_models/square_tanh.keras")
+    >>> table = evaluate(model, [[0.5]], DerivativeRequest(partials=[{"x": 2}]))
+    >>> table["d2y/dx^2"]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from derivcli.errors import RunError, UsageError
+from derivcli.models import LoadedModel
+from derivcli.points import PointBatch, PointSource
+from derivcli.specs import (
+    MultiIndex,
+    all_partials,
+    derivative_column,
+    laplacian_column,
+    resolve_partial,
+)
+from derivcli.writers import Layout, Writer
+
+# Points per batch when --batch-size is not given: large enough to keep the
+# compiled kernel busy, small enough for high orders on a laptop.
+DEFAULT_BATCH_SIZE = 4096
+
+
+class PipeClosed(BaseException):
+    """The reader of standard output went away (`| head -1`): stop quietly."""
+
+
+@dataclass
+class DerivativeRequest:
+    """What a derivative command asks for.
+
+    Attributes:
+        partials: `--partial` specs, powers by input name.
+        order: `--order N`, every partial of total order N over `wrt`.
+        jacobian: all first derivatives (`grad`).
+        hessian: the upper triangle of the Hessian (`hessian`).
+        laplacian: the Laplacian (`laplacian`).
+        wrt: the inputs the derivatives are taken over; None for all.
+        outputs: the outputs to report; None for all.
+    """
+
+    partials: list[dict[str, int]] = field(default_factory=list)
+    order: int | None = None
+    jacobian: bool = False
+    hessian: bool = False
+    laplacian: bool = False
+    wrt: list[str] | None = None
+    outputs: list[str] | None = None
+
+
+def _positions(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"{option} {','.join(names)}: {', '.join(map(repr, unknown))} is not an {what} "
+            f"({what}s: {', '.join(known)})"
+        )
+    return [known.index(n) for n in names]
+
+
+def plan_columns(model: LoadedModel, request: DerivativeRequest) -> tuple[list[Any], list[str]]:
+    """The kernel columns for a request, and their names, in table order.
+
+    Values of the selected outputs come first, then for each output its
+    derivatives in the order asked for.
+
+    Raises:
+        UsageError: unknown names in `wrt`, `outputs` or a partial spec.
+    """
+    from derivcli.engine import Column
+
+    inputs = model.coordinate_names
+    outputs = (
+        _positions(request.outputs, model.output_names, "--outputs", "output")
+        if request.outputs else list(range(len(model.output_names)))
+    )
+    wrt = (
+        _positions(request.wrt, inputs, "--wrt", "input")
+        if request.wrt else list(range(len(inputs)))
+    )
+    partials: list[MultiIndex] = [resolve_partial(p, inputs) for p in request.partials]
+    if request.jacobian:
+        partials += all_partials(1, wrt, len(inputs))
+    if request.hessian:
+        partials += all_partials(2, wrt, len(inputs))
+    if request.order is not None:
+        partials += all_partials(request.order, wrt, len(inputs))
+    zero = (0,) * len(inputs)
+    columns = [Column(m, zero) for m in outputs]
+    names = [model.output_names[m] for m in outputs]
+    for m in outputs:
+        output_name = model.output_names[m]
+        for index in partials:
+            columns.append(Column(m, index))
+            names.append(derivative_column(output_name, index, inputs))
+        if request.laplacian:
+            columns.append(Column(m, zero, laplacian_over=tuple(wrt)))
+            names.append(laplacian_column(output_name))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"column {duplicates[0]!r} is asked for twice")
+    return columns, names
+
+
+@dataclass
+class RunSummary:
+    """What a run saw, for warnings and gates.
+
+    Attributes:
+        rows: points processed.
+        nonfinite: NaN/Inf count per value column.
+        first_nonfinite: the coordinates of the first row with a NaN/Inf.
+        max_abs: the largest absolute finite value per value column.
+        worst_point: the coordinates where each column's max_abs occurs.
+        written_as_null: NaN/Inf cells written as JSON null.
+    """
+
+    value_names: list[str]
+    rows: int = 0
+    nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    first_nonfinite: np.ndarray | None = None
+    max_abs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    worst_point: list[np.ndarray | None] = field(default_factory=list)
+    written_as_null: int = 0
+
+    def __post_init__(self) -> None:
+        k = len(self.value_names)
+        self.nonfinite = np.zeros(k, dtype=np.int64)
+        self.max_abs = np.zeros(k)
+        self.worst_point = [None] * k
+
+    def update(self, coordinates: np.ndarray, values: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        self.nonfinite += (~finite).sum(axis=0)
+        if self.first_nonfinite is None and not finite.all():
+            self.first_nonfinite = coordinates[np.argmin(finite.all(axis=1))]
+        if len(values):
+            magnitudes = np.where(finite, np.abs(values), -1.0)
+            rows = magnitudes.argmax(axis=0)
+            for j, row in enumerate(rows):
+                if magnitudes[row, j] > self.max_abs[j]:
+                    self.max_abs[j] = magnitudes[row, j]
+                    self.worst_point[j] = coordinates[row]
+        self.rows += len(values)
+
+
+def make_kernel(model: LoadedModel, columns: Sequence[Any], device: str = "auto", **options: Any) -> Any:
+    """The compiled kernel for `columns` on the device chosen by `--device`."""
+    from derivcli.engine import DerivativeKernel, select_device
+
+    return DerivativeKernel(
+        model.call_flat, len(model.coordinate_names), columns, model.dtype,
+        device=select_device(device), **options,
+    )
+
+
+def compute(
+    model: LoadedModel,
+    source: PointSource,
+    kernel: Callable[[np.ndarray], np.ndarray],
+    value_names: Sequence[str],
+    writer: Writer,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Streams every batch of `source` through `kernel` into `writer`.
+
+    The writer is closed on success and aborted on any failure or interrupt,
+    so no partial file is left.
+
+    Raises:
+        PipeClosed: standard output was closed by its reader.
+        RunError: the kernel ran out of memory.
+    """
+    import tensorflow as tf
+
+    summary = RunSummary(list(value_names))
+    dtype = np.dtype(model.dtype)
+    try:
+        for batch in source.batches(batch_size):
+            coordinates = batch.coordinates.astype(dtype)
+            try:
+                values = kernel(coordinates)
+            except tf.errors.ResourceExhaustedError:
+                raise RunError(
+                    f"out of memory on a batch of {len(coordinates)} points; lower --batch-size"
+                ) from None
+            writer.write(coordinates, batch.passthrough, values)
+            summary.update(coordinates, values)
+            if progress is not None:
+                progress(len(coordinates))
+        writer.close()
+    except BrokenPipeError:
+        writer.abort()
+        raise PipeClosed() from None
+    except BaseException:
+        writer.abort()
+        raise
+    summary.written_as_null = writer.nonfinite_written_as_null
+    return summary
+
+
+def evaluate(
+    model: LoadedModel,
+    points: Any,
+    request: DerivativeRequest,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+) -> dict[str, np.ndarray]:
+    """Computes a request at an array of points, in memory; for library users.
+
+    Args:
+        model: from `derivcli.load_model`.
+        points: an array of shape (N, D) in input order.
+        request: what to compute.
+
+    Returns:
+        One array per column, keyed by column name, coordinates included.
+    """
+    coordinates = np.asarray(points, dtype=np.float64).reshape(-1, len(model.coordinate_names))
+    columns, names = plan_columns(model, request)
+    kernel = make_kernel(model, columns, device)
+    dtype = np.dtype(model.dtype)
+    parts = [
+        kernel(coordinates[start : start + batch_size].astype(dtype))
+        for start in range(0, len(coordinates), batch_size)
+    ]
+    values = np.concatenate(parts) if parts else np.zeros((0, len(names)), dtype)
+    table = {name: coordinates[:, j].astype(dtype) for j, name in enumerate(model.coordinate_names)}
+    table.update({name: values[:, j] for j, name in enumerate(names)})
+    return table
+
+
+def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[str]) -> Layout:
+    """The writer layout: coordinates, pass-through columns, values."""
+    clash = set(source.passthrough_names) & (set(model.coordinate_names) | set(value_names))
+    if clash:
+        raise UsageError(
+            f"the CSV column {sorted(clash)[0]!r} has the name of an input or a result column; "
+            "rename it, or rename the model's names with --names / --output-names"
+        )
+    return Layout(
+        list(model.coordinate_names), list(source.passthrough_names), list(value_names),
+        np.dtype(model.dtype), source.grid_shape, source.grid_axes,
+    )
+
+
+def write_stderr(text: str) -> None:
+    """Writes one line to standard error."""
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE", "DerivativeRequest", "PipeClosed", "PointBatch", "RunSummary",
+    "compute", "evaluate", "layout_for", "make_kernel", "plan_columns",
+]

@@ -1,0 +1,243 @@
+"""Parsing of the command line's small languages, and column names.
+
+Grid specs (`x=-3:3:61`), `--at` points (`1,2`, `x=1,y=2`), partial-derivative
+specs (`x,y^2`) and name lists are parsed here, before TensorFlow is imported,
+so that a bad spec is a usage error that costs nothing. Every parser raises
+`UsageError` with the option, the value received and the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from derivcli.errors import UsageError
+
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
+
+# A derivative is a multi-index: how many times each input (in model order) is
+# differentiated. (0, 2) is d2y/dx1^2 on a two-input model.
+MultiIndex = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One `--grid` option: `name` is None for a grid over every unnamed input."""
+
+    name: str | None
+    start: float
+    stop: float
+    num: int
+
+
+@dataclass(frozen=True)
+class AtPoint:
+    """One `--at` option: positional values, or values by input name."""
+
+    values: tuple[float, ...]
+    names: tuple[str, ...] | None
+
+
+def _parse_number(text: str, option: str, whole: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(
+            f"{option} {whole!r}: {text.strip()!r} is not a number"
+        ) from None
+    if not math.isfinite(value):
+        raise UsageError(f"{option} {whole!r}: {text.strip()!r} is not a finite number")
+    return value
+
+
+def _check_name(name: str, option: str, whole: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise UsageError(
+            f"{option} {whole!r}: {name!r} is not a valid name "
+            "(letters, digits, '_' and '.', not starting with a digit)"
+        )
+    return name
+
+
+def parse_grid(text: str) -> GridAxis:
+    """Parses a `--grid` spec, `[NAME=]START:STOP:NUM`.
+
+    Args:
+        text: the option's value, for example `x=-3:3:61` or `0:1:11`.
+
+    Returns:
+        The parsed axis; `num` points from `start` to `stop`, both included.
+
+    Raises:
+        UsageError: the spec is malformed, `num` is not a positive integer, or
+            `num` is 1 while `start != stop`.
+
+    Example:
+        >>> parse_grid("x=-1:1:3")
+        GridAxis(name='x', start=-1.0, stop=1.0, num=3)
+    """
+    name: str | None = None
+    body = text.strip()
+    if "=" in body:
+        name, body = (part.strip() for part in body.split("=", 1))
+        _check_name(name, "--grid", text)
+    fields = body.split(":")
+    if len(fields) != 3:
+        raise UsageError(
+            f"--grid {text!r}: expected START:STOP:NUM, for example x=-3:3:61 "
+            "(61 points from -3 to 3, both included)"
+        )
+    start = _parse_number(fields[0], "--grid", text)
+    stop = _parse_number(fields[1], "--grid", text)
+    try:
+        num = int(fields[2])
+    except ValueError:
+        raise UsageError(
+            f"--grid {text!r}: NUM {fields[2].strip()!r} must be a whole number of points"
+        ) from None
+    if num < 1:
+        raise UsageError(f"--grid {text!r}: NUM must be at least 1, got {num}")
+    if num == 1 and start != stop:
+        raise UsageError(
+            f"--grid {text!r}: one point cannot span {start:g} to {stop:g}; "
+            f"pin the input with {start:g}:{start:g}:1"
+        )
+    return GridAxis(name, start, stop, num)
+
+
+def parse_at(text: str) -> AtPoint:
+    """Parses an `--at` point: `0.5`, `1,2` or `x=1,y=2`.
+
+    Raises:
+        UsageError: a value is not a number, or names are mixed with
+            positional values.
+    """
+    fields = [field.strip() for field in text.split(",")]
+    named = ["=" in field for field in fields]
+    if any(named) and not all(named):
+        raise UsageError(
+            f"--at {text!r}: give every value by name (x=1,y=2) or none (1,2), not a mix"
+        )
+    if all(named):
+        pairs = [field.split("=", 1) for field in fields]
+        names = tuple(_check_name(name.strip(), "--at", text) for name, _ in pairs)
+        if len(set(names)) != len(names):
+            raise UsageError(f"--at {text!r}: an input is named twice")
+        values = tuple(_parse_number(value, "--at", text) for _, value in pairs)
+        return AtPoint(values, names)
+    return AtPoint(tuple(_parse_number(field, "--at", text) for field in fields), None)
+
+
+def parse_partial(text: str) -> dict[str, int]:
+    """Parses a `--partial` spec into powers by input name.
+
+    Args:
+        text: `x` (d/dx), `x^8`, or `x,y^2` (d3/dx dy^2).
+
+    Returns:
+        The power of each named input, in the order written; a name written
+        twice adds up (`x,x` is `x^2`).
+
+    Raises:
+        UsageError: an empty part, a bad name, or a power that is not a
+            positive integer.
+    """
+    powers: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, power_text = part.strip().partition("^")
+        name = name.strip()
+        if not name:
+            raise UsageError(
+                f"--partial {text!r}: empty input name; write for example x, x^2 or x,y^2"
+            )
+        _check_name(name, "--partial", text)
+        power = 1
+        if power_text:
+            if not power_text.strip().isdigit() or int(power_text) < 1:
+                raise UsageError(
+                    f"--partial {text!r}: the power {power_text.strip()!r} of {name} "
+                    "must be a positive whole number"
+                )
+            power = int(power_text)
+        powers[name] = powers.get(name, 0) + power
+    return powers
+
+
+def parse_names(text: str, option: str) -> list[str]:
+    """Parses a comma-separated list of distinct names (`--names a,b`)."""
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        _check_name(name, option, text)
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UsageError(f"{option} {text!r}: {', '.join(duplicates)} named twice")
+    return names
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parses `--shard K/N`, K from 0 to N-1."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
+        raise UsageError(f"--shard {text!r}: expected K/N with 0 <= K < N, for example 0/4")
+    return int(match[1]), int(match[2])
+
+
+def resolve_partial(
+    powers: dict[str, int], input_names: Sequence[str], option: str = "--partial"
+) -> MultiIndex:
+    """Turns powers by name into a multi-index over the model's inputs.
+
+    Raises:
+        UsageError: a name that is not an input, with the inputs listed.
+    """
+    index = [0] * len(input_names)
+    for name, power in powers.items():
+        if name not in input_names:
+            raise UsageError(
+                f"{option}: {name!r} is not an input of the model "
+                f"(inputs: {', '.join(input_names)}); rename inputs with --names"
+            )
+        index[input_names.index(name)] += power
+    return tuple(index)
+
+
+def all_partials(order: int, positions: Sequence[int], dimension: int) -> list[MultiIndex]:
+    """Every mixed partial of total `order` over the inputs at `positions`.
+
+    The order is that of an upper triangle read row by row: for order 2 over
+    (x, y) it is x^2, x y, y^2.
+    """
+    partials = []
+    for combination in itertools.combinations_with_replacement(positions, order):
+        index = [0] * dimension
+        for position in combination:
+            index[position] += 1
+        partials.append(tuple(index))
+    return partials
+
+
+def derivative_column(output: str, index: MultiIndex, input_names: Sequence[str]) -> str:
+    """The column name of a derivative, as CLI.md fixes it.
+
+    Example:
+        >>> derivative_column("y", (1, 2), ["x0", "x1"])
+        'd3y/dx0dx1^2'
+        >>> derivative_column("u", (0, 1), ["t", "x"])
+        'du/dx'
+    """
+    order = sum(index)
+    denominator = "".join(
+        f"d{name}^{power}" if power > 1 else f"d{name}"
+        for name, power in zip(input_names, index)
+        if power
+    )
+    prefix = "d" if order == 1 else f"d{order}"
+    return f"{prefix}{output}/{denominator}"
+
+
+def laplacian_column(output: str) -> str:
+    """The column name of a Laplacian: `laplacian(y)`."""
+    return f"laplacian({output})"

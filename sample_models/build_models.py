@@ -1,0 +1,79 @@
+"""Builds the committed sample models (kilobytes each): `make models`.
+
+Each model tells one story users bring to derivcli; the README lists what
+derivcli prints for each. Training is seeded and short, so the files are
+reproducible up to TensorFlow's own non-determinism.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bump_layer import Bump  # noqa: E402
+
+
+def mlp(inputs: int, widths: list[int], activation: str, name: str) -> keras.Model:
+    """A Dense network with one linear output."""
+    x = keras.Input((inputs,), name="x")
+    h = x
+    for i, width in enumerate(widths):
+        h = keras.layers.Dense(width, activation=activation, name=f"hidden{i + 1}")(h)
+    y = keras.layers.Dense(1, name="out")(h)
+    return keras.Model(x, y, name=name)
+
+
+def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int) -> keras.Model:
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    model.compile()  # drop the optimizer state: smaller files, nothing a user needs
+    return model
+
+
+def main() -> None:
+    keras.utils.set_random_seed(0)
+    x = np.linspace(-2, 2, 512, dtype="float32")[:, None]
+
+    # y = x^2 with relu: the fit is fine, the second derivative is 0 almost everywhere.
+    fit(mlp(1, [16, 16], "relu", "square_relu"), x, x**2, 300).save(HERE / "square_relu.keras")
+    # y = x^2 with tanh: smooth, d2y/dx2 close to 2.
+    tanh = fit(mlp(1, [16, 16], "tanh", "square_tanh"), x, x**2, 300)
+    tanh.save(HERE / "square_tanh.keras")
+    saved = HERE / "square_tanh_savedmodel"
+    shutil.rmtree(saved, ignore_errors=True)
+    tanh.export(saved, verbose=False)
+
+    # y = (x - 5)^2 / 25 on [0, 10], saved as a legacy .h5 file: dy/dx = 2 (x - 5) / 25.
+    x10 = np.linspace(0, 10, 512, dtype="float32")[:, None]
+    shifted = fit(mlp(1, [16, 16], "tanh", "shifted_square"), x10, (x10 - 5) ** 2 / 25, 300)
+    shifted.save(HERE / "shifted_square.h5")
+
+    # Two inputs, softplus: for d/dx0 + d2/dx1^2. Fitted to sin(x0) + x1^2 / 2.
+    grid = np.stack(np.meshgrid(np.linspace(-2, 2, 32), np.linspace(-2, 2, 32)), -1).reshape(-1, 2)
+    grid = grid.astype("float32")
+    target = np.sin(grid[:, :1]) + grid[:, 1:] ** 2 / 2
+    fit(mlp(2, [32, 32], "softplus", "softplus_2d"), grid, target, 200).save(HERE / "softplus_2d.keras")
+
+    # A custom layer: a trainable bump, loaded with --custom-objects bump_layer.py.
+    inputs = keras.Input((1,), name="x")
+    outputs = Bump(1.0, name="bump")(inputs)
+    keras.Model(inputs, outputs, name="bump").save(HERE / "bump.keras")
+    for path in sorted(HERE.glob("*")):
+        if path.suffix in (".keras", ".h5") or path.is_dir() and path.name != "__pycache__":
+            size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")))
+            print(f"{path.name:32s} {size / 1024:7.1f} KiB")
+
+
+if __name__ == "__main__":
+    main()
