@@ -7,6 +7,7 @@ and SavedModels alike, and it names the layers whose ops decide it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +75,26 @@ class Verdict:
         }
 
 
-def _layer_of(op_name: str) -> str:
-    """The layer an op belongs to, from its name scope (`model/dense_1/Relu` -> `dense_1`)."""
-    parts = [p for p in op_name.split("/") if p and not p.startswith(("StatefulPartitionedCall", "PartitionedCall"))]
-    return parts[-2] if len(parts) >= 2 else (parts[0] if parts else op_name)
+def _layer_of(op_name: str, layer_names: set[str]) -> str:
+    """The layer an op belongs to, from its name scope (`model_1/dense_1/Relu` -> `dense`).
+
+    Tracing appends `_1` to scopes that were used before; a scope is matched
+    to a layer of the model with and without that suffix.
+    """
+    parts = [p for p in op_name.split("/") if p and "PartitionedCall" not in p]
+    for part in reversed(parts[:-1]):
+        for candidate in (part, re.sub(r"_\d+$", "", part)):
+            if candidate in layer_names:
+                return candidate
+    return parts[-2] if len(parts) >= 2 else op_name
+
+
+def _layer_names(model: Any) -> set[str]:
+    names: set[str] = set()
+    for layer in getattr(model.keras_model, "layers", []) if model.kind == "keras" else []:
+        names.add(layer.name)
+        names |= {inner.name for inner in getattr(layer, "layers", [])}
+    return names
 
 
 def flat_graph_ops(model: Any) -> list[Any]:
@@ -102,6 +119,7 @@ def smoothness_verdict(model: Any) -> Verdict:
     (a weight's own arithmetic) does not count.
     """
     ops = flat_graph_ops(model)
+    layer_names = _layer_names(model)
     varying: set[str] = set()
     kinks: dict[str, None] = {}
     smooth: dict[str, None] = {}
@@ -114,7 +132,7 @@ def smoothness_verdict(model: Any) -> Verdict:
         if not varying_inputs:
             continue
         varying.update(t.name for t in op.outputs)
-        layer = _layer_of(op.name)
+        layer = _layer_of(op.name, layer_names)
         if op.type in PIECEWISE_LINEAR_OPS:
             kinks[layer] = None
         elif op.type in SMOOTH_OPS:

@@ -222,9 +222,12 @@ def _keras_inputs_outputs(model: Any) -> tuple[list[TensorInfo], list[TensorInfo
             "the model has no defined inputs (a subclassed model that was never built); "
             "save a functional or Sequential model, or export a SavedModel with model.export()"
         )
+    # An output tensor's own name is an internal counter (keras_tensor_5); the
+    # layer that makes it has the name the user chose.
+    output_layers = list(getattr(model, "output_names", None) or [t.name for t in outputs])
     return (
         [TensorInfo(t.name, _shape(t.shape), str(t.dtype)) for t in inputs],
-        [TensorInfo(t.name, _shape(t.shape), str(t.dtype)) for t in outputs],
+        [TensorInfo(name, _shape(t.shape), str(t.dtype)) for name, t in zip(output_layers, outputs)],
     )
 
 

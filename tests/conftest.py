@@ -1,0 +1,141 @@
+"""Fixtures: networks with closed-form derivatives, saved in every format derivcli reads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from closed_forms import OneLayerNet
+from derivcli.cli import app
+from derivcli.models import import_tensorflow
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+FORMATS = ["keras", "h5", "export", "tf_saved_model", "keras2_h5", "keras2_savedmodel"]
+
+
+def keras3_model(net: OneLayerNet, input_names: list[str] | None = None, dtype: str = "float32"):
+    """The Keras 3 model of `net`; several named 1-feature inputs when `input_names` is given."""
+    import keras
+
+    dimension, hidden = net.kernel.shape
+    if input_names:
+        inputs = [keras.Input((1,), name=name, dtype=dtype) for name in input_names]
+        joined = keras.layers.Concatenate()(inputs)
+    else:
+        inputs = keras.Input((dimension,), name="x", dtype=dtype)
+        joined = inputs
+    hidden_layer = keras.layers.Dense(hidden, activation=net.activation, name="hidden", dtype=dtype)
+    out = keras.layers.Dense(net.head.shape[1], name="out", dtype=dtype)
+    model = keras.Model(inputs, out(hidden_layer(joined)))
+    model.set_weights(net.weights(dtype))
+    return model
+
+
+def keras2_model(net: OneLayerNet):
+    """The same network written with Keras 2 (tf_keras), as older projects saved it."""
+    import tf_keras
+
+    dimension, hidden = net.kernel.shape
+    model = tf_keras.Sequential([
+        tf_keras.layers.Dense(hidden, activation=net.activation, input_shape=(dimension,)),
+        tf_keras.layers.Dense(net.head.shape[1]),
+    ])
+    model.set_weights(net.weights())
+    return model
+
+
+def save(net: OneLayerNet, form: str, folder: Path, input_names: list[str] | None = None) -> Path:
+    """Saves `net` in the format `form` under `folder`; returns the path to give derivcli."""
+    tf = import_tensorflow()
+    folder.mkdir(parents=True, exist_ok=True)
+    if form.startswith("keras2"):
+        model = keras2_model(net)
+        path = folder / ("model.h5" if form == "keras2_h5" else "savedmodel")
+        if form == "keras2_h5":
+            model.save(path)
+        else:
+            model.save(path, save_format="tf")
+        return path
+    model = keras3_model(net, input_names)
+    if form == "keras":
+        path = folder / "model.keras"
+        model.save(path)
+    elif form == "h5":
+        path = folder / "model.h5"
+        model.save(path)
+    elif form == "export":
+        path = folder / "exported"
+        model.export(path, verbose=False)
+    elif form == "tf_saved_model":
+        path = folder / "tf_saved"
+        tf.saved_model.save(model, str(path))
+    else:
+        raise ValueError(form)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[OneLayerNet, Path]]:
+    """Makes (and caches) a saved network: factory(activation, inputs, outputs, form)."""
+    cache: dict[tuple, tuple[OneLayerNet, Path]] = {}
+
+    def factory(activation: str = "tanh", inputs: int = 2, outputs: int = 1, form: str = "keras",
+                input_names: tuple[str, ...] | None = None) -> tuple[OneLayerNet, Path]:
+        key = (activation, inputs, outputs, form, input_names)
+        if key not in cache:
+            net = OneLayerNet.random(activation, inputs, outputs, seed=inputs * 10 + outputs)
+            folder = tmp_path_factory.mktemp(f"{activation}_{inputs}_{outputs}_{form}")
+            cache[key] = (net, save(net, form, folder, list(input_names) if input_names else None))
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture()
+def cli() -> Callable[..., object]:
+    """Runs derivcli in-process; returns the CliRunner result."""
+    runner = CliRunner()
+
+    def invoke(*args: object, input: str | bytes | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def read_csv(text: str, delimiter: str = ",") -> dict[str, np.ndarray | list[str]]:
+    """Columns of a CSV text; numeric columns as float64 arrays."""
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    header, body = rows[0], rows[1:]
+    columns: dict[str, np.ndarray | list[str]] = {}
+    for j, name in enumerate(header):
+        cells = [row[j] for row in body]
+        try:
+            columns[name] = np.array(cells, dtype=np.float64)
+        except ValueError:
+            columns[name] = cells
+    return columns
+
+
+def derivcli_executable() -> str:
+    """The installed `derivcli` beside the running Python."""
+    return str(Path(sys.executable).parent / "derivcli")
+
+
+def run_installed(*args: str, input: bytes | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """Runs the installed command in a subprocess."""
+    return subprocess.run(
+        [derivcli_executable(), *args], input=input, capture_output=True, timeout=timeout, cwd=ROOT
+    )
