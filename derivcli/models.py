@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,13 @@ def _sniff(path: Path) -> str:
     with open(path, "rb") as handle:
         magic = handle.read(8)
     if magic.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise RunError(f"cannot load {path}: a corrupt or truncated .keras file (its zip archive is unreadable)") from None
+        if "config.json" not in names:
+            raise RunError(f"cannot load {path}: a zip file with no config.json is not a .keras model; {LOAD_HINT}")
         return "keras"
     if magic == b"\x89HDF\r\n\x1a\n":
         return "h5"

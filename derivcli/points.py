@@ -159,7 +159,7 @@ class CsvSource(PointSource):
                 self.stream = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
             except OSError as error:
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
-        self.reader = csv.reader(self.stream)
+        self.reader = csv.reader(self.stream, strict=True)
         header = self._next_row()
         if header is None:
             raise RunError(

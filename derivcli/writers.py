@@ -151,7 +151,14 @@ class TextWriter(Writer):
             self.stream: IO[str] = open(self.file.temporary, "w", encoding="utf-8", newline="")  # noqa: SIM115
         else:
             self.stream = sys.stdout
-        self.start()
+        self.started = False
+
+    def _start_once(self) -> None:
+        # Deferred to the first batch, so that an error in reading the first
+        # points leaves standard output empty rather than with a lone header.
+        if not self.started:
+            self.started = True
+            self.start()
 
     def start(self) -> None:
         """Writes what comes before the first row."""
@@ -160,6 +167,7 @@ class TextWriter(Writer):
         """Writes what comes after the last row."""
 
     def close(self) -> None:
+        self._start_once()
         self.finish()
         self.stream.flush()
         if self.file is not None:
@@ -172,7 +180,8 @@ class TextWriter(Writer):
         super().abort()
 
     def _cells(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> list[list[str]]:
-        """Columns of strings in header order."""
+        """Columns of strings in header order (and the start of the output, once)."""
+        self._start_once()
         dtype = self.layout.dtype
         floats = format_floats(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1))
         d = len(self.layout.coordinate_names)
@@ -192,7 +201,8 @@ class DelimitedWriter(TextWriter):
         self.csv.writerow(self.layout.header)
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        self.csv.writerows(zip(*self._cells(coordinates, passthrough, values)))
+        rows = zip(*self._cells(coordinates, passthrough, values))
+        self.csv.writerows(rows)
         self.stream.flush()
 
 
