@@ -57,13 +57,13 @@ class OneLayerNet:
     @classmethod
     def random(cls, activation: str, inputs: int, outputs: int, hidden: int = 12, seed: int = 0) -> OneLayerNet:
         rng = np.random.default_rng(seed)
-        return cls(
-            activation,
-            rng.normal(0, 0.8, (inputs, hidden)),
-            rng.normal(0, 0.5, hidden),
-            rng.normal(0, 0.7, (hidden, outputs)),
-            rng.normal(0, 0.3, outputs),
-        )
+
+        def draw(scale: float, shape: tuple[int, ...] | int) -> np.ndarray:
+            # Representable in float32, so that a float32 model holds these weights exactly.
+            return rng.normal(0, scale, shape).astype(np.float32).astype(np.float64)
+
+        return cls(activation, draw(0.8, (inputs, hidden)), draw(0.5, hidden),
+                   draw(0.7, (hidden, outputs)), draw(0.3, outputs))
 
     def derivative(self, points: np.ndarray, output: int, index: tuple[int, ...]) -> np.ndarray:
         """d^index y_output at `points` (N, inputs)."""

@@ -1,0 +1,101 @@
+"""The installed `derivcli` in real subprocesses: pipes, head -1, signals, start-up time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, derivcli_executable, read_csv, run_installed
+
+pytestmark = pytest.mark.slow
+
+
+def test_help_and_version_do_not_import_tensorflow():
+    code = "import sys, derivcli.cli; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "False"
+    for args in (["--version"], ["--help"], ["grad", "--help"]):
+        started = time.perf_counter()
+        done = run_installed(*args)
+        assert done.returncode == 0, done.stderr
+        assert time.perf_counter() - started < 10  # generous: a loaded CI box; typically 0.3 s
+    assert run_installed("--version").stdout.decode().startswith("derivcli ")
+
+
+def test_python_dash_m_is_the_same_program():
+    result = subprocess.run([sys.executable, "-m", "derivcli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    assert result.stdout == run_installed("--version").stdout.decode()
+
+
+def test_gradient_of_the_shifted_square_sample_at_half():
+    """The mission's first story: dy/dx of a regression net at x = 0.5, in one command."""
+    result = run_installed("grad", "sample_models/shifted_square.h5", "--at", "0.5")
+    assert result.returncode == 0, result.stderr
+    table = read_csv(result.stdout.decode())
+    # The net was fitted to (x - 5)^2 / 25, whose slope at 0.5 is -0.36; the fit is good to 0.02.
+    assert abs(table["dy/dx"][0] - (-0.36)) < 0.02
+
+
+def test_csv_from_a_real_pipe():
+    producer = subprocess.Popen(
+        [sys.executable, "-c", "print('x0,x1,id'); [print(f'{i/10},{-i/10},{i}') for i in range(50)]"],
+        stdout=subprocess.PIPE,
+    )
+    result = subprocess.run(
+        [derivcli_executable(), "grad", "sample_models/softplus_2d.keras", "--csv", "-"],
+        stdin=producer.stdout, capture_output=True, cwd=ROOT, timeout=120,
+    )
+    producer.wait()
+    assert result.returncode == 0, result.stderr
+    table = read_csv(result.stdout.decode())
+    np.testing.assert_array_equal(table["id"], np.arange(50))
+    assert result.stderr == b""
+
+
+def test_closed_pipe_ends_quietly():
+    command = f"{derivcli_executable()} grad sample_models/softplus_2d.keras --grid -3:3:400 --batch-size 1000 | head -1"
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, cwd=ROOT, timeout=120)
+    assert result.stdout == b"x0,x1,y,dy/dx0,dy/dx1\n"
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_leaves_no_partial_file(tmp_path, sig, status):
+    target = tmp_path / "out.csv"
+    process = subprocess.Popen(
+        [derivcli_executable(), "grad", "sample_models/softplus_2d.keras", "--grid", "-3:3:3000",
+         "--batch-size", "2000", "-o", str(target)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.iterdir()):
+        time.sleep(0.05)  # wait until the run has opened its temporary file
+    time.sleep(0.5)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert list(tmp_path.iterdir()) == []
+    assert b"Traceback" not in stderr
+    assert len(stderr.decode().strip().splitlines()) == 1
+
+
+def test_tensorflow_startup_noise_stays_off_stderr():
+    result = run_installed("eval", "sample_models/square_tanh.keras", "--at", "0.5")
+    assert result.returncode == 0
+    assert result.stderr == b""
+
+
+def test_stdout_is_csv_when_piped_and_quiet_warnings(tmp_path):
+    result = run_installed("deriv", "sample_models/square_relu.keras", "--at", "1", "--partial", "x^2")
+    assert result.stdout.decode().splitlines() == ["x,y,d2y/dx^2", result.stdout.decode().splitlines()[1]]
+    assert "piecewise linear" in result.stderr.decode()
+    quiet = run_installed("deriv", "sample_models/square_relu.keras", "--at", "1", "--partial", "x^2", "--quiet")
+    assert quiet.stderr == b""
