@@ -1,0 +1,157 @@
+"""Benchmark: derivcli's compiled kernels against the ways people write it by hand.
+
+    .venv/bin/python bench/bench_derivatives.py           # the full table (a few minutes)
+    .venv/bin/python bench/bench_derivatives.py --quick   # smaller, for a smoke run
+
+On the same model and points, in one run, it times:
+- derivcli: the compiled `DerivativeKernel` (one tf.function for all columns);
+- eager loop: nested GradientTapes per point, in eager mode (the forum answer);
+- tape.jacobian: `tape.batch_jacobian`/`jacobian` over the whole batch in tf.function;
+and prints per-point times, the ratio to one forward pass, and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from derivcli.models import import_tensorflow  # noqa: E402
+
+tf = import_tensorflow()
+import keras  # noqa: E402
+
+from derivcli.engine import Column, DerivativeKernel  # noqa: E402
+from derivcli.specs import all_partials  # noqa: E402
+
+
+def mlp(inputs: int, width: int, depth: int) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    x = keras.Input((inputs,))
+    h = x
+    for _ in range(depth):
+        h = keras.layers.Dense(width, activation="tanh")(h)
+    return keras.Model(x, keras.layers.Dense(1)(h))
+
+
+def best_time(function: Callable[[], object], repeats: int = 5) -> float:
+    """The best of `repeats` runs, after one warm-up run (which includes tracing)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def eager_loop(model: keras.Model, points: np.ndarray, kind: str, order: int = 1) -> None:
+    """Per point, nested tapes in eager mode, as hand-written code usually does it."""
+    for point in points:
+        x = tf.constant(point[None, :])
+        if kind == "nth":
+            tapes = [tf.GradientTape() for _ in range(order)]
+            for tape in tapes:
+                tape.__enter__()
+                tape.watch(x)
+            value = model(x)
+            for tape in reversed(tapes):
+                tape.__exit__(None, None, None)
+                value = tape.gradient(value, x)
+            continue
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = model(x)
+            gradient = inner.gradient(y, x)
+            if kind == "grad":
+                continue
+            rows = [outer.gradient(gradient[:, i], x) for i in range(x.shape[1])]
+        del outer, rows
+
+
+def jacobian_function(model: keras.Model, kind: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """tape.batch_jacobian over the whole batch, in tf.function."""
+
+    @tf.function(reduce_retracing=True)
+    def run(x: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = model(x)
+            gradient = inner.batch_jacobian(y, x)[:, 0, :]
+        if kind == "grad":
+            return gradient
+        hessian = outer.batch_jacobian(gradient, x)
+        return tf.linalg.trace(hessian) if kind == "laplacian" else hessian
+
+    return run
+
+
+def columns_for(kind: str, dimension: int, order: int = 1) -> list[Column]:
+    zero = (0,) * dimension
+    if kind == "grad":
+        return [Column(0, zero)] + [Column(0, i) for i in all_partials(1, range(dimension), dimension)]
+    if kind == "hessian":
+        return [Column(0, zero)] + [Column(0, i) for i in all_partials(2, range(dimension), dimension)]
+    if kind == "laplacian":
+        return [Column(0, zero), Column(0, zero, laplacian_over=tuple(range(dimension)))]
+    return [Column(0, (order,))]
+
+
+def row(label: str, points: int, forward: float, ours: float, eager: float | None, jacobian: float | None) -> str:
+    per = lambda seconds: f"{seconds / points * 1e6:9.2f}"  # noqa: E731
+    eager_text = f"{per(eager)} {eager / ours:8.0f}x" if eager else f"{'-':>9} {'-':>9}"
+    jacobian_text = f"{per(jacobian)} {jacobian / ours:8.1f}x" if jacobian else f"{'-':>9} {'-':>9}"
+    return f"{label:24s} {points:7d} {per(ours)} {ours / forward:8.1f} {eager_text} {jacobian_text}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer points and orders")
+    arguments = parser.parse_args()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU(s), "
+          f"GPU: {bool(tf.config.list_physical_devices('GPU'))}")
+    print(f"{'workload':24s} {'points':>7s} {'us/pt':>9s} {'x fwd':>8s} {'eager':>9s} {'speedup':>9s} "
+          f"{'jacobian':>9s} {'speedup':>9s}")
+    eager_points = 16 if arguments.quick else 64
+
+    model = mlp(2, 64, 4)
+    forward_fn = tf.function(model, reduce_retracing=True)
+    for count in ((4096,) if arguments.quick else (4096, 65536)):
+        points = np.random.default_rng(0).uniform(-1, 1, (count, 2)).astype(np.float32)
+        forward = best_time(lambda: forward_fn(points).numpy())
+        for kind in ("grad", "hessian", "laplacian"):
+            kernel = DerivativeKernel(model, 2, columns_for(kind, 2), "float32")
+            ours = best_time(lambda: kernel(points))
+            eager = best_time(lambda: eager_loop(model, points[:eager_points], kind), 1) * count / eager_points
+            jac = jacobian_function(model, kind)
+            jacobian = best_time(lambda: jac(tf.constant(points)).numpy())
+            print(row(f"2-64x4-1 {kind}", count, forward, ours, eager, jacobian))
+
+    model = mlp(1, 64, 3)
+    forward_fn = tf.function(model, reduce_retracing=True)
+    points = np.random.default_rng(0).uniform(-1, 1, (1024, 1)).astype(np.float32)
+    forward = best_time(lambda: forward_fn(points).numpy())
+    for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8)):
+        start = time.perf_counter()
+        kernel = DerivativeKernel(model, 1, columns_for("nth", 1, order), "float32")
+        kernel(points)
+        trace = time.perf_counter() - start
+        ours = best_time(lambda: kernel(points), 3)
+        eager = best_time(lambda: eager_loop(model, points[:eager_points], "nth", order), 1) * 1024 / eager_points
+        print(row(f"1-64x3-1 order {order}", 1024, forward, ours, eager, None) + f"   (trace {trace:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
