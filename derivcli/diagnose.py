@@ -40,8 +40,8 @@ LINEAR_OPS = {
     "PreventGradient", "Snapshot", "EnsureShape", "Prod", "Equal", "NotEqual", "Less",
     "LessEqual", "Greater", "GreaterEqual", "LogicalAnd", "LogicalOr", "LogicalNot",
     "ResizeBilinear", "ResizeNearestNeighbor", "Reverse", "ReverseV2", "TensorScatterUpdate",
-    "GatherNd", "ScatterNd", "ZerosLike", "DepthToSpace", "SpaceToDepth", "MatrixDiag",
-    "MatrixDiagPartV3", "StatelessIf", "If", "Assert", "CheckNumerics", "Squeeze",
+    "GatherNd", "ScatterNd", "DepthToSpace", "SpaceToDepth", "MatrixDiag",
+    "MatrixDiagPartV3", "StatelessIf", "If", "Assert", "CheckNumerics",
 }
 
 

@@ -108,8 +108,8 @@ def import_tensorflow() -> Any:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-        import tensorflow as tf
         import keras  # noqa: F401  (loaded here too, behind the same silence)
+        import tensorflow as tf
     finally:
         os.dup2(saved, 2)
         os.close(saved)

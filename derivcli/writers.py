@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import zipfile
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -179,14 +179,17 @@ class TextWriter(Writer):
             self.stream.close()
         super().abort()
 
-    def _cells(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> list[list[str]]:
-        """Columns of strings in header order (and the start of the output, once)."""
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self._start_once()
         dtype = self.layout.dtype
         floats = format_floats(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1))
         d = len(self.layout.coordinate_names)
         columns = [floats[:, j].tolist() for j in range(floats.shape[1])]
-        return columns[:d] + passthrough + columns[d:]
+        self.write_columns(columns[:d] + passthrough + columns[d:])
+
+    def write_columns(self, columns: list[list[str]]) -> None:
+        """Writes a batch given as columns of strings, in header order."""
+        raise NotImplementedError
 
 
 class DelimitedWriter(TextWriter):
@@ -200,9 +203,8 @@ class DelimitedWriter(TextWriter):
         self.csv = csv.writer(self.stream, delimiter=self.delimiter, lineterminator="\n")
         self.csv.writerow(self.layout.header)
 
-    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        rows = zip(*self._cells(coordinates, passthrough, values))
-        self.csv.writerows(rows)
+    def write_columns(self, columns: list[list[str]]) -> None:
+        self.csv.writerows(zip(*columns))
         self.stream.flush()
 
 
@@ -226,8 +228,7 @@ class JsonWriter(TextWriter):
         if not self.lines:
             self.stream.write("[")
 
-    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        columns = self._cells(coordinates, passthrough, values)
+    def write_columns(self, columns: list[list[str]]) -> None:
         for j, column in enumerate(columns):
             if j in self.float_positions:
                 for i, cell in enumerate(column):
@@ -256,8 +257,8 @@ class TableWriter(TextWriter):
     def start(self) -> None:
         self.rows: list[tuple[str, ...]] = []
 
-    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        self.rows.extend(zip(*self._cells(coordinates, passthrough, values)))
+    def write_columns(self, columns: list[list[str]]) -> None:
+        self.rows.extend(zip(*columns))
 
     def finish(self) -> None:
         from rich.console import Console

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from closed_forms import OneLayerNet
 from derivcli.cli import app
 from derivcli.models import import_tensorflow
+
+from closed_forms import OneLayerNet
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

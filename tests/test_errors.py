@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -79,7 +81,7 @@ def test_missing_model(cli, tmp_path):
 )
 def test_corrupt_model_files(cli, tmp_path, name, content, fragment):
     path = tmp_path / name
-    path.write_bytes(content if content is not None else open(SAMPLE, "rb").read()[:3000])
+    path.write_bytes(content if content is not None else Path(SAMPLE).read_bytes()[:3000])
     assert_one_line_error(cli("grad", path, "--at", "1"), 1, fragment)
 
 

@@ -7,9 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from conftest import read_csv
 from derivcli import DerivativeRequest, evaluate, load_model
 from derivcli.specs import all_partials
+
+from conftest import read_csv
 
 # float32: the kernel's round-off grows with the order (each order adds a pass
 # through the net), and high derivatives of tanh are large sums that cancel.

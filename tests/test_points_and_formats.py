@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import read_csv
 from derivcli.writers import read_columns
+
+from conftest import read_csv
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 model, values of order 1
 
