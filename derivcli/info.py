@@ -32,6 +32,18 @@ def _layers(model: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _ports(infos: list[Any], names: list[str], key: str) -> list[dict[str, Any]]:
+    """Inputs or outputs, each with the scalar names it contributes under `key`."""
+    ports, start = [], 0
+    for info in infos:
+        ports.append({
+            "name": info.name, "shape": [None, *info.shape], "dtype": info.dtype,
+            key: names[start : start + info.size],
+        })
+        start += info.size
+    return ports
+
+
 def describe(model: LoadedModel) -> dict[str, Any]:
     """Everything `info` reports about `model`, JSON-ready."""
     if model.kind == "keras":
@@ -41,22 +53,8 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         layers = []
         parameters = int(sum(v.shape.num_elements() for v in model.saved_object.variables)) \
             if hasattr(model.saved_object, "variables") else 0
-    start = 0
-    inputs = []
-    for info in model.inputs:
-        inputs.append({
-            "name": info.name, "shape": [None, *info.shape], "dtype": info.dtype,
-            "coordinates": model.coordinate_names[start : start + info.size],
-        })
-        start += info.size
-    start = 0
-    outputs = []
-    for info in model.outputs:
-        outputs.append({
-            "name": info.name, "shape": [None, *info.shape], "dtype": info.dtype,
-            "columns": model.output_names[start : start + info.size],
-        })
-        start += info.size
+    inputs = _ports(model.inputs, model.coordinate_names, "coordinates")
+    outputs = _ports(model.outputs, model.output_names, "columns")
     return {
         "path": model.path,
         "format": model.kind,
