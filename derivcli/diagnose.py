@@ -165,3 +165,43 @@ def smoothness_verdict(model: Any) -> Verdict:
     return Verdict(
         2, "linear: derivatives of order 2 and higher are zero everywhere (no non-linear layer)"
     )
+
+
+# Relative change of an output, point alone versus in a batch, above which the
+# model is taken to mix samples. BLAS reorders float32 sums by batch size, which
+# moves results by a few ulps (1e-7), far below this.
+BATCH_DEPENDENCE_TOLERANCE = 1e-4
+
+
+def batch_dependence(model: Any, coordinates: Any, samples: int = 8) -> float:
+    """How much the outputs of a few points change when evaluated alone, not in a batch.
+
+    Per-sample derivatives of a batch are exact only when each output depends
+    on its own point alone; a layer that mixes samples (batch statistics, a
+    reduction over the batch axis) breaks that.
+
+    Args:
+        model: a `LoadedModel`.
+        coordinates: a (batch, D) array of points, in the compute dtype.
+        samples: how many of the first points to check.
+
+    Returns:
+        The largest change relative to the largest output; 0 for fewer than 2 points.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    points = np.asarray(coordinates)[:samples]
+    if len(points) < 2:
+        return 0.0
+    forward = tf.function(
+        model.call_flat,
+        input_signature=[tf.TensorSpec((None, points.shape[1]), tf.as_dtype(model.dtype))],
+    )
+    together = forward(points).numpy()
+    alone = np.concatenate([forward(points[i : i + 1]).numpy() for i in range(len(points))])
+    finite = np.isfinite(together) & np.isfinite(alone)
+    if not finite.any():
+        return 0.0
+    scale = np.max(np.abs(together[finite])) or 1.0
+    return float(np.max(np.abs(together - alone)[finite]) / scale)

@@ -196,6 +196,8 @@ def compute(
     try:
         for batch in source.batches(batch_size):
             coordinates = batch.coordinates.astype(dtype)
+            if summary.rows == 0:
+                check_batch_independence(model, coordinates)
             try:
                 values = kernel(coordinates)
             except tf.errors.ResourceExhaustedError:
@@ -215,6 +217,23 @@ def compute(
         raise
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
+
+
+def check_batch_independence(model: LoadedModel, coordinates: np.ndarray) -> None:
+    """Refuses a model whose outputs for a point depend on the rest of its batch.
+
+    Raises:
+        RunError: the model mixes samples, with the fix (`--batch-size 1`).
+    """
+    from derivcli.diagnose import BATCH_DEPENDENCE_TOLERANCE, batch_dependence
+
+    change = batch_dependence(model, coordinates)
+    if change > BATCH_DEPENDENCE_TOLERANCE:
+        raise RunError(
+            f"the model's output for a point changes with the other points of its batch "
+            f"(by {change:.2g} relative, first points): a layer mixes samples, so per-sample "
+            "derivatives of a batch would be wrong; rerun with --batch-size 1"
+        )
 
 
 def evaluate(
@@ -238,6 +257,7 @@ def evaluate(
     columns, names = plan_columns(model, request)
     kernel = make_kernel(model, columns, device)
     dtype = np.dtype(model.dtype)
+    check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
         kernel(coordinates[start : start + batch_size].astype(dtype))
         for start in range(0, len(coordinates), batch_size)
@@ -270,5 +290,5 @@ def write_stderr(text: str) -> None:
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DerivativeRequest", "PipeClosed", "PointBatch", "RunSummary",
-    "compute", "evaluate", "layout_for", "make_kernel", "plan_columns",
+    "check_batch_independence", "compute", "evaluate", "layout_for", "make_kernel", "plan_columns",
 ]

@@ -69,3 +69,34 @@ def test_info_smooth_verdicts(cli):
     bump = json.loads(cli("info", "sample_models/bump.keras", "--custom-objects", "sample_models/bump_layer.py", "-f", "json").stdout)
     assert bump["smoothness"]["zero_from_order"] is None
     assert "bump" in bump["smoothness"]["smooth_layers"]
+
+
+MIXING_LAYER = """
+import keras
+
+
+class SquareMinusBatchMean(keras.layers.Layer):
+    def call(self, x):
+        return x * x - keras.ops.mean(x, axis=0)
+"""
+
+
+def test_a_model_that_mixes_samples_is_refused_not_silently_wrong(cli, tmp_path):
+    import importlib.util
+
+    import keras
+
+    source = tmp_path / "mixing.py"
+    source.write_text(MIXING_LAYER)
+    spec = importlib.util.spec_from_file_location("mixing", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inputs = keras.Input((1,), name="x")
+    path = tmp_path / "centered.keras"
+    keras.Model(inputs, module.SquareMinusBatchMean()(inputs)).save(path)
+    result = cli("grad", path, "--grid", "0:1:5", "--custom-objects", source)
+    assert_one_line_error(result, 1, "changes with the other points of its batch", "--batch-size 1")
+    # One point per batch: the model is applied to each point alone, y = x^2 - x, y' = 2x - 1.
+    alone = cli("grad", path, "--grid", "0:1:5", "--custom-objects", source, "--batch-size", "1")
+    assert alone.exit_code == 0, alone.stderr
+    np.testing.assert_allclose(read_csv(alone.stdout)["dy/dx"], 2 * np.linspace(0, 1, 5) - 1, atol=1e-6)
