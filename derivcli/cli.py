@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from derivcli import __version__
-from derivcli.errors import DerivcliError, ExitStatus, Terminated, UsageError
+from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError
 from derivcli.specs import (
     AtPoint,
     GridAxis,
@@ -168,6 +168,11 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")
 WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
 OutputsOption = Annotated[str | None, typer.Option("--outputs", help="Report these outputs only: y0,y2.", show_default=False)]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Silence warnings.")]
+MaxAbsOption = Annotated[
+    float | None,
+    typer.Option("--max-abs", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
+]
+StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
 
 
@@ -191,6 +196,8 @@ class CommonOptions:
     dtype: str
     device: str
     quiet: bool
+    max_abs: float | None
+    strict: bool
 
 
 # (name, annotation, default) of the options shared by every computing command,
@@ -210,6 +217,8 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("batch_size", BatchSizeOption, None),
     ("dtype", DtypeOption, "float32"),
     ("device", DeviceOption, "auto"),
+    ("max_abs", MaxAbsOption, None),
+    ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
     ("traceback", TracebackOption, False),
 ]
@@ -254,7 +263,7 @@ def _common(
     model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
     columns: str | None, npz: str | None, format: str | None, output: str | None,
-    batch_size: int | None, dtype: str, device: str, quiet: bool,
+    batch_size: int | None, dtype: str, device: str, quiet: bool, max_abs: float | None, strict: bool,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -279,6 +288,8 @@ def _common(
         dtype=_choice(dtype, "--dtype", ("float32", "float64")),
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         quiet=quiet,
+        max_abs=max_abs,
+        strict=strict,
     )
 
 
@@ -306,33 +317,33 @@ def _format_point(names: Sequence[str], point: Any) -> str:
 
 
 def _run_request(options: CommonOptions, request: Any) -> Any:
-    """Loads, plans, computes and writes one derivative command; returns the summary."""
+    """Loads, plans, computes and writes one derivative command; applies the gates."""
     from derivcli.models import load_model
     from derivcli.points import open_source
-    from derivcli.run import compute, layout_for, make_kernel, plan_columns
+    from derivcli.run import compute, layout_for, make_kernel, plan
     from derivcli.writers import open_writer
 
     model = load_model(
         options.model, options.custom_objects, options.unsafe, options.dtype,
         options.names, options.output_names,
     )
-    columns, value_names = plan_columns(model, request)
-    highest = max((sum(c.partial) + 2 * (c.laplacian_over is not None) for c in columns), default=0)
-    if highest >= 2 and not options.quiet:
+    planned = plan(model, request)
+    if planned.highest_order >= 2 and not options.quiet:
         from derivcli.diagnose import smoothness_verdict
 
         verdict = smoothness_verdict(model)
-        if verdict.zero_from_order is not None and highest >= verdict.zero_from_order:
+        if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
             _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 here: {verdict.reason}")
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
-    kernel = make_kernel(model, columns, options.device)
-    writer = open_writer(options.format, layout_for(model, source, value_names), options.output)
+    kernel = make_kernel(model, planned, options.device)
+    writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
     advance, stop = _progress(source.total, options.batch_size, options.quiet)
     try:
-        summary = compute(model, source, kernel, value_names, writer, options.batch_size, advance)
+        summary = compute(model, source, kernel, planned.names, writer, options.batch_size, advance)
     finally:
         stop()
     _report(options, model, summary)
+    _gate(options, model, summary, planned.first_gated)
     return summary
 
 
@@ -347,6 +358,29 @@ def _report(options: CommonOptions, model: Any, summary: Any) -> None:
         )
     if summary.written_as_null:
         _warn(options, f"{summary.written_as_null} NaN/Inf value(s) written as JSON null")
+
+
+def _gate(options: CommonOptions, model: Any, summary: Any, first_gated: int) -> None:
+    """`--strict` and `--max-abs`: exit status 3 with a one-line summary when they fail.
+
+    The output is complete and kept either way: the gate judges the numbers,
+    it does not withhold them.
+    """
+    gated = range(first_gated, len(summary.value_names))
+    nonfinite = int(summary.nonfinite[first_gated:].sum())
+    if nonfinite and (options.strict or options.max_abs is not None):
+        raise CheckFailed(
+            f"{nonfinite} NaN/Inf value(s); first at "
+            f"{_format_point(model.coordinate_names, summary.first_nonfinite)}"
+        )
+    if options.max_abs is None or not len(gated) or summary.rows == 0:
+        return
+    worst = max(gated, key=lambda j: summary.max_abs[j])
+    name, value = summary.value_names[worst], summary.max_abs[worst]
+    point = _format_point(model.coordinate_names, summary.worst_point[worst])
+    if value > options.max_abs:
+        raise CheckFailed(f"max |{name}| = {value:.6g} at {point} exceeds --max-abs {options.max_abs:g}")
+    _warn(options, f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
 
 
 @app.command("info")
@@ -448,3 +482,29 @@ def deriv_command(
     _run_request(options, DerivativeRequest(
         partials=[parse_partial(p) for p in partial or []], order=order,
         wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+
+
+ExprOption = Annotated[
+    list[str],
+    typer.Option(
+        "--expr", "-e",
+        help="[NAME=]EXPR, e.g. \"res=u_t + u*u_x - 0.01/pi*u_xx\" or \"D(y, x0) + D(y, x1^2)\"; repeatable.",
+        show_default=False,
+    ),
+]
+
+
+@app.command("op")
+@with_shared_options
+def op_command(
+    model: ModelArgument, expr: ExprOption, wrt: WrtOption = None, *, options: CommonOptions
+) -> None:
+    """Differential-operator expressions (PDE residuals) of the outputs and inputs.
+
+    Expressions use numbers, + - * / **, pi, e, sin cos tan exp log sqrt tanh
+    abs, input names, output names, D(u, x), D(u, x^2), D(u, x, t), lap(u)
+    (over --wrt), and u_t, u_xx when every input name is one letter.
+    """
+    from derivcli.run import DerivativeRequest
+
+    _run_request(options, DerivativeRequest(expressions=list(expr), wrt=_names_or_none(wrt, "--wrt")))

@@ -1,8 +1,8 @@
 """Wiring: a loaded model, a point source and a writer make one run.
 
-This is the library's front door (httpie's `core.py`): `plan_columns` turns a
-request into kernel columns and their names, `compute` streams the points
-through the compiled kernel into a writer. Nothing here parses the command
+This is the library's front door (httpie's `core.py`): `plan` turns a request
+into kernel columns and their names, `compute` streams the points through the
+compiled kernel into a writer. Nothing here parses the command
 line or knows about Typer.
 
 Example:
@@ -63,6 +63,28 @@ class DerivativeRequest:
     laplacian: bool = False
     wrt: list[str] | None = None
     outputs: list[str] | None = None
+    expressions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What one run computes.
+
+    Attributes:
+        columns: the kernel's derivative columns (`engine.Column`).
+        names: every value column's name, in table order (expressions last).
+        combine: evaluates the operator expressions on the derivative graph, or None.
+        first_gated: the position in `names` of the first column that
+            `--max-abs`/`--strict` gate: the first one after the outputs'
+            values, or 0 when there is nothing else (`eval`).
+        highest_order: the highest derivative order computed.
+    """
+
+    columns: list[Any]
+    names: list[str]
+    combine: Callable[[Any], list[Any]] | None
+    first_gated: int
+    highest_order: int
 
 
 def _positions(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
@@ -75,16 +97,19 @@ def _positions(names: Sequence[str], known: Sequence[str], option: str, what: st
     return [known.index(n) for n in names]
 
 
-def plan_columns(model: LoadedModel, request: DerivativeRequest) -> tuple[list[Any], list[str]]:
+def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     """The kernel columns for a request, and their names, in table order.
 
     Values of the selected outputs come first, then for each output its
-    derivatives in the order asked for.
+    derivatives in the order asked for, then the operator expressions.
 
     Raises:
-        UsageError: unknown names in `wrt`, `outputs` or a partial spec.
+        UsageError: unknown names in `wrt`, `outputs`, a partial spec or an
+            expression.
     """
     from derivcli.engine import Column
+    from derivcli.engine.operators import expression_combiner
+    from derivcli.expressions import Derivative, parse_expressions
 
     inputs = model.coordinate_names
     outputs = (
@@ -113,10 +138,20 @@ def plan_columns(model: LoadedModel, request: DerivativeRequest) -> tuple[list[A
         if request.laplacian:
             columns.append(Column(m, zero, laplacian_over=tuple(wrt)))
             names.append(laplacian_column(output_name))
+    expressions = parse_expressions(request.expressions, inputs, model.output_names)
+    names += [e.name for e in expressions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"column {duplicates[0]!r} is asked for twice")
-    return columns, names
+    orders = [sum(c.partial) + 2 * (c.laplacian_over is not None) for c in columns]
+    for expression in expressions:
+        orders += [sum(d.index) if isinstance(d, Derivative) else 2 for d in expression.derivatives]
+    return Plan(
+        columns, names,
+        expression_combiner(expressions, wrt) if expressions else None,
+        len(outputs) if len(names) > len(outputs) else 0,
+        max(orders, default=0),
+    )
 
 
 @dataclass
@@ -161,13 +196,13 @@ class RunSummary:
         self.rows += len(values)
 
 
-def make_kernel(model: LoadedModel, columns: Sequence[Any], device: str = "auto", **options: Any) -> Any:
-    """The compiled kernel for `columns` on the device chosen by `--device`."""
+def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto") -> Any:
+    """The compiled kernel for a plan, on the device chosen by `--device`."""
     from derivcli.engine import DerivativeKernel, select_device
 
     return DerivativeKernel(
-        model.call_flat, len(model.coordinate_names), columns, model.dtype,
-        device=select_device(device), **options,
+        model.call_flat, len(model.coordinate_names), planned.columns, model.dtype,
+        device=select_device(device), combine=planned.combine,
     )
 
 
@@ -254,8 +289,9 @@ def evaluate(
         One array per column, keyed by column name, coordinates included.
     """
     coordinates = np.asarray(points, dtype=np.float64).reshape(-1, len(model.coordinate_names))
-    columns, names = plan_columns(model, request)
-    kernel = make_kernel(model, columns, device)
+    planned = plan(model, request)
+    names = planned.names
+    kernel = make_kernel(model, planned, device)
     dtype = np.dtype(model.dtype)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
@@ -290,5 +326,5 @@ def write_stderr(text: str) -> None:
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DerivativeRequest", "PipeClosed", "PointBatch", "RunSummary",
-    "check_batch_independence", "compute", "evaluate", "layout_for", "make_kernel", "plan_columns",
+    "check_batch_independence", "Plan", "compute", "evaluate", "layout_for", "make_kernel", "plan",
 ]
