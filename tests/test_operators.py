@@ -215,3 +215,11 @@ def test_nan_is_reported_with_its_first_point_and_strict_fails(cli):
 def test_op_usage_error_from_the_command_line(cli):
     result = cli("op", "sample_models/softplus_2d.keras", "--at", "1,2", "--expr", "y.numpy()")
     assert_one_line_error(result, 2, "attribute access is not allowed", "'y.numpy()'")
+
+
+def test_heat_pinn_sample_gate_passes_and_fails(cli):
+    """The README walkthrough: the trained PINN's residual passes at 0.2 and fails at 0.05."""
+    base = ["op", "sample_models/heat_pinn.keras", "--output-names", "u", "--grid", "t=0:1:21",
+            "--grid", "x=-1:1:41", "--expr", "res=u_t - 0.1*u_xx"]
+    assert cli(*base, "--max-abs", "0.2").exit_code == 0
+    assert cli(*base, "--max-abs", "0.05").exit_code == 3
