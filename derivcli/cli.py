@@ -508,3 +508,90 @@ def op_command(
     from derivcli.run import DerivativeRequest
 
     _run_request(options, DerivativeRequest(expressions=list(expr), wrt=_names_or_none(wrt, "--wrt")))
+
+
+RtolOption = Annotated[
+    float | None, typer.Option("--rtol", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False)
+]
+AtolOption = Annotated[
+    float | None, typer.Option("--atol", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
+]
+
+# check and doctor hold all points in memory; they are for samples, not sweeps.
+MAX_CHECK_POINTS = 100_000
+
+
+@app.command("check")
+@with_shared_options
+def check_command(
+    model: ModelArgument,
+    partial: PartialOption = None,
+    order: OrderOption = None,
+    wrt: WrtOption = None,
+    outputs: OutputsOption = None,
+    rtol: RtolOption = None,
+    atol: AtolOption = None,
+    *,
+    options: CommonOptions,
+) -> None:
+    """Automatic derivatives against float64 finite differences, with the error per column.
+
+    Default: every first and second derivative. Exit status 3 when a column
+    is off by more than --rtol/--atol beyond the finite-difference error estimate.
+    """
+    import numpy as np
+
+    from derivcli.check import DEFAULT_TOLERANCES, check_columns
+    from derivcli.diagnose import smoothness_verdict
+    from derivcli.models import load_model
+    from derivcli.points import open_source
+    from derivcli.run import DerivativeRequest, evaluate, forward_function, plan, read_all_points
+    from derivcli.writers import Layout, open_writer
+
+    request = DerivativeRequest(
+        partials=[parse_partial(p) for p in partial or []], order=order,
+        jacobian=not partial and order is None, hessian=not partial and order is None,
+        wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"),
+    )
+    loaded = load_model(options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
+    double = loaded if loaded.kind != "keras" or options.dtype == "float64" else load_model(
+        options.model, options.custom_objects, options.unsafe, "float64", options.names, options.output_names)
+    planned = plan(loaded, request)
+    source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
+    points = read_all_points(source, MAX_CHECK_POINTS)
+    automatic = evaluate(loaded, points, request, options.batch_size, options.device)
+    derivatives = [
+        (name, column.output, column.partial)
+        for column, name in zip(planned.columns, planned.names) if sum(column.partial)
+    ]
+    default_rtol, default_atol = DEFAULT_TOLERANCES[loaded.dtype]
+    verdict = smoothness_verdict(loaded)
+    report = check_columns(
+        automatic, points, derivatives, forward_function(double), rtol if rtol is not None else default_rtol,
+        atol if atol is not None else default_atol, piecewise_linear=verdict.zero_from_order == 2,
+    )
+    layout = Layout([], ["column", "status", "points", "kink_points"],
+                    ["max_abs_error", "max_rel_error", "fd_error_estimate"], np.dtype(np.float64))
+    writer = open_writer(options.format, layout, options.output)
+    try:
+        writer.write(
+            np.zeros((len(report.columns), 0)),
+            [[c.name for c in report.columns], [c.status for c in report.columns],
+             [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]],
+            np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate] for c in report.columns]).reshape(-1, 3),
+        )
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for column in report.columns:
+        if column.kink_points:
+            _warn(options, f"{column.name}: {column.kink_points} point(s) have a kink within the finite-difference "
+                           f"step, not compared (first at {_format_point(loaded.coordinate_names, column.first_kink)})")
+    failed = [c for c in report.columns if not c.passed]
+    if failed:
+        worst = failed[0]
+        raise CheckFailed(
+            f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
+            f"{worst.max_abs_error:.3g} at {_format_point(loaded.coordinate_names, worst.worst_point)}"
+        )

@@ -304,6 +304,39 @@ def evaluate(
     return table
 
 
+def forward_function(model: LoadedModel, batch_size: int = DEFAULT_BATCH_SIZE) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's values as a NumPy function of (N, D) points, compiled once."""
+    import tensorflow as tf
+
+    compiled = tf.function(
+        model.call_flat,
+        input_signature=[tf.TensorSpec((None, len(model.coordinate_names)), tf.as_dtype(model.dtype))],
+    )
+
+    def forward(points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, dtype=model.dtype)
+        parts = [compiled(points[i : i + batch_size]).numpy() for i in range(0, len(points), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(model.output_names)), model.dtype)
+
+    return forward
+
+
+def read_all_points(source: PointSource, limit: int) -> np.ndarray:
+    """Every point of a source, in memory; for commands that need them all at once.
+
+    Raises:
+        UsageError: more than `limit` points.
+    """
+    batches = []
+    count = 0
+    for batch in source.batches(DEFAULT_BATCH_SIZE):
+        batches.append(batch.coordinates)
+        count += len(batch.coordinates)
+        if count > limit:
+            raise UsageError(f"more than {limit:,} points; check and doctor work on a sample: give fewer points")
+    return np.concatenate(batches) if batches else np.zeros((0, len(source.passthrough_names)))
+
+
 def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[str]) -> Layout:
     """The writer layout: coordinates, pass-through columns, values."""
     clash = set(source.passthrough_names) & (set(model.coordinate_names) | set(value_names))
@@ -326,5 +359,5 @@ def write_stderr(text: str) -> None:
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DerivativeRequest", "PipeClosed", "PointBatch", "RunSummary",
-    "check_batch_independence", "Plan", "compute", "evaluate", "layout_for", "make_kernel", "plan",
+    "check_batch_independence", "Plan", "compute", "evaluate", "forward_function", "read_all_points", "layout_for", "make_kernel", "plan",
 ]

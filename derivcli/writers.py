@@ -270,7 +270,9 @@ class TableWriter(TextWriter):
             table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
         for row in self.rows:
             table.add_row(*row)
-        Console(file=self.stream, soft_wrap=True).print(table)
+        # On a terminal the table fits its width; elsewhere (a file, a pipe) nothing is cropped.
+        width = None if self.stream.isatty() else 100_000
+        Console(file=self.stream, soft_wrap=True, width=width).print(table)
 
 
 class ColumnSpoolWriter(Writer):

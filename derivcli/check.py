@@ -1,0 +1,107 @@
+"""`derivcli check`: automatic derivatives against float64 finite differences.
+
+For each derivative column, the automatic derivatives (in the run's dtype)
+are compared with Richardson-extrapolated central differences of the model
+evaluated in float64. A column fails when some point is off by more than
+`atol + rtol * scale` beyond the finite difference's own error estimate,
+where `scale` is the column's largest finite-difference magnitude.
+
+On a piecewise-linear model, a point whose difference stencil straddles a
+kink has no meaningful finite difference; such points are reported, not
+compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from derivcli.finite_differences import BASE_STEP, finite_difference
+
+DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-6), "float64": (1e-8, 1e-12)}  # (rtol, atol)
+# Within one linear piece, central differences at every step agree to round-off.
+KINK_TOLERANCE = 1e-7
+# A piecewise-linear model needs no extrapolation (its differences are exact
+# within a piece), so a small step keeps fewer kinks inside the stencil.
+PIECEWISE_LINEAR_STEP = 1e-4
+
+
+@dataclass
+class ColumnCheck:
+    """The comparison of one derivative column."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    fd_error_estimate: float
+    points: int
+    kink_points: int
+    passed: bool
+    first_kink: np.ndarray | None = None
+    worst_point: np.ndarray | None = None
+
+    @property
+    def status(self) -> str:
+        if self.points == 0:
+            return "skipped"
+        return "ok" if self.passed else "FAIL"
+
+
+@dataclass
+class CheckReport:
+    columns: list[ColumnCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.columns)
+
+
+def check_columns(
+    automatic: dict[str, np.ndarray],
+    points: np.ndarray,
+    derivatives: list[tuple[str, int, tuple[int, ...]]],
+    float64_function: Any,
+    rtol: float,
+    atol: float,
+    piecewise_linear: bool,
+) -> CheckReport:
+    """Compares automatic derivative columns with finite differences.
+
+    Args:
+        automatic: the automatic derivatives by column name.
+        points: (N, D) float64 points.
+        derivatives: (column name, output, multi-index) for each column to check.
+        float64_function: the model in float64, (M, D) -> (M, outputs) array.
+        rtol, atol: the tolerances, beyond the finite-difference error estimate.
+        piecewise_linear: the model is piecewise linear, so steps that straddle
+            a kink are detected and skipped.
+    """
+    report = CheckReport()
+    for name, output, index in derivatives:
+        step = PIECEWISE_LINEAR_STEP if piecewise_linear else BASE_STEP
+        estimate = finite_difference(float64_function, points, index, output, step)
+        automatic_values = np.asarray(automatic[name], dtype=np.float64)
+        compared = np.ones(len(points), dtype=bool)
+        if piecewise_linear:
+            spread = np.max(np.abs(estimate.levels - estimate.levels[-1]), axis=0)
+            magnitude = np.max(np.abs(estimate.levels), axis=0)
+            compared = spread <= KINK_TOLERANCE * (magnitude + 1.0) + 4 * estimate.rounding
+        error = np.abs(automatic_values - estimate.value)
+        scale = float(np.max(np.abs(estimate.value[compared]), initial=0.0))
+        allowed = atol + rtol * scale + estimate.error
+        bad = compared & ~(error <= allowed)  # NaN counts as bad
+        relative = error / max(scale, np.finfo(np.float64).tiny)
+        report.columns.append(ColumnCheck(
+            name=name,
+            max_abs_error=float(np.max(error[compared], initial=0.0)),
+            max_rel_error=float(np.max(relative[compared], initial=0.0)),
+            fd_error_estimate=float(np.max(estimate.error[compared], initial=0.0)),
+            points=int(compared.sum()),
+            kink_points=int((~compared).sum()),
+            passed=not bad.any(),
+            first_kink=points[np.argmin(compared)] if not compared.all() else None,
+            worst_point=points[np.argmax(np.where(compared, error - allowed, -np.inf))] if compared.any() else None,
+        ))
+    return report

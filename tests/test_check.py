@@ -1,0 +1,99 @@
+"""`derivcli check`: automatic derivatives against float64 finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from derivcli.finite_differences import central_stencil, finite_difference
+
+from conftest import read_csv
+from test_errors import assert_one_line_error
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+def test_stencils_differentiate_monomials_exactly(order):
+    """The order-k stencil maps x^k to k! and every lower power to 0 (at x = 0, step 1)."""
+    offsets, weights = central_stencil(order)
+    for power in range(order + 1):
+        expected = float(np.prod(np.arange(1, order + 1))) if power == order else 0.0
+        np.testing.assert_allclose(np.dot(weights, np.array(offsets, float) ** power), expected, atol=1e-9)
+
+
+def test_finite_difference_of_a_known_function():
+    """d3/dx dy^2 of sin(x) exp(y) = cos(x) exp(y), to the stated error estimate."""
+    function = lambda p: (np.sin(p[:, 0]) * np.exp(p[:, 1]))[:, None]  # noqa: E731
+    points = np.array([[0.3, -0.2], [1.1, 0.4]])
+    estimate = finite_difference(function, points, (1, 2), 0)
+    exact = np.cos(points[:, 0]) * np.exp(points[:, 1])
+    assert np.all(np.abs(estimate.value - exact) <= estimate.error + 1e-9)
+    np.testing.assert_allclose(estimate.value, exact, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "model", ["sample_models/softplus_2d.keras", "sample_models/square_tanh.keras", "sample_models/heat_pinn.keras",
+              "sample_models/square_tanh_savedmodel"],
+)
+def test_check_passes_on_the_smooth_samples(cli, model):
+    result = cli("check", model, "--grid", "-1:1:7")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    assert set(table["status"]) == {"ok"}
+    assert list(table) == ["column", "status", "points", "kink_points", "max_abs_error", "max_rel_error", "fd_error_estimate"]
+
+
+def test_check_high_order_in_float64(cli):
+    result = cli("check", "sample_models/square_tanh.keras", "--grid", "-1:1:5", "--partial", "x^4", "--dtype", "float64")
+    assert result.exit_code == 0, result.stderr
+    # A fourth finite difference is good to about 1e-6 in float64; the automatic one is exact.
+    assert read_csv(result.stdout)["max_rel_error"][0] < 1e-5
+
+
+def test_check_reports_kinks_on_a_relu_model_instead_of_failing(cli):
+    import keras
+
+    model = keras.models.load_model("sample_models/square_relu.keras")
+    kernel, bias = model.get_layer("hidden1").get_weights()
+    kinks = -bias / kernel[0]
+    kink = float(kinks[np.argmin(np.abs(kinks))])
+    result = cli("check", "sample_models/square_relu.keras", "--at", repr(kink), "--at", "0.123456")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    np.testing.assert_array_equal(table["kink_points"], [1, 1])
+    np.testing.assert_array_equal(table["points"], [1, 1])
+    assert "have a kink within the finite-difference step, not compared (first at x=" in result.stderr
+
+
+WRONG_GRADIENT = """
+import keras
+import tensorflow as tf
+
+
+@tf.custom_gradient
+def cube(x):
+    return x ** 3, lambda upstream: upstream * 2.0 * x ** 2  # wrong: should be 3 x^2
+
+
+class WrongCube(keras.layers.Layer):
+    def call(self, x):
+        return cube(x)
+"""
+
+
+def test_check_fails_on_a_wrong_derivative(cli, tmp_path):
+    import importlib.util
+
+    import keras
+
+    source = tmp_path / "wrong.py"
+    source.write_text(WRONG_GRADIENT)
+    spec = importlib.util.spec_from_file_location("wrong", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inputs = keras.Input((1,), name="x")
+    path = tmp_path / "cube.keras"
+    keras.Model(inputs, module.WrongCube()(inputs)).save(path)
+    result = cli("check", path, "--at", "0.5", "--at", "1.5", "--partial", "x", "--custom-objects", source)
+    assert_one_line_error(result, 3, "1 column(s) differ from finite differences", "dy/dx", "x=1.5")
+    table = read_csv(result.stdout)
+    assert table["status"] == ["FAIL"]
