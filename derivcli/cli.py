@@ -595,3 +595,62 @@ def check_command(
             f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
             f"{worst.max_abs_error:.3g} at {_format_point(loaded.coordinate_names, worst.worst_point)}"
         )
+
+
+# Points doctor uses when none are given: reproducible, inside the usual input range.
+DEFAULT_DOCTOR_POINTS = 32
+
+
+@app.command("doctor")
+def doctor_command(
+    model: ModelArgument,
+    at: AtOption = None,
+    grid: GridOption = None,
+    csv: CsvOption = None,
+    columns: ColumnsOption = None,
+    npz: NpzOption = None,
+    order: Annotated[int, typer.Option("--order", min=1, max=8, help="Highest order compared in float32 and float64.")] = 4,
+    format: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",
+    names: NamesOption = None,
+    output_names: OutputNamesOption = None,
+    custom_objects: CustomObjectsOption = None,
+    unsafe: UnsafeOption = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """Diagnostics: dead higher orders, disconnected weights, NaN/Inf and where they start, batch dependence, float32 risk.
+
+    Without points, 32 random points in [-1, 1]^d. Exit status 3 when a finding is an error.
+    """
+    import numpy as np
+
+    from derivcli.doctor import run_doctor
+    from derivcli.models import load_model
+    from derivcli.points import open_source
+    from derivcli.run import read_all_points
+
+    chosen = _choice(format, "--format", ("text", "json"))
+    given = [o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v]
+    at_points, grid_axes = [parse_at(a) for a in at or []], [parse_grid(g) for g in grid or []]
+    new_names, new_output_names = _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names")
+    loaded = load_model(model, list(custom_objects or []), unsafe, "float32", new_names, new_output_names)
+    double = None if loaded.kind != "keras" else load_model(
+        model, list(custom_objects or []), unsafe, "float64", new_names, new_output_names)
+    if given:
+        source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"))
+        points = read_all_points(source, MAX_CHECK_POINTS)
+        where = f"{len(points)} given point(s)"
+    else:
+        dimension = len(loaded.coordinate_names)
+        points = np.random.default_rng(0).uniform(-1, 1, (DEFAULT_DOCTOR_POINTS, dimension))
+        where = f"{DEFAULT_DOCTOR_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
+    findings = run_doctor(loaded, double, points, order)
+    if chosen == "json":
+        sys.stdout.write(json.dumps({"model": model, "points": where, "findings": [f.as_dict() for f in findings]}, indent=2) + "\n")
+    else:
+        sys.stdout.write(f"derivcli doctor {model}: {where}\n")
+        width = max(len(f.check) for f in findings)
+        for finding in findings:
+            sys.stdout.write(f"{finding.severity:7s} {finding.check:{width}s}  {finding.message}\n")
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise CheckFailed(f"doctor found {len(errors)} error(s); first: {errors[0].check}: {errors[0].message}")

@@ -152,7 +152,7 @@ def smoothness_verdict(model: Any) -> Verdict:
     if smooth:
         reason = "smooth: derivatives of every order are defined and in general non-zero"
         if kinks:
-            reason += f" (kinks at the piecewise-linear layers {', '.join(kinks)})"
+            reason += f" (piecewise definitions, kinks or branches, at layers {', '.join(kinks)})"
         return Verdict(None, reason, list(kinks), list(smooth))
     if kinks:
         return Verdict(
@@ -205,3 +205,109 @@ def batch_dependence(model: Any, coordinates: Any, samples: int = 8) -> float:
         return 0.0
     scale = np.max(np.abs(together[finite])) or 1.0
     return float(np.max(np.abs(together - alone)[finite]) / scale)
+
+
+COMPARISON_OPS = {"Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual"}
+
+
+@dataclass
+class DisconnectedWeight:
+    """A trainable weight that the outputs do not depend on."""
+
+    layer: str
+    weight: str
+    reason: str
+
+
+def _weight_reason(model: Any, variable: Any) -> str:
+    """Why a weight gets no gradient, read off the traced graph."""
+    import tensorflow as tf
+
+    dimension = len(model.coordinate_names)
+    concrete = tf.function(model.call_flat).get_concrete_function(
+        tf.TensorSpec((None, dimension), tf.as_dtype(model.dtype))
+    )
+    handles = [internal for external, internal in concrete.graph.captures if external is variable.handle]
+    if not handles:
+        return "the layer's call never reads it"
+    frontier = [op for op in concrete.graph.get_operations() if any(t is handles[0] for t in op.inputs)]
+    seen: set[str] = set()
+    comparisons = 0
+    while frontier:
+        op = frontier.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type in COMPARISON_OPS:
+            comparisons += 1
+            continue  # a boolean: no derivative flows through it
+        for tensor in op.outputs:
+            frontier.extend(tensor.consumers())
+    if comparisons:
+        return "it is used only in a comparison (a condition such as where(|x| < w, ...)), never in the value"
+    return "its value does not reach the outputs"
+
+
+def disconnected_weights(model: Any, points: Any) -> list[DisconnectedWeight]:
+    """Trainable weights of a Keras model that receive no gradient from its outputs at `points`."""
+    import tensorflow as tf
+
+    if model.kind != "keras":
+        return []
+    keras_model = model.keras_model
+    variables = list(keras_model.trainable_variables)
+    if not variables:
+        return []
+    coordinates = tf.constant(points, tf.as_dtype(model.dtype))
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(model.call_flat(coordinates))
+    gradients = tape.gradient(
+        total, [v.value if hasattr(v, "value") else v for v in variables],
+        unconnected_gradients=tf.UnconnectedGradients.NONE,
+    )
+    owners = {id(v): layer.name for layer in keras_model._flatten_layers() for v in layer.trainable_weights}
+    found = []
+    for variable, gradient in zip(variables, gradients):
+        if gradient is None:
+            name = getattr(variable, "name", "?").split("/")[-1].split(":")[0]
+            found.append(DisconnectedWeight(owners.get(id(variable), "?"), name, _weight_reason(model, variable)))
+    return found
+
+
+def first_nonfinite_layer(model: Any, point: Any) -> tuple[str, str] | None:
+    """The first layer whose output, or whose output's derivative, is NaN/Inf at `point`.
+
+    Returns:
+        (layer name, "value" or "derivative"), or None when no layer can be
+        named (not a functional Keras model, or every layer is finite).
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    if model.kind != "keras":
+        return None
+    keras_model = model.keras_model
+    try:
+        layers = [layer for layer in keras_model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        probe = keras.Model(keras_model.inputs, [layer.output for layer in layers])
+    except (AttributeError, ValueError):
+        return None
+    coordinates = tf.constant(np.asarray(point)[None, :], tf.as_dtype(model.dtype))
+    pieces, start = [], 0
+    for info in model.inputs:
+        pieces.append(tf.reshape(coordinates[:, start : start + info.size], (-1, *info.shape)))
+        start += info.size
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(pieces)
+        outputs = probe(pieces[0] if len(pieces) == 1 else pieces, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        totals = [tf.reduce_sum(o) for o in outputs]
+    for layer, output in zip(layers, outputs):
+        if not np.all(np.isfinite(output.numpy())):
+            return layer.name, "value"
+    for layer, total in zip(layers, totals):
+        gradients = tape.gradient(total, pieces, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if not all(np.all(np.isfinite(g.numpy())) for g in gradients):
+            return layer.name, "derivative"
+    return None

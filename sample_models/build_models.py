@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bump_layer import Bump  # noqa: E402
+from bump_layer import Bump, BumpConditionOnly  # noqa: E402
 
 
 def mlp(inputs: int, widths: list[int], activation: str, name: str) -> keras.Model:
@@ -39,6 +39,16 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int) -> keras.
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
     model.compile()  # drop the optimizer state: smaller files, nothing a user needs
     return model
+
+
+def save_bumps() -> None:
+    """The custom-layer samples, loaded with --custom-objects bump_layer.py."""
+    inputs = keras.Input((1,), name="x")
+    keras.Model(inputs, Bump(1.0, name="bump")(inputs), name="bump").save(HERE / "bump.keras")
+    # The same bump with sigma used only in the condition: doctor finds sigma disconnected.
+    inputs = keras.Input((1,), name="x")
+    buggy = BumpConditionOnly(1.0, name="bump")(inputs)
+    keras.Model(inputs, buggy, name="bump_condition_only").save(HERE / "bump_condition_only.keras")
 
 
 def main() -> None:
@@ -65,10 +75,7 @@ def main() -> None:
     target = np.sin(grid[:, :1]) + grid[:, 1:] ** 2 / 2
     fit(mlp(2, [32, 32], "softplus", "softplus_2d"), grid, target, 200).save(HERE / "softplus_2d.keras")
 
-    # A custom layer: a trainable bump, loaded with --custom-objects bump_layer.py.
-    inputs = keras.Input((1,), name="x")
-    outputs = Bump(1.0, name="bump")(inputs)
-    keras.Model(inputs, outputs, name="bump").save(HERE / "bump.keras")
+    save_bumps()
     for path in sorted(HERE.glob("*")):
         if path.suffix in (".keras", ".h5") or path.is_dir() and path.name != "__pycache__":
             size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")))

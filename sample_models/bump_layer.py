@@ -33,3 +33,18 @@ class Bump(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "sigma": self.initial_sigma}
+
+
+@keras.saving.register_keras_serializable(package="derivcli_samples")
+class BumpConditionOnly(Bump):
+    """The bug users bring: sigma decides the support, but the value ignores it.
+
+    The value is exp(-1 / (1 - x^2)) inside |x| < sigma: sigma appears only in
+    the comparison, so it gets no gradient and training never moves it.
+    `derivcli doctor` names it.
+    """
+
+    def call(self, x):
+        inside = ops.abs(x) < self.sigma
+        gap = ops.where(inside, 1.0 - x * x, ops.ones_like(x))
+        return ops.where(inside, ops.exp(-1.0 / gap), ops.zeros_like(x))

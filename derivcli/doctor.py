@@ -1,0 +1,150 @@
+"""`derivcli doctor`: every diagnostic that applies, as a list of findings.
+
+Each finding has a severity (`ok`, `info`, `warning`, `error`), the check
+that made it, and one line for the user. An `error` makes the command exit
+with status 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from derivcli.diagnose import (
+    BATCH_DEPENDENCE_TOLERANCE,
+    batch_dependence,
+    disconnected_weights,
+    first_nonfinite_layer,
+    smoothness_verdict,
+)
+from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, evaluate
+
+SEVERITIES = ("ok", "info", "warning", "error")
+# float32 and float64 derivatives differing by more than this, relative to the
+# column's largest value, make float32 a risk for that order.
+FLOAT32_RISK_TOLERANCE = 1e-3
+
+
+@dataclass
+class Finding:
+    severity: str
+    check: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _format_point(names: list[str], point: Any) -> str:
+    return ", ".join(f"{n}={float(v):.6g}" for n, v in zip(names, point))
+
+
+def smoothness_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
+    """The verdict from the graph, confirmed by the second derivatives at the points."""
+    verdict = smoothness_verdict(model)
+    second = evaluate(model, points, DerivativeRequest(partials=[{n: 2} for n in model.coordinate_names]), batch_size)
+    names = [n for n in second if n.startswith("d2")]
+    all_zero = all(np.all(second[n] == 0) for n in names)
+    if verdict.zero_from_order is not None:
+        confirmed = "; confirmed: every second derivative is 0 at all points" if all_zero else ""
+        return [Finding("warning", "smoothness", verdict.reason + confirmed)]
+    if all_zero and len(points):
+        return [Finding(
+            "warning", "smoothness",
+            f"every pure second derivative is 0 at all {len(points)} points although the graph looks "
+            f"{'smooth' if not verdict.unknown_ops else 'unclassified'}: a custom activation is probably "
+            "piecewise linear, so higher derivatives are zero almost everywhere",
+        )]
+    return [Finding("ok", "smoothness", verdict.reason)]
+
+
+def weight_findings(model: Any, points: np.ndarray) -> list[Finding]:
+    if model.kind != "keras":
+        return [Finding("info", "weights", "a SavedModel signature: trainable weights cannot be inspected")]
+    found = disconnected_weights(model, points)
+    if not found:
+        return [Finding("ok", "weights", "every trainable weight receives a gradient from the outputs")]
+    return [
+        Finding("error", "weights", f"layer {w.layer}, weight {w.weight}: receives no gradient from the outputs, "
+                                    f"so training never changes it: {w.reason}")
+        for w in found
+    ]
+
+
+def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
+    table = evaluate(model, points, DerivativeRequest(jacobian=True), batch_size)
+    columns = [n for n in table if n not in model.coordinate_names]
+    bad_rows = np.zeros(len(points), dtype=bool)
+    bad_columns = []
+    for name in columns:
+        nonfinite = ~np.isfinite(table[name])
+        if nonfinite.any():
+            bad_columns.append(f"{name}: {int(nonfinite.sum())}")
+            bad_rows |= nonfinite
+    if not bad_columns:
+        return [Finding("ok", "nan", "outputs and first derivatives are finite at every point")]
+    first = points[np.argmax(bad_rows)]
+    where = first_nonfinite_layer(model, first)
+    origin = f"; it first appears in the {where[1]} of layer {where[0]}" if where else ""
+    hint = (" (a NaN in the derivative of a finite value is the tf.where trap: the branch not taken "
+            "still differentiates log/sqrt/division at a bad input)") if where and where[1] == "derivative" else ""
+    return [Finding(
+        "error", "nan",
+        f"NaN/Inf at {int(bad_rows.sum())} of {len(points)} points ({', '.join(bad_columns)}); first at "
+        f"{_format_point(model.coordinate_names, first)}{origin}{hint}",
+    )]
+
+
+def batch_findings(model: Any, points: np.ndarray) -> list[Finding]:
+    change = batch_dependence(model, points.astype(model.dtype))
+    if change > BATCH_DEPENDENCE_TOLERANCE:
+        return [Finding(
+            "error", "batch",
+            f"outputs change by {change:.2g} (relative) when a point is evaluated alone instead of in a batch: "
+            "a layer mixes samples (batch statistics or a reduction over the batch axis); derivative commands "
+            "need --batch-size 1 for this model",
+        )]
+    return [Finding("ok", "batch", "each output depends on its own point only (batch against single points)")]
+
+
+def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, batch_size: int) -> list[Finding]:
+    """Pure derivatives up to `order` in float32 against float64."""
+    if double is None:
+        return [Finding("info", "float32", "a SavedModel signature is fixed at float32: no float64 comparison")]
+    request = DerivativeRequest(partials=[{n: k} for n in model.coordinate_names for k in range(1, order + 1)])
+    single, precise = evaluate(model, points, request, batch_size), evaluate(double, points, request, batch_size)
+    risky = []
+    for name in single:
+        if name in model.coordinate_names or name in model.output_names:
+            continue
+        scale = float(np.max(np.abs(precise[name]), initial=0.0))
+        difference = float(np.max(np.abs(single[name] - precise[name]), initial=0.0))
+        if scale > 0 and difference > FLOAT32_RISK_TOLERANCE * scale:
+            risky.append(f"{name} ({difference / scale:.1g})")
+    if risky:
+        return [Finding(
+            "warning", "float32",
+            f"float32 and float64 disagree beyond {FLOAT32_RISK_TOLERANCE:g} relative for {', '.join(risky)}; "
+            "use --dtype float64 for these orders",
+        )]
+    return [Finding("ok", "float32", f"float32 agrees with float64 to {FLOAT32_RISK_TOLERANCE:g} up to order {order}")]
+
+
+def run_doctor(model: Any, double: Any, points: np.ndarray, order: int) -> list[Finding]:
+    """Every finding for `model` at `points`; `double` is its float64 version or None.
+
+    The batch check runs first: a model that mixes samples is then examined
+    one point at a time, which is exact for it.
+    """
+    batch = batch_findings(model, points)
+    batch_size = 1 if batch[0].severity == "error" else DEFAULT_BATCH_SIZE
+    with np.errstate(invalid="ignore"):  # NaN columns are a finding, not a warning
+        return (
+            smoothness_findings(double or model, points, batch_size)
+            + weight_findings(model, points)
+            + nonfinite_findings(model, points, batch_size)
+            + batch
+            + float32_findings(model, double, points, order, batch_size)
+        )
