@@ -105,3 +105,52 @@ def check_columns(
             worst_point=points[np.argmax(np.where(compared, error - allowed, -np.inf))] if compared.any() else None,
         ))
     return report
+
+
+def check_model(
+    model: Any,
+    double: Any,
+    points: np.ndarray,
+    request: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    batch_size: int = 4096,
+    device: str = "auto",
+) -> CheckReport:
+    """Checks every derivative column of `request` on `model` at `points`.
+
+    Args:
+        model: the model whose automatic derivatives are checked.
+        double: the same model in float64 for the finite differences (or the
+            model itself when it cannot be promoted, a SavedModel).
+        points: (N, D) points.
+        request: a `DerivativeRequest`; its value and operator columns are ignored.
+        rtol, atol: tolerances; None for the dtype's defaults.
+    """
+    from derivcli.diagnose import smoothness_verdict
+    from derivcli.run import evaluate, forward_function, plan
+
+    planned = plan(model, request)
+    automatic = evaluate(model, points, request, batch_size, device)
+    derivatives = [
+        (name, column.output, column.partial)
+        for column, name in zip(planned.columns, planned.names) if sum(column.partial)
+    ]
+    default_rtol, default_atol = DEFAULT_TOLERANCES[model.dtype]
+    return check_columns(
+        automatic, points, derivatives, forward_function(double),
+        default_rtol if rtol is None else rtol, default_atol if atol is None else atol,
+        piecewise_linear=smoothness_verdict(model).zero_from_order == 2,
+    )
+
+
+def report_rows(report: CheckReport) -> tuple[Any, list[list[str]], np.ndarray]:
+    """The report as a writer layout, its text columns and its float columns."""
+    from derivcli.writers import Layout
+
+    layout = Layout([], ["column", "status", "points", "kink_points"],
+                    ["max_abs_error", "max_rel_error", "fd_error_estimate"], np.dtype(np.float64))
+    text = [[c.name for c in report.columns], [c.status for c in report.columns],
+            [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]]
+    values = np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate] for c in report.columns])
+    return layout, text, values.reshape(-1, 3)

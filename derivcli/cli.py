@@ -539,47 +539,26 @@ def check_command(
     Default: every first and second derivative. Exit status 3 when a column
     is off by more than --rtol/--atol beyond the finite-difference error estimate.
     """
-    import numpy as np
-
-    from derivcli.check import DEFAULT_TOLERANCES, check_columns
-    from derivcli.diagnose import smoothness_verdict
-    from derivcli.models import load_model
+    from derivcli.check import check_model, report_rows
+    from derivcli.models import load_with_float64
     from derivcli.points import open_source
-    from derivcli.run import DerivativeRequest, evaluate, forward_function, plan, read_all_points
-    from derivcli.writers import Layout, open_writer
+    from derivcli.run import DerivativeRequest, read_all_points
+    from derivcli.writers import open_writer
 
     request = DerivativeRequest(
         partials=[parse_partial(p) for p in partial or []], order=order,
         jacobian=not partial and order is None, hessian=not partial and order is None,
         wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"),
     )
-    loaded = load_model(options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
-    double = loaded if loaded.kind != "keras" or options.dtype == "float64" else load_model(
-        options.model, options.custom_objects, options.unsafe, "float64", options.names, options.output_names)
-    planned = plan(loaded, request)
+    loaded, double = load_with_float64(
+        options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
     points = read_all_points(source, MAX_CHECK_POINTS)
-    automatic = evaluate(loaded, points, request, options.batch_size, options.device)
-    derivatives = [
-        (name, column.output, column.partial)
-        for column, name in zip(planned.columns, planned.names) if sum(column.partial)
-    ]
-    default_rtol, default_atol = DEFAULT_TOLERANCES[loaded.dtype]
-    verdict = smoothness_verdict(loaded)
-    report = check_columns(
-        automatic, points, derivatives, forward_function(double), rtol if rtol is not None else default_rtol,
-        atol if atol is not None else default_atol, piecewise_linear=verdict.zero_from_order == 2,
-    )
-    layout = Layout([], ["column", "status", "points", "kink_points"],
-                    ["max_abs_error", "max_rel_error", "fd_error_estimate"], np.dtype(np.float64))
+    report = check_model(loaded, double or loaded, points, request, rtol, atol, options.batch_size, options.device)
+    layout, text, values = report_rows(report)
     writer = open_writer(options.format, layout, options.output)
     try:
-        writer.write(
-            np.zeros((len(report.columns), 0)),
-            [[c.name for c in report.columns], [c.status for c in report.columns],
-             [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]],
-            np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate] for c in report.columns]).reshape(-1, 3),
-        )
+        writer.write(values[:, :0], text, values)
         writer.close()
     except BaseException:
         writer.abort()
@@ -595,10 +574,6 @@ def check_command(
             f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
             f"{worst.max_abs_error:.3g} at {_format_point(loaded.coordinate_names, worst.worst_point)}"
         )
-
-
-# Points doctor uses when none are given: reproducible, inside the usual input range.
-DEFAULT_DOCTOR_POINTS = 32
 
 
 @app.command("doctor")
@@ -621,28 +596,25 @@ def doctor_command(
 
     Without points, 32 random points in [-1, 1]^d. Exit status 3 when a finding is an error.
     """
-    import numpy as np
-
-    from derivcli.doctor import run_doctor
-    from derivcli.models import load_model
+    from derivcli.doctor import DEFAULT_POINTS, default_points, run_doctor
+    from derivcli.models import load_with_float64
     from derivcli.points import open_source
     from derivcli.run import read_all_points
 
     chosen = _choice(format, "--format", ("text", "json"))
     given = [o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v]
     at_points, grid_axes = [parse_at(a) for a in at or []], [parse_grid(g) for g in grid or []]
-    new_names, new_output_names = _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names")
-    loaded = load_model(model, list(custom_objects or []), unsafe, "float32", new_names, new_output_names)
-    double = None if loaded.kind != "keras" else load_model(
-        model, list(custom_objects or []), unsafe, "float64", new_names, new_output_names)
+    loaded, double = load_with_float64(
+        model, list(custom_objects or []), unsafe, "float32",
+        _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names"))
+    dimension = len(loaded.coordinate_names)
     if given:
         source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"))
         points = read_all_points(source, MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:
-        dimension = len(loaded.coordinate_names)
-        points = np.random.default_rng(0).uniform(-1, 1, (DEFAULT_DOCTOR_POINTS, dimension))
-        where = f"{DEFAULT_DOCTOR_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
+        points = default_points(dimension)
+        where = f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
     findings = run_doctor(loaded, double, points, order)
     if chosen == "json":
         sys.stdout.write(json.dumps({"model": model, "points": where, "findings": [f.as_dict() for f in findings]}, indent=2) + "\n")

@@ -22,6 +22,13 @@ from derivcli.diagnose import (
 from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, evaluate
 
 SEVERITIES = ("ok", "info", "warning", "error")
+# Points doctor uses when none are given: reproducible, inside the usual input range.
+DEFAULT_POINTS = 32
+
+
+def default_points(dimension: int) -> np.ndarray:
+    """32 seeded random points in [-1, 1]^dimension."""
+    return np.random.default_rng(0).uniform(-1, 1, (DEFAULT_POINTS, dimension))
 # float32 and float64 derivatives differing by more than this, relative to the
 # column's largest value, make float32 a risk for that order.
 FLOAT32_RISK_TOLERANCE = 1e-3

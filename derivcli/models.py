@@ -374,3 +374,24 @@ def _load_saved_model(path: Path, tf: Any, dtype: str) -> LoadedModel:
     )
     model.saved_object = loaded  # keeps the variables alive as long as the signature
     return model
+
+
+def load_with_float64(
+    path: str,
+    custom_objects_files: Sequence[str] = (),
+    unsafe: bool = False,
+    dtype: str = "float32",
+    names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> tuple[LoadedModel, LoadedModel | None]:
+    """The model in `dtype`, and in float64 for reference computations.
+
+    The second is the first when `dtype` is already float64, and None when
+    the model cannot be promoted (a SavedModel's signature is fixed).
+    """
+    model = load_model(path, custom_objects_files, unsafe, dtype, names, output_names)
+    if model.kind != "keras":
+        return model, None
+    if dtype == "float64":
+        return model, model
+    return model, load_model(path, custom_objects_files, unsafe, "float64", names, output_names)
