@@ -31,6 +31,7 @@ from derivcli.specs import (
     parse_grid,
     parse_names,
     parse_partial,
+    parse_shard,
 )
 
 
@@ -162,7 +163,10 @@ FormatOption = Annotated[
     typer.Option("--format", "-f", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
 ]
 OutputOption = Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
-BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", min=1, help="Points per compiled batch [default: 4096].", show_default=False)]
+BatchSizeOption = Annotated[
+    str | None,
+    typer.Option("--batch-size", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False),
+]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, or float64 to evaluate in double precision.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")]
 WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
@@ -173,6 +177,10 @@ MaxAbsOption = Annotated[
     typer.Option("--max-abs", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
 ]
 StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
+ShardOption = Annotated[
+    str | None,
+    typer.Option("--shard", help="K/N: only the K-th of N slices of the points, for array jobs; join with merge.", show_default=False),
+]
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
 
 
@@ -192,12 +200,13 @@ class CommonOptions:
     npz: str | None
     format: str
     output: str | None
-    batch_size: int
+    batch_size: int | None  # None: auto
     dtype: str
     device: str
     quiet: bool
     max_abs: float | None
     strict: bool
+    shard: tuple[int, int] | None
 
 
 # (name, annotation, default) of the options shared by every computing command,
@@ -215,6 +224,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("custom_objects", CustomObjectsOption, None),
     ("unsafe", UnsafeOption, False),
     ("batch_size", BatchSizeOption, None),
+    ("shard", ShardOption, None),
     ("dtype", DtypeOption, "float32"),
     ("device", DeviceOption, "auto"),
     ("max_abs", MaxAbsOption, None),
@@ -255,6 +265,14 @@ def _choice(value: str, option: str, choices: Sequence[str]) -> str:
     return value.lower()
 
 
+def _batch_size(text: str | None) -> int | None:
+    if text is None or text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size {text!r}: give a positive whole number or auto")
+    return int(text)
+
+
 def _names_or_none(text: str | None, option: str) -> list[str] | None:
     return parse_names(text, option) if text else None
 
@@ -263,11 +281,11 @@ def _common(
     model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
     columns: str | None, npz: str | None, format: str | None, output: str | None,
-    batch_size: int | None, dtype: str, device: str, quiet: bool, max_abs: float | None, strict: bool,
+    batch_size: int | None, shard: str | None, dtype: str, device: str, quiet: bool, max_abs: float | None,
+    strict: bool,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
-    from derivcli.run import DEFAULT_BATCH_SIZE
     from derivcli.writers import choose_format
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
@@ -284,12 +302,13 @@ def _common(
         npz=npz,
         format=choose_format(format, output, sys.stdout.isatty()),
         output=output,
-        batch_size=batch_size or DEFAULT_BATCH_SIZE,
+        batch_size=_batch_size(batch_size),
         dtype=_choice(dtype, "--dtype", ("float32", "float64")),
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         quiet=quiet,
         max_abs=max_abs,
         strict=strict,
+        shard=parse_shard(shard) if shard else None,
     )
 
 
@@ -320,7 +339,7 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
     """Loads, plans, computes and writes one derivative command; applies the gates."""
     from derivcli.models import load_model
     from derivcli.points import open_source
-    from derivcli.run import compute, layout_for, make_kernel, plan
+    from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
     from derivcli.writers import open_writer
 
     model = load_model(
@@ -334,12 +353,18 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         verdict = smoothness_verdict(model)
         if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
             _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 here: {verdict.reason}")
-    source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
+    # Shards must cut the points identically on every machine, so they never size batches from memory.
+    batch_size = options.batch_size or (
+        DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
+    source = open_source(
+        model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
+        options.shard, batch_size,
+    )
     kernel = make_kernel(model, planned, options.device)
     writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
-    advance, stop = _progress(source.total, options.batch_size, options.quiet)
+    advance, stop = _progress(source.total, batch_size, options.quiet)
     try:
-        summary = compute(model, source, kernel, planned.names, writer, options.batch_size, advance)
+        summary = compute(model, source, kernel, planned.names, writer, batch_size, advance)
     finally:
         stop()
     _report(options, model, summary)
@@ -542,7 +567,7 @@ def check_command(
     from derivcli.check import check_model, report_rows
     from derivcli.models import load_with_float64
     from derivcli.points import open_source
-    from derivcli.run import DerivativeRequest, read_all_points
+    from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, read_all_points
     from derivcli.writers import open_writer
 
     request = DerivativeRequest(
@@ -554,7 +579,8 @@ def check_command(
         options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
     points = read_all_points(source, MAX_CHECK_POINTS)
-    report = check_model(loaded, double or loaded, points, request, rtol, atol, options.batch_size, options.device)
+    report = check_model(loaded, double or loaded, points, request, rtol, atol,
+                         options.batch_size or DEFAULT_BATCH_SIZE, options.device)
     layout, text, values = report_rows(report)
     writer = open_writer(options.format, layout, options.output)
     try:
@@ -626,3 +652,15 @@ def doctor_command(
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise CheckFailed(f"doctor found {len(errors)} error(s); first: {errors[0].check}: {errors[0].message}")
+
+
+@app.command("merge")
+def merge_command(
+    shards: Annotated[list[str], typer.Argument(help="The shard files, K = 0 to N-1.", show_default=False)],
+    output: OutputOption = None,
+    traceback: TracebackOption = False,
+) -> None:
+    """Join the outputs of --shard K/N runs into exactly what the unsharded run writes."""
+    from derivcli.merge import merge
+
+    merge(shards, output)

@@ -46,13 +46,7 @@ def _ports(infos: list[Any], names: list[str], key: str) -> list[dict[str, Any]]
 
 def describe(model: LoadedModel) -> dict[str, Any]:
     """Everything `info` reports about `model`, JSON-ready."""
-    if model.kind == "keras":
-        layers = _layers(model.keras_model)
-        parameters = int(model.keras_model.count_params())
-    else:
-        layers = []
-        parameters = int(sum(v.shape.num_elements() for v in model.saved_object.variables)) \
-            if hasattr(model.saved_object, "variables") else 0
+    layers = _layers(model.keras_model) if model.kind == "keras" else []
     inputs = _ports(model.inputs, model.coordinate_names, "coordinates")
     outputs = _ports(model.outputs, model.output_names, "columns")
     return {
@@ -61,7 +55,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": outputs,
         "layers": layers,
-        "parameters": parameters,
+        "parameters": model.parameter_count,
         "smoothness": smoothness_verdict(model).as_dict(),
     }
 

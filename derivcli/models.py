@@ -67,6 +67,13 @@ class LoadedModel:
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
 
+    @property
+    def parameter_count(self) -> int:
+        """The number of scalar weights."""
+        if self.kind == "keras":
+            return int(self.keras_model.count_params())
+        return int(sum(v.shape.num_elements() for v in getattr(self.saved_object, "variables", [])))
+
     def call_flat(self, coordinates: Any) -> Any:
         """Evaluates the model on a (batch, inputs) tensor; returns (batch, outputs).
 

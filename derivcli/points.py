@@ -47,9 +47,45 @@ class PointSource:
     grid_shape: tuple[int, ...] | None = None
     grid_axes: list[str] | None = None
     total: int | None = None
+    shard: tuple[int, int] | None = None
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         raise NotImplementedError
+
+
+class ShardSource(PointSource):
+    """The K-th of N contiguous slices of another source (`--shard K/N`).
+
+    Slices are whole batches: shard K holds batches [K nb / N, (K+1) nb / N)
+    of the nb batches of the whole run. Every batch is then the same batch
+    as in the unsharded run, so the shards' rows, concatenated in K order,
+    are the unsharded rows bit for bit (float32 results can move by an ulp
+    with the composition of a batch).
+    """
+
+    def __init__(self, source: PointSource, shard: tuple[int, int], batch_size: int) -> None:
+        if source.total is None:
+            raise UsageError("--shard needs a source whose size is known: a file, not standard input")
+        self.source = source
+        self.shard = shard
+        self.batch_size = batch_size
+        index, count = shard
+        batches = -(-source.total // batch_size)
+        self.first_batch = index * batches // count
+        self.end_batch = (index + 1) * batches // count
+        self.total = max(0, min(self.end_batch * batch_size, source.total) - self.first_batch * batch_size)
+        self.passthrough_names = source.passthrough_names
+        self.grid_shape = source.grid_shape
+        self.grid_axes = source.grid_axes
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        if batch_size != self.batch_size:
+            raise ValueError("a shard is cut for one batch size")
+        for number, batch in enumerate(self.source.batches(batch_size)):
+            if number >= self.end_batch:
+                return
+            if number >= self.first_batch:
+                yield batch
 
 
 class AtSource(PointSource):
@@ -213,17 +249,19 @@ class CsvSource(PointSource):
             try:
                 coordinates[:, j] = np.array(cells, dtype=np.float64)
             except ValueError:
-                for cell, line in zip(cells, line_numbers):
-                    try:
-                        float(cell)
-                    except ValueError:
-                        raise RunError(
-                            f"{self.label}, row {line}, column {self.input_columns[j]!r}: "
-                            f"{cell!r} is not a number"
-                        ) from None
-                raise
+                # NumPy's bulk parse refused a cell: Python's float() names the culprit
+                # (and accepts a few spellings NumPy does not).
+                coordinates[:, j] = [self._cell(cell, line, j) for cell, line in zip(cells, line_numbers)]
         passthrough = [[row[p] for row in rows] for p in self.passthrough_positions]
         return PointBatch(coordinates, passthrough)
+
+    def _cell(self, cell: str, line: int, position: int) -> float:
+        try:
+            return float(cell)
+        except ValueError:
+            raise RunError(
+                f"{self.label}, row {line}, column {self.input_columns[position]!r}: {cell!r} is not a number"
+            ) from None
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         try:
@@ -309,13 +347,41 @@ def open_source(
     csv_path: str | None = None,
     npz_path: str | None = None,
     columns: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
+    batch_size: int | None = None,
 ) -> PointSource:
-    """Opens the one point source given on the command line.
+    """Opens the one point source given on the command line, or its `shard` K/N.
 
     Raises:
         UsageError: no source, or more than one.
         RunError: the file cannot be read.
     """
+    source = _open_one(input_names, at, grid, csv_path, npz_path, columns)
+    if shard is None:
+        return source
+    if isinstance(source, CsvSource):
+        if csv_path == "-":
+            raise UsageError("--shard needs a file, not standard input: every shard reads all rows")
+        source.total = count_csv_rows(str(csv_path))
+    assert batch_size is not None
+    return ShardSource(source, shard, batch_size)
+
+
+def count_csv_rows(path: str) -> int:
+    """The data rows of a CSV file (blank lines not counted), read once quickly."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = sum(1 for row in csv.reader(handle) if row and any(cell.strip() for cell in row))
+    return max(0, rows - 1)
+
+
+def _open_one(
+    input_names: Sequence[str],
+    at: Sequence[AtPoint],
+    grid: Sequence[GridAxis],
+    csv_path: str | None,
+    npz_path: str | None,
+    columns: Sequence[str] | None,
+) -> PointSource:
     given = [
         name for name, present in
         (("--at", bool(at)), ("--grid", bool(grid)), ("--csv", csv_path is not None),

@@ -222,10 +222,8 @@ def compute(
 
     Raises:
         PipeClosed: standard output was closed by its reader.
-        RunError: the kernel ran out of memory.
+        RunError: the kernel ran out of memory on a single point.
     """
-    import tensorflow as tf
-
     summary = RunSummary(list(value_names))
     dtype = np.dtype(model.dtype)
     try:
@@ -233,12 +231,7 @@ def compute(
             coordinates = batch.coordinates.astype(dtype)
             if summary.rows == 0:
                 check_batch_independence(model, coordinates)
-            try:
-                values = kernel(coordinates)
-            except tf.errors.ResourceExhaustedError:
-                raise RunError(
-                    f"out of memory on a batch of {len(coordinates)} points; lower --batch-size"
-                ) from None
+            values = run_in_halves(kernel, coordinates)
             writer.write(coordinates, batch.passthrough, values)
             summary.update(coordinates, values)
             if progress is not None:
@@ -252,6 +245,51 @@ def compute(
         raise
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
+
+
+def run_in_halves(kernel: Callable[[np.ndarray], np.ndarray], coordinates: np.ndarray) -> np.ndarray:
+    """Runs the kernel on a batch; a batch that runs out of memory is split in two and retried.
+
+    Samples are independent, so the halves give the same rows; nothing is lost.
+
+    Raises:
+        RunError: a single point does not fit in memory.
+    """
+    import tensorflow as tf
+
+    try:
+        return kernel(coordinates)
+    except (tf.errors.ResourceExhaustedError, MemoryError):
+        if len(coordinates) <= 1:
+            raise RunError("out of memory on a single point: the model or the derivative order is too large "
+                           "for this machine") from None
+    half = len(coordinates) // 2
+    return np.concatenate([run_in_halves(kernel, coordinates[:half]), run_in_halves(kernel, coordinates[half:])])
+
+
+def auto_batch_size(model: LoadedModel, planned: Plan, parameters: int) -> int:
+    """A batch size from the model's size and the memory available (`--batch-size auto`).
+
+    A rough, deliberately generous estimate: a point's activations grow with the
+    parameter count, and every gradient taken adds a pass's worth. A batch that
+    still runs out of memory is split and retried (`run_in_halves`).
+    """
+    itemsize = np.dtype(model.dtype).itemsize
+    passes = 1 + sum(sum(c.partial) for c in planned.columns) + 2 * len(planned.columns)
+    per_point = itemsize * max(parameters, 1000) / 16 * passes
+    return int(min(65536, max(256, available_memory() / 8 // per_point)))
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux), or 4 GiB when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 def check_batch_independence(model: LoadedModel, coordinates: np.ndarray) -> None:
@@ -347,7 +385,7 @@ def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[st
         )
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
-        np.dtype(model.dtype), source.grid_shape, source.grid_axes,
+        np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard,
     )
 
 

@@ -31,6 +31,9 @@ EXTENSIONS = {
     ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5",
 }
 BINARY_FORMATS = ("npz", "hdf5")
+# Metadata arrays of a shard's npz/hdf5 file, removed by `derivcli merge`.
+SHARD_KEY = "shard"
+GRID_SHAPE_KEY = "grid_shape"
 
 
 def choose_format(format_name: str | None, output: str | None, stdout_is_tty: bool) -> str:
@@ -72,6 +75,7 @@ class Layout:
     dtype: np.dtype
     grid_shape: tuple[int, ...] | None = None
     grid_axes: list[str] | None = None
+    shard: tuple[int, int] | None = None
 
     @property
     def float_names(self) -> list[str]:
@@ -307,7 +311,10 @@ class ColumnSpoolWriter(Writer):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.layout.grid_shape if self.layout.grid_shape else (self.rows,)
+        # A shard of a grid is a flat slice; `derivcli merge` restores the grid's shape.
+        if self.layout.grid_shape and self.layout.shard is None:
+            return self.layout.grid_shape
+        return (self.rows,)
 
     def columns(self) -> list[tuple[str, np.ndarray]]:
         """Every column as (name, array of the final shape), floats memory-mapped."""
@@ -325,6 +332,10 @@ class ColumnSpoolWriter(Writer):
             arrays.append((name, np.array(cells, dtype=str)))
         if self.layout.grid_axes:
             arrays.append(("grid_axes", np.array(self.layout.grid_axes, dtype=str)))
+        if self.layout.shard is not None:
+            arrays.append((SHARD_KEY, np.array(self.layout.shard, dtype=np.int64)))
+            if self.layout.grid_shape:
+                arrays.append((GRID_SHAPE_KEY, np.array(self.layout.grid_shape, dtype=np.int64)))
         return arrays
 
     def close(self) -> None:
@@ -349,38 +360,48 @@ class NpzWriter(ColumnSpoolWriter):
 
     def build(self) -> None:
         assert self.file is not None
-        with zipfile.ZipFile(self.file.temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, array in self.columns():
-                with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                    header = {
-                        "descr": np.lib.format.dtype_to_descr(array.dtype),
-                        "fortran_order": False,
-                        "shape": array.shape,
-                    }
-                    np.lib.format.write_array_header_2_0(member, header)
-                    if isinstance(array, np.memmap):
-                        with open(array.filename, "rb") as raw:  # type: ignore[arg-type]
-                            shutil.copyfileobj(raw, member, 1 << 22)
-                    else:
-                        member.write(np.ascontiguousarray(array).tobytes())
+        write_npz(self.file.temporary, self.columns())
 
 
 class Hdf5Writer(ColumnSpoolWriter):
     """An HDF5 file, one dataset per column (`dy/dx` reads back by that key)."""
 
     def build(self) -> None:
-        import h5py
-
         assert self.file is not None
-        with h5py.File(self.file.temporary, "w") as handle:
-            for name, array in self.columns():
-                if array.dtype.kind == "U":
-                    handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
-                    continue
-                dataset = handle.create_dataset(name, shape=array.shape, dtype=array.dtype)
-                slab = max(1, (1 << 22) // max(1, math.prod(array.shape[1:])))
-                for start in range(0, len(array), slab):
-                    dataset[start : start + slab] = array[start : start + slab]
+        write_hdf5(self.file.temporary, self.columns())
+
+
+def write_npz(path: Path, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Writes named arrays as `numpy.savez` does, copying memory-mapped ones in chunks."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays:
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(array.dtype),
+                    "fortran_order": False,
+                    "shape": array.shape,
+                }
+                np.lib.format.write_array_header_2_0(member, header)
+                if isinstance(array, np.memmap):
+                    with open(array.filename, "rb") as raw:  # type: ignore[arg-type]
+                        shutil.copyfileobj(raw, member, 1 << 22)
+                else:
+                    member.write(np.ascontiguousarray(array).tobytes())
+
+
+def write_hdf5(path: Path, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Writes named arrays as HDF5 datasets, in slabs along the first axis."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        for name, array in arrays:
+            if array.dtype.kind == "U":
+                handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
+                continue
+            dataset = handle.create_dataset(name, shape=array.shape, dtype=array.dtype)
+            slab = max(1, (1 << 22) // max(1, math.prod(array.shape[1:])))
+            for start in range(0, len(array), slab):
+                dataset[start : start + slab] = array[start : start + slab]
 
 
 def open_writer(format_name: str, layout: Layout, output: str | None) -> Writer:

@@ -1,0 +1,92 @@
+"""Benchmark: the whole `derivcli grad` command against its bare compiled kernel.
+
+    .venv/bin/python bench/bench_io.py [--rows 1000000]
+
+On the same model and the same batches it prints rows per second of:
+- the kernel alone (points already in memory, results discarded);
+- the installed command reading a CSV file and writing CSV, then NPZ;
+- the same minus the command's fixed start-up (TensorFlow import, model load,
+  tracing), measured by a one-row run;
+and the ratio of each to the kernel. Peak resident memory comes from
+/usr/bin/time when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+MODEL = str(ROOT / "sample_models" / "softplus_2d.keras")
+BATCH = 4096
+
+
+def write_points(path: Path, rows: int) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as handle:
+        handle.write("x0,x1\n")
+        for start in range(0, rows, 1_000_000):
+            block = rng.uniform(-2, 2, (min(1_000_000, rows - start), 2))
+            np.savetxt(handle, block, fmt="%.6f", delimiter=",")
+
+
+def kernel_seconds(rows: int) -> float:
+    from derivcli.models import load_model
+    from derivcli.run import DerivativeRequest, make_kernel, plan
+
+    model = load_model(MODEL)
+    kernel = make_kernel(model, plan(model, DerivativeRequest(jacobian=True)))
+    points = np.random.default_rng(0).uniform(-2, 2, (rows, 2)).astype(np.float32)
+    kernel(points[:BATCH])
+    start = time.perf_counter()
+    for i in range(0, rows, BATCH):
+        kernel(points[i : i + BATCH])
+    return time.perf_counter() - start
+
+
+def command_seconds(csv_path: Path, output: Path) -> tuple[float, str]:
+    derivcli = str(Path(sys.executable).parent / "derivcli")
+    timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*timer, derivcli, "grad", MODEL, "--csv", str(csv_path), "--batch-size", str(BATCH), "-o", str(output)],
+        capture_output=True, text=True, check=True,
+    )
+    elapsed = time.perf_counter() - start
+    peak = f"{int(done.stderr.strip().splitlines()[-1]) / 1024:.0f} MB" if timer else "-"
+    return elapsed, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    rows = parser.parse_args().rows
+    with tempfile.TemporaryDirectory() as folder:
+        data, one = Path(folder) / "points.csv", Path(folder) / "one.csv"
+        write_points(data, rows)
+        write_points(one, 1)
+        kernel = kernel_seconds(rows)
+        print(f"grad of softplus_2d.keras, {rows:,} rows, batches of {BATCH}")
+        print(f"{'what':28s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
+        print(f"{'kernel alone':28s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
+        for suffix in (".csv", ".npz"):
+            startup, _ = command_seconds(one, Path(folder) / f"one{suffix}")
+            whole, peak = command_seconds(data, Path(folder) / f"out{suffix}")
+            streaming = whole - startup
+            print(f"{'command, CSV to ' + suffix[1:]:28s} {whole:8.2f} {rows / whole:12,.0f} {whole / kernel:9.2f} {peak:>9s}")
+            print(f"{'  less start-up (' + f'{startup:.1f} s)':28s} {streaming:8.2f} {rows / streaming:12,.0f} "
+                  f"{streaming / kernel:9.2f} {'':>9s}")
+
+
+if __name__ == "__main__":
+    main()

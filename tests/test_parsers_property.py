@@ -1,0 +1,89 @@
+"""Property-based tests: every parser gives a result or a one-line usage error, never a traceback."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from derivcli.errors import DerivcliError, UsageError
+from derivcli.points import CsvSource, GridSource
+from derivcli.specs import parse_at, parse_grid, parse_names, parse_partial, parse_shard
+
+PARSERS = [parse_grid, parse_at, parse_partial, lambda t: parse_names(t, "--names"), parse_shard]
+finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=["grid", "at", "partial", "names", "shard"])
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=30))
+def test_random_text_never_raises_anything_but_a_usage_error(parser, text):
+    try:
+        parser(text)
+    except UsageError as error:
+        assert "\n" not in error.message and error.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=finite, stop=finite, num=st.integers(2, 50), name=st.sampled_from(["", "x=", "x0="]))
+def test_valid_grid_specs_parse_to_linspace(start, stop, num, name):
+    axis = parse_grid(f"{name}{start!r}:{stop!r}:{num}")
+    assert (axis.start, axis.stop, axis.num) == (start, stop, num)
+    source = GridSource([axis], ["x" if name in ("", "x=") else "x0"])
+    (batch,) = list(source.batches(100))
+    np.testing.assert_array_equal(batch.coordinates[:, 0], np.linspace(start, stop, num))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(finite, min_size=1, max_size=5))
+def test_at_points_round_trip(values):
+    assert parse_at(",".join(map(repr, values))).values == tuple(values)
+    named = parse_at(",".join(f"v{i}={v!r}" for i, v in enumerate(values)))
+    assert named.names == tuple(f"v{i}" for i in range(len(values)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(powers=st.dictionaries(st.sampled_from(["x", "y", "t", "x0"]), st.integers(1, 9), min_size=1))
+def test_partial_specs_round_trip(powers):
+    text = ",".join(name if p == 1 else f"{name}^{p}" for name, p in powers.items())
+    assert parse_partial(text) == powers
+
+
+cells = st.one_of(
+    finite.map(repr),
+    st.sampled_from(["nan", "NaN", "inf", "-inf", "Infinity", "1e308", "1e309", "-0", " 2 ", "+3", "0x1p3", "", "1,5", 'a"b']),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(cells, cells, st.text(max_size=6)), max_size=12),
+       bom=st.booleans(), crlf=st.booleans(), blank_lines=st.booleans())
+def test_random_csv_gives_rows_or_a_one_line_error(tmp_path_factory, rows, bom, crlf, blank_lines):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n" if crlf else "\n")
+    writer.writerow(["x0", "x1", "note"])
+    for row in rows:
+        writer.writerow(row)
+        if blank_lines:
+            buffer.write("\n")
+    path = tmp_path_factory.mktemp("csv") / "points.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode("utf-8"))
+    try:
+        source = CsvSource(str(path), ["x0", "x1"])
+        batches = list(source.batches(5))
+    except DerivcliError as error:
+        assert "\n" not in error.message
+        return
+    coordinates = np.concatenate([b.coordinates for b in batches]) if batches else np.zeros((0, 2))
+    kept = [r for r in rows if any(str(c).strip() for c in r)]
+    assert len(coordinates) == len(kept)
+    for (a, b, _), parsed in zip(kept, coordinates):
+        for cell, value in zip((a, b), parsed):
+            expected = float(cell)
+            assert value == expected or (math.isnan(value) and math.isnan(expected))
