@@ -80,7 +80,7 @@ def main() -> None:
         print(f"{'what':28s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
         print(f"{'kernel alone':28s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
         for suffix in (".csv", ".npz"):
-            startup, _ = command_seconds(one, Path(folder) / f"one{suffix}")
+            startup, _ = command_seconds(one, Path(folder) / f"startup{suffix}")
             whole, peak = command_seconds(data, Path(folder) / f"out{suffix}")
             streaming = whole - startup
             print(f"{'command, CSV to ' + suffix[1:]:28s} {whole:8.2f} {rows / whole:12,.0f} {whole / kernel:9.2f} {peak:>9s}")

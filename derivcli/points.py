@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +74,11 @@ class ShardSource(PointSource):
         index, count = shard
         batches = -(-source.total // batch_size)
         self.first_batch = index * batches // count
-        self.end_batch = (index + 1) * batches // count
-        self.total = max(0, min(self.end_batch * batch_size, source.total) - self.first_batch * batch_size)
+        # The last shard takes whatever follows, so that no row can fall off the end
+        # (a CSV's blank lines make its raw batches outnumber its counted rows).
+        self.end_batch = (index + 1) * batches // count if index < count - 1 else math.inf
+        end_row = source.total if index == count - 1 else min(int(self.end_batch) * batch_size, source.total)
+        self.total = max(0, end_row - self.first_batch * batch_size)
         self.passthrough_names = source.passthrough_names
         self.grid_shape = source.grid_shape
         self.grid_axes = source.grid_axes
@@ -196,7 +201,12 @@ class CsvSource(PointSource):
             except OSError as error:
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
         self.reader = csv.reader(self.stream, strict=True)
-        header = self._next_row()
+        header = None
+        while header is None:
+            first, _ = self._read_rows(1)
+            if not first:
+                break
+            header = first[0] if "".join(first[0]).strip() else None
         if header is None:
             raise RunError(
                 f"{self.label} is empty: expected a header row naming the columns "
@@ -223,36 +233,58 @@ class CsvSource(PointSource):
         ]
         self.passthrough_names = [self.header[i] for i in self.passthrough_positions]
 
-    def _next_row(self) -> list[str] | None:
-        try:
-            for row in self.reader:
-                if row and any(cell.strip() for cell in row):
-                    return row
-        except csv.Error as error:
-            raise RunError(f"{self.label}, row {self.reader.line_num}: {error}") from None
-        except UnicodeDecodeError:
-            raise RunError(
-                f"{self.label}, row {self.reader.line_num + 1}: not UTF-8 text"
-            ) from None
-        return None
+    def _read_rows(self, count: int) -> tuple[list[list[str]], list[int]]:
+        """Up to `count` rows (blank lines dropped) and the line on which each ends.
 
-    def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch:
+        Rows come from the C reader in bulk; a row's line is known without
+        asking per row whenever each row of the chunk is one line (no quoted
+        line breaks), which is the common case.
+        """
+        reader = self.reader
+        first_line = reader.line_num
+        try:
+            rows = list(itertools.islice(reader, count))
+        except csv.Error as error:
+            raise RunError(f"{self.label}, row {reader.line_num}: {error}") from None
+        except UnicodeDecodeError:
+            raise RunError(f"{self.label}, row {reader.line_num + 1}: not UTF-8 text") from None
+        if reader.line_num - first_line == len(rows):
+            lines = list(range(first_line + 1, reader.line_num + 1))
+        else:  # a quoted field spans lines: report the last line of the chunk
+            lines = [reader.line_num] * len(rows)
+        return rows, lines
+
+    def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
+        """Bulk-parses a chunk of rows; on any doubt, the careful per-row path."""
         width = len(self.header)
-        for row, line in zip(rows, line_numbers):
-            if len(row) != width:
-                raise RunError(
-                    f"{self.label}, row {line}: {len(row)} field(s), the header has {width}"
-                )
-        coordinates = np.empty((len(rows), len(self.input_positions)), dtype=np.float64)
-        for j, position in enumerate(self.input_positions):
-            cells = [row[position] for row in rows]
+        if set(map(len, rows)) == {width}:
+            pick = operator.itemgetter(*self.input_positions)
+            inputs = rows if self.input_positions == list(range(width)) else list(map(pick, rows))
             try:
-                coordinates[:, j] = np.array(cells, dtype=np.float64)
+                coordinates = np.array(inputs, dtype=np.float64).reshape(len(rows), len(self.input_positions))
             except ValueError:
-                # NumPy's bulk parse refused a cell: Python's float() names the culprit
-                # (and accepts a few spellings NumPy does not).
-                coordinates[:, j] = [self._cell(cell, line, j) for cell, line in zip(cells, line_numbers)]
-        passthrough = [[row[p] for row in rows] for p in self.passthrough_positions]
+                coordinates = None
+            if coordinates is not None:
+                passthrough = [list(map(operator.itemgetter(p), rows)) for p in self.passthrough_positions]
+                return PointBatch(coordinates, passthrough)
+        return self._parse_carefully(rows, line_numbers)
+
+    def _parse_carefully(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
+        """Drops blank rows, then names the first bad row or cell exactly."""
+        kept = [(row, line) for row, line in zip(rows, line_numbers) if "".join(row).strip()]
+        if not kept:
+            return None
+        width = len(self.header)
+        for row, line in kept:
+            if len(row) != width:
+                raise RunError(f"{self.label}, row {line}: {len(row)} field(s), the header has {width}")
+        # NumPy's bulk parse refused a cell: Python's float() names the culprit
+        # (and accepts a few spellings NumPy does not).
+        coordinates = np.array([
+            [self._cell(row[position], line, j) for j, position in enumerate(self.input_positions)]
+            for row, line in kept
+        ], dtype=np.float64).reshape(len(kept), len(self.input_positions))
+        passthrough = [[row[p] for row, _ in kept] for p in self.passthrough_positions]
         return PointBatch(coordinates, passthrough)
 
     def _cell(self, cell: str, line: int, position: int) -> float:
@@ -266,16 +298,10 @@ class CsvSource(PointSource):
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         try:
             while True:
-                rows: list[list[str]] = []
-                lines: list[int] = []
-                while len(rows) < batch_size:
-                    row = self._next_row()
-                    if row is None:
-                        break
-                    rows.append(row)
-                    lines.append(self.reader.line_num)
-                if rows:
-                    yield self._parse(rows, lines)
+                rows, lines = self._read_rows(batch_size)
+                batch = self._parse(rows, lines) if rows else None
+                if batch is not None:
+                    yield batch
                 if len(rows) < batch_size:
                     return
         finally:

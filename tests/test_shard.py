@@ -35,7 +35,8 @@ def test_merged_text_shards_are_byte_identical(cli, tmp_path, suffix, source):
         args = ["--grid", "x0=-1:1:5", "--grid", "x1=0:1:11"]
     else:
         data = tmp_path / "points.csv"
-        data.write_text("id,x0,x1\n" + "".join(f"r{i},{i / 10},{-i / 7}\n" for i in range(40)))
+        # Blank lines too: they must neither shift nor drop rows between shards.
+        data.write_text("id,x0,x1\n" + "".join(f"r{i},{i / 10},{-i / 7}\n" + "\n" * (i % 9 == 0) for i in range(40)))
         args = ["--csv", data]
     whole, merged = run_sharded(cli, tmp_path, suffix, args)
     assert merged.read_bytes() == whole.read_bytes()
