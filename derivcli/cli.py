@@ -142,7 +142,7 @@ def main(
 
 
 # Options shared by several commands, defined once.
-ModelArgument = Annotated[str, typer.Argument(help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
 CustomObjectsOption = Annotated[
     list[str] | None,
     typer.Option("--custom-objects", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
@@ -443,40 +443,28 @@ def eval_command(model: ModelArgument, outputs: OutputsOption = None, *, options
     _run_request(options, DerivativeRequest(outputs=_names_or_none(outputs, "--outputs")))
 
 
-@app.command("grad")
-@with_shared_options
-def grad_command(
-    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
-) -> None:
-    """All first derivatives (the Jacobian) of each output with respect to each input."""
-    from derivcli.run import DerivativeRequest
+def _register_whole_derivative_command(name: str, summary: str, request_flag: str) -> None:
+    """Registers grad, hessian or laplacian: one request flag, plus --wrt and --outputs."""
 
-    _run_request(options, DerivativeRequest(
-        jacobian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+    def command(
+        model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
+    ) -> None:
+        from derivcli.run import DerivativeRequest
 
+        _run_request(options, DerivativeRequest(
+            wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"), **{request_flag: True}))
 
-@app.command("hessian")
-@with_shared_options
-def hessian_command(
-    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
-) -> None:
-    """All second derivatives: the upper triangle of the Hessian, diagonal included."""
-    from derivcli.run import DerivativeRequest
-
-    _run_request(options, DerivativeRequest(
-        hessian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+    command.__doc__ = summary
+    command.__name__ = command.__qualname__ = f"{name}_command"
+    app.command(name)(with_shared_options(command))
 
 
-@app.command("laplacian")
-@with_shared_options
-def laplacian_command(
-    model: ModelArgument, wrt: WrtOption = None, outputs: OutputsOption = None, *, options: CommonOptions
-) -> None:
-    """The Laplacian of each output, summed over the --wrt inputs (default: all)."""
-    from derivcli.run import DerivativeRequest
-
-    _run_request(options, DerivativeRequest(
-        laplacian=True, wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
+_register_whole_derivative_command(
+    "grad", "All first derivatives (the Jacobian) of each output with respect to each input.", "jacobian")
+_register_whole_derivative_command(
+    "hessian", "All second derivatives: the upper triangle of the Hessian, diagonal included.", "hessian")
+_register_whole_derivative_command(
+    "laplacian", "The Laplacian of each output, summed over the --wrt inputs (default: all).", "laplacian")
 
 
 PartialOption = Annotated[
@@ -656,7 +644,7 @@ def doctor_command(
 
 @app.command("merge")
 def merge_command(
-    shards: Annotated[list[str], typer.Argument(help="The shard files, K = 0 to N-1.", show_default=False)],
+    shards: Annotated[list[str], typer.Argument(metavar="SHARD...", help="The shard files, K = 0 to N-1.", show_default=False)],
     output: OutputOption = None,
     traceback: TracebackOption = False,
 ) -> None:

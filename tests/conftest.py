@@ -140,3 +140,25 @@ def run_installed(*args: str, input: bytes | None = None, timeout: int = 180) ->
     return subprocess.run(
         [derivcli_executable(), *args], input=input, capture_output=True, timeout=timeout, cwd=ROOT
     )
+
+
+def save_custom_model(folder: Path, source_text: str, class_name: str, dense_first: bool = False) -> tuple[Path, Path]:
+    """Writes a custom-layer file, imports it, saves x -> [Dense ->] Layer as .keras.
+
+    Returns:
+        (the model's path, the Python file to pass with --custom-objects).
+    """
+    import importlib.util
+
+    import keras
+
+    source = folder / f"{class_name.lower()}_layer.py"
+    source.write_text(source_text)
+    spec = importlib.util.spec_from_file_location(source.stem, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inputs = keras.Input((1,), name="x")
+    hidden = keras.layers.Dense(1, name="scale", kernel_initializer="ones")(inputs) if dense_first else inputs
+    path = folder / f"{class_name}.keras"
+    keras.Model(inputs, getattr(module, class_name)(name=class_name.lower())(hidden)).save(path)
+    return path, source

@@ -7,7 +7,7 @@ import pytest
 
 from derivcli.finite_differences import central_stencil, finite_difference
 
-from conftest import read_csv
+from conftest import read_csv, save_custom_model
 from test_errors import assert_one_line_error
 
 
@@ -81,18 +81,7 @@ class WrongCube(keras.layers.Layer):
 
 
 def test_check_fails_on_a_wrong_derivative(cli, tmp_path):
-    import importlib.util
-
-    import keras
-
-    source = tmp_path / "wrong.py"
-    source.write_text(WRONG_GRADIENT)
-    spec = importlib.util.spec_from_file_location("wrong", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    inputs = keras.Input((1,), name="x")
-    path = tmp_path / "cube.keras"
-    keras.Model(inputs, module.WrongCube()(inputs)).save(path)
+    path, source = save_custom_model(tmp_path, WRONG_GRADIENT, "WrongCube")
     result = cli("check", path, "--at", "0.5", "--at", "1.5", "--partial", "x", "--custom-objects", source)
     assert_one_line_error(result, 3, "1 column(s) differ from finite differences", "dy/dx", "x=1.5")
     table = read_csv(result.stdout)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from conftest import read_csv
+from conftest import read_csv, save_custom_model
 from test_errors import assert_one_line_error
 
 
@@ -82,18 +82,7 @@ class SquareMinusBatchMean(keras.layers.Layer):
 
 
 def test_a_model_that_mixes_samples_is_refused_not_silently_wrong(cli, tmp_path):
-    import importlib.util
-
-    import keras
-
-    source = tmp_path / "mixing.py"
-    source.write_text(MIXING_LAYER)
-    spec = importlib.util.spec_from_file_location("mixing", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    inputs = keras.Input((1,), name="x")
-    path = tmp_path / "centered.keras"
-    keras.Model(inputs, module.SquareMinusBatchMean()(inputs)).save(path)
+    path, source = save_custom_model(tmp_path, MIXING_LAYER, "SquareMinusBatchMean")
     result = cli("grad", path, "--grid", "0:1:5", "--custom-objects", source)
     assert_one_line_error(result, 1, "changes with the other points of its batch", "--batch-size 1")
     # One point per batch: the model is applied to each point alone, y = x^2 - x, y' = 2x - 1.

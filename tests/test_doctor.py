@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 from test_custom_layers import MIXING_LAYER
+
+from conftest import save_custom_model
 
 BUMP = ["--custom-objects", "sample_models/bump_layer.py"]
 
@@ -29,21 +30,6 @@ def doctor_json(cli, *args):
     result = cli("doctor", *args, "--format", "json")
     findings = {f["check"]: f for f in json.loads(result.stdout)["findings"]}
     return result, findings
-
-
-def save_custom_model(tmp_path, source_text, class_name, dense_first=False):
-    import keras
-
-    source = tmp_path / "layers.py"
-    source.write_text(source_text)
-    spec = importlib.util.spec_from_file_location("layers", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    inputs = keras.Input((1,), name="x")
-    hidden = keras.layers.Dense(1, name="scale", kernel_initializer="ones")(inputs) if dense_first else inputs
-    path = tmp_path / f"{class_name}.keras"
-    keras.Model(inputs, getattr(module, class_name)(name=class_name.lower())(hidden)).save(path)
-    return path, source
 
 
 def test_smoothness_findings(cli):
