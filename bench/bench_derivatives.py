@@ -7,7 +7,8 @@ On the same model and points, in one run, it times:
 - derivcli: the compiled `DerivativeKernel` (one tf.function for all columns);
 - eager loop: nested GradientTapes per point, in eager mode (the forum answer);
 - tape.jacobian: `tape.batch_jacobian`/`jacobian` over the whole batch in tf.function;
-and prints per-point times, the ratio to one forward pass, and the speed-up.
+- for the n-th derivative, derivcli's Taylor-mode kernel against its nested-tape kernel;
+and prints per-point times, the ratio to one forward pass, and the speed-ups.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ tf = import_tensorflow()
 import keras  # noqa: E402
 
 from derivcli.engine import Column, DerivativeKernel  # noqa: E402
+from derivcli.engine.taylor import taylor_program  # noqa: E402
 from derivcli.specs import all_partials  # noqa: E402
 
 
@@ -132,7 +134,8 @@ def main() -> None:
         points = np.random.default_rng(0).uniform(-1, 1, (count, 2)).astype(np.float32)
         forward = best_time(lambda: forward_fn(points).numpy())
         for kind in ("grad", "hessian", "laplacian"):
-            kernel = DerivativeKernel(model, 2, columns_for(kind, 2), "float32")
+            # As `--engine auto` runs it: Taylor series for the pure second derivatives.
+            kernel = DerivativeKernel(model, 2, columns_for(kind, 2), "float32", taylor_steps=taylor_program(model))
             ours = best_time(lambda: kernel(points))
             eager = best_time(lambda: eager_loop(model, points[:eager_points], kind), 1) * count / eager_points
             jac = jacobian_function(model, kind)
@@ -143,15 +146,32 @@ def main() -> None:
     forward_fn = tf.function(model, reduce_retracing=True)
     points = np.random.default_rng(0).uniform(-1, 1, (1024, 1)).astype(np.float32)
     forward = best_time(lambda: forward_fn(points).numpy())
-    for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8)):
-        start = time.perf_counter()
-        kernel = DerivativeKernel(model, 1, columns_for("nth", 1, order), "float32")
-        kernel(points)
-        trace = time.perf_counter() - start
-        ours = best_time(lambda: kernel(points), 3)
-        few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
-        eager = best_time(lambda: eager_loop(model, points[:few], "nth", order), 1) * 1024 / few
-        print(row(f"1-64x3-1 order {order}", 1024, forward, ours, eager, None) + f"   (trace {trace:.1f} s)")
+    steps = taylor_program(model)
+    print()
+    print(f"{'n-th derivative, 1024 pts':26s} {'tape us/pt':>10s} {'trace s':>8s} {'taylor us/pt':>12s} {'trace s':>8s} "
+          f"{'x fwd':>7s} {'taylor vs tape':>14s} {'eager us/pt':>11s}")
+    for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8, 12, 16)):
+        columns = columns_for("nth", 1, order)
+        taylor, taylor_trace = timed_kernel(DerivativeKernel(model, 1, columns, "float32", taylor_steps=steps), points)
+        if order <= 8:
+            tape, tape_trace = timed_kernel(DerivativeKernel(model, 1, columns, "float32"), points)
+            few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
+            eager = best_time(lambda: eager_loop(model, points[:few], "nth", order), 1) * 1024 / few
+            tape_text = f"{tape / 1024 * 1e6:10.2f} {tape_trace:8.1f}"
+            ratio = f"{tape / taylor:13.1f}x"
+            eager_text = f"{eager / 1024 * 1e6:11.0f}"
+        else:  # nested tapes past order 8 trace for many minutes
+            tape_text, ratio, eager_text = f"{'-':>10s} {'-':>8s}", f"{'-':>14s}", f"{'-':>11s}"
+        print(f"{'order ' + str(order):26s} {tape_text} {taylor / 1024 * 1e6:12.2f} {taylor_trace:8.1f} "
+              f"{taylor / forward:7.1f} {ratio} {eager_text}")
+
+
+def timed_kernel(kernel: DerivativeKernel, points: np.ndarray) -> tuple[float, float]:
+    """(best run time, first call time including tracing) of a kernel on `points`."""
+    start = time.perf_counter()
+    kernel(points)
+    trace = time.perf_counter() - start
+    return best_time(lambda: kernel(points), 3), trace
 
 
 if __name__ == "__main__":

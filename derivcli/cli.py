@@ -169,6 +169,9 @@ BatchSizeOption = Annotated[
 ]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, or float64 to evaluate in double precision.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")]
+EngineOption = Annotated[
+    str, typer.Option("--engine", help="auto, taylor (Taylor series for pure derivatives of order >= 2) or tape (nested reverse mode).")
+]
 WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
 OutputsOption = Annotated[str | None, typer.Option("--outputs", help="Report these outputs only: y0,y2.", show_default=False)]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Silence warnings.")]
@@ -203,6 +206,7 @@ class CommonOptions:
     batch_size: int | None  # None: auto
     dtype: str
     device: str
+    engine: str
     quiet: bool
     max_abs: float | None
     strict: bool
@@ -227,6 +231,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("shard", ShardOption, None),
     ("dtype", DtypeOption, "float32"),
     ("device", DeviceOption, "auto"),
+    ("engine", EngineOption, "auto"),
     ("max_abs", MaxAbsOption, None),
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
@@ -281,8 +286,8 @@ def _common(
     model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
     columns: str | None, npz: str | None, format: str | None, output: str | None,
-    batch_size: int | None, shard: str | None, dtype: str, device: str, quiet: bool, max_abs: float | None,
-    strict: bool,
+    batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
+    max_abs: float | None, strict: bool,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -305,6 +310,7 @@ def _common(
         batch_size=_batch_size(batch_size),
         dtype=_choice(dtype, "--dtype", ("float32", "float64")),
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
+        engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
         quiet=quiet,
         max_abs=max_abs,
         strict=strict,
@@ -360,7 +366,7 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
         options.shard, batch_size,
     )
-    kernel = make_kernel(model, planned, options.device)
+    kernel = make_kernel(model, planned, options.device, options.engine)
     writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
     advance, stop = _progress(source.total, batch_size, options.quiet)
     try:

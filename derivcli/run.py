@@ -196,14 +196,47 @@ class RunSummary:
         self.rows += len(values)
 
 
-def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto") -> Any:
-    """The compiled kernel for a plan, on the device chosen by `--device`."""
+def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine: str = "auto") -> Any:
+    """The compiled kernel for a plan, on the device chosen by `--device`.
+
+    `engine`: `tape` (nested reverse mode only), `taylor` (pure derivatives of
+    order >= 2 by Taylor series; a usage error when the model is not covered),
+    or `auto` (Taylor where it covers the model, tapes elsewhere).
+    """
     from derivcli.engine import DerivativeKernel, select_device
 
+    steps = None if engine == "tape" else taylor_steps_for(model)
+    if engine == "taylor" and steps is None:
+        raise UsageError(
+            "--engine taylor covers Keras chains of Dense and Activation layers with linear, tanh, sigmoid, "
+            "softplus, exponential, relu, sin or cos; this model is not one: use --engine auto or tape"
+        )
     return DerivativeKernel(
         model.call_flat, len(model.coordinate_names), planned.columns, model.dtype,
-        device=select_device(device), combine=planned.combine,
+        device=select_device(device), combine=planned.combine, taylor_steps=steps,
     )
+
+
+def taylor_steps_for(model: LoadedModel) -> list | None:
+    """The model's Taylor program, if covered and if its value matches the model's own."""
+    import tensorflow as tf
+
+    from derivcli.engine.taylor import taylor_program, taylor_series
+
+    if model.kind != "keras":
+        return None
+    steps = taylor_program(model.keras_model)
+    if steps is None:
+        return None
+    probe = tf.constant(
+        np.random.default_rng(0).uniform(-1, 1, (4, len(model.coordinate_names))), tf.as_dtype(model.dtype)
+    )
+    expected = model.call_flat(probe).numpy()
+    actual = taylor_series(steps, probe, 0, 0)[0].numpy()
+    tolerance = 1e-5 if model.dtype == "float32" else 1e-12
+    if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=tolerance, atol=tolerance):
+        return None  # the layers are not the simple chain they look like
+    return steps
 
 
 def compute(

@@ -32,6 +32,17 @@ def _sigmoid_polynomial(order: int) -> np.ndarray:
     return coefficients
 
 
+def activation_derivative_rounding(name: str, z: np.ndarray, order: int) -> np.ndarray:
+    """A bound on the float64 round-off of `activation_derivative`: its polynomial's
+    coefficients grow fast with the order and alternate in sign, so high orders cancel."""
+    eps = np.finfo(np.float64).eps
+    if name == "tanh":
+        return 4 * eps * P.polyval(np.abs(np.tanh(z)), np.abs(_tanh_polynomial(order)))
+    sigmoid = 1.0 / (1.0 + np.exp(-z))
+    degree = order if name == "sigmoid" else max(order - 1, 0)
+    return 4 * eps * P.polyval(sigmoid, np.abs(_sigmoid_polynomial(degree)))
+
+
 def activation_derivative(name: str, z: np.ndarray, order: int) -> np.ndarray:
     """The `order`-th derivative of the activation `name` at `z`, in float64."""
     if name == "tanh":
@@ -72,6 +83,12 @@ class OneLayerNet:
         factor = np.prod(self.kernel ** np.array(index)[:, None], axis=0)  # (hidden,)
         value = activation_derivative(self.activation, z, order) @ (self.head[:, output] * factor)
         return value + (self.offset[output] if order == 0 else 0.0)
+
+    def rounding(self, points: np.ndarray, output: int, index: tuple[int, ...]) -> np.ndarray:
+        """A bound on the round-off of `derivative` at `points` (how exact the reference is)."""
+        z = np.asarray(points, np.float64) @ self.kernel + self.bias
+        factor = np.abs(np.prod(self.kernel ** np.array(index)[:, None], axis=0))
+        return activation_derivative_rounding(self.activation, z, sum(index)) @ (np.abs(self.head[:, output]) * factor)
 
     def laplacian(self, points: np.ndarray, output: int, over: list[int]) -> np.ndarray:
         total = np.zeros(len(points))

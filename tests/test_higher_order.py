@@ -144,3 +144,43 @@ def test_batch_independence_of_per_sample_derivatives(model_factory):
     alone = [evaluate(model, p[None], DerivativeRequest(order=2)) for p in points]
     for name, column in together.items():
         np.testing.assert_allclose(column, [a[name][0] for a in alone], rtol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus"])
+def test_taylor_engine_matches_closed_forms_to_order_16_in_float64(model_factory, activation):
+    from derivcli.run import make_kernel, plan
+
+    net, path = model_factory(activation, 2, 2)
+    model = load_model(str(path), dtype="float64")
+    points = points_for(2, 5)
+    request = DerivativeRequest(partials=[{"x1": n} for n in (2, 5, 8, 12, 16)] + [{"x0": 3}])
+    planned = plan(model, request)
+    kernel = make_kernel(model, planned, engine="taylor")
+    assert kernel.taylor_steps is not None
+    values = kernel(points)
+    for j, (column, name) in enumerate(zip(planned.columns, planned.names)):
+        expected = net.derivative(points, column.output, column.partial)
+        # At order 16 the closed form itself cancels (its polynomial's coefficients reach 1e13):
+        # the tolerance is its own round-off bound plus the usual float64 tolerance.
+        reference_error = net.rounding(points, column.output, column.partial)
+        difference = np.abs(values[:, j] - expected)
+        allowed = reference_error + FLOAT64_RTOL * np.max(np.abs(expected))
+        assert np.all(difference <= allowed), (name, difference, allowed)
+
+
+def test_taylor_and_tape_engines_agree_in_float32(model_factory, cli):
+    _, path = model_factory("tanh", 1, 1)
+    args = ["deriv", path, "--grid", "-1:1:9", "--partial", "x^2", "--partial", "x^5"]
+    taylor = read_csv(cli(*args, "--engine", "taylor").stdout)
+    tape = read_csv(cli(*args, "--engine", "tape").stdout)
+    for name in ("d2y/dx^2", "d5y/dx^5"):
+        assert_close(taylor[name], tape[name], 1e-5)
+
+
+def test_taylor_engine_refuses_models_it_does_not_cover_and_auto_falls_back(cli):
+    bump = ["deriv", "sample_models/bump.keras", "--custom-objects", "sample_models/bump_layer.py", "--at", "0.5",
+            "--partial", "x^3"]
+    result = cli(*bump, "--engine", "taylor")
+    assert result.exit_code == 2 and "--engine taylor covers" in result.stderr
+    assert cli(*bump).exit_code == 0
+    assert cli(*bump, "--engine", "tape").stdout == cli(*bump).stdout

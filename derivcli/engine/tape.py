@@ -13,6 +13,7 @@ d2y/dx^2 and d3y/dx^2dt both reuse dy/dx.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,15 @@ class Column:
 class DerivativeGraph:
     """Memoized derivatives of the outputs, built inside one traced function."""
 
-    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor) -> None:
+    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor, taylor_steps: list | None = None) -> None:
         self.coordinates = coordinates
         self.values = values
         self.dimension = int(coordinates.shape[1])
         self.derivatives: dict[tuple[int, MultiIndex], tf.Tensor] = {}
         self.gradients: dict[tuple[int, MultiIndex], tf.Tensor] = {}
+        # Pure derivatives of order >= 2 come from Taylor series when the model is covered.
+        self.taylor_steps = taylor_steps
+        self.series: dict[int, list[tf.Tensor]] = {}
 
     def gradient(self, output: int, index: MultiIndex) -> tf.Tensor:
         """The gradient (batch, D) of the derivative `index` of `output`."""
@@ -66,8 +70,11 @@ class DerivativeGraph:
         key = (output, index)
         if key in self.derivatives:
             return self.derivatives[key]
+        pure = [p for p, power in enumerate(index) if power]
         if not any(index):
             result = self.values[:, output]
+        elif self.taylor_steps is not None and len(pure) == 1 and index[pure[0]] >= 2:
+            result = self.taylor_derivative(output, pure[0], index[pure[0]])
         else:
             position = self._predecessor(output, index)
             lower = list(index)
@@ -75,6 +82,14 @@ class DerivativeGraph:
             result = self.gradient(output, tuple(lower))[:, position]
         self.derivatives[key] = result
         return result
+
+    def taylor_derivative(self, output: int, position: int, order: int) -> tf.Tensor:
+        """d^order y / dx_position^order = order! y_order, from one series per input."""
+        from derivcli.engine.taylor import taylor_series
+
+        if len(self.series.get(position, [])) <= order:
+            self.series[position] = taylor_series(self.taylor_steps, self.coordinates, position, order)
+        return self.series[position][order][:, output] * float(math.factorial(order))
 
     def _predecessor(self, output: int, index: MultiIndex) -> int:
         """Which input to differentiate last: the one that reuses the most work."""
@@ -112,6 +127,8 @@ class DerivativeKernel:
         device: a TensorFlow device string, or None for TensorFlow's choice.
         combine: optional function of the DerivativeGraph returning extra
             (batch,) tensors appended after `columns` (operator expressions).
+        taylor_steps: the model as a Taylor program (`engine.taylor`), to take
+            pure derivatives of order >= 2 from Taylor series; None for tapes only.
 
     Example:
         >>> kernel = DerivativeKernel(model.call_flat, 1, [Column(0, (1,))], "float32")
@@ -126,8 +143,10 @@ class DerivativeKernel:
         dtype: str,
         device: str | None = None,
         combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
+        taylor_steps: list | None = None,
     ) -> None:
         self.function = function
+        self.taylor_steps = taylor_steps
         self.columns = list(columns)
         self.dtype = dtype
         self.device = device
@@ -139,7 +158,7 @@ class DerivativeKernel:
         )
 
     def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
-        graph = DerivativeGraph(coordinates, self.function(coordinates))
+        graph = DerivativeGraph(coordinates, self.function(coordinates), self.taylor_steps)
         results = [graph.column(c) for c in self.columns]
         if self.combine is not None:
             results += self.combine(graph)
