@@ -152,7 +152,9 @@ def main() -> None:
           f"{'x fwd':>7s} {'taylor vs tape':>14s} {'eager us/pt':>11s}")
     for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8, 12, 16)):
         columns = columns_for("nth", 1, order)
-        taylor, taylor_trace = timed_kernel(DerivativeKernel(model, 1, columns, "float32", taylor_steps=steps), points)
+        # As `--engine auto` runs it: XLA from order 4 on (derivcli.run.XLA_FROM_ORDER).
+        taylor_kernel = DerivativeKernel(model, 1, columns, "float32", taylor_steps=steps, jit_compile=order >= 4)
+        taylor, taylor_trace = timed_kernel(taylor_kernel, points)
         if order <= 8:
             tape, tape_trace = timed_kernel(DerivativeKernel(model, 1, columns, "float32"), points)
             few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
@@ -164,6 +166,25 @@ def main() -> None:
             tape_text, ratio, eager_text = f"{'-':>10s} {'-':>8s}", f"{'-':>14s}", f"{'-':>11s}"
         print(f"{'order ' + str(order):26s} {tape_text} {taylor / 1024 * 1e6:12.2f} {taylor_trace:8.1f} "
               f"{taylor / forward:7.1f} {ratio} {eager_text}")
+    laplacian_section(arguments.quick)
+
+
+def laplacian_section(quick: bool) -> None:
+    """The Laplacian of a 50-input net: Taylor series per input against the Hessian's trace by tapes."""
+    model = mlp(50, 256, 4)
+    steps = taylor_program(model)
+    points = np.random.default_rng(0).uniform(-1, 1, (128 if quick else 512, 50)).astype(np.float32)
+    columns = columns_for("laplacian", 50)
+    taylor, taylor_trace = timed_kernel(DerivativeKernel(model, 50, columns, "float32", taylor_steps=steps), points)
+    tape, tape_trace = timed_kernel(DerivativeKernel(model, 50, columns, "float32"), points)
+    jac = jacobian_function(model, "laplacian")
+    jacobian, _ = timed_kernel(lambda p: jac(tf.constant(p)).numpy(), points)
+    n = len(points)
+    print()
+    print(f"Laplacian, 50-256x4-1 (tanh), {n} points: Taylor {taylor / n * 1e6:.0f} us/pt (trace {taylor_trace:.1f} s), "
+          f"Hessian trace by tapes {tape / n * 1e6:.0f} us/pt (trace {tape_trace:.1f} s), batch_jacobian "
+          f"{jacobian / n * 1e6:.0f} us/pt: Taylor {tape / taylor:.1f}x faster than tapes, "
+          f"{jacobian / taylor:.1f}x than batch_jacobian")
 
 
 def timed_kernel(kernel: DerivativeKernel, points: np.ndarray) -> tuple[float, float]:

@@ -36,6 +36,8 @@ from derivcli.writers import Layout, Writer
 # Points per batch when --batch-size is not given: large enough to keep the
 # compiled kernel busy, small enough for high orders on a laptop.
 DEFAULT_BATCH_SIZE = 4096
+# Taylor series of this order and above are compiled with XLA.
+XLA_FROM_ORDER = 4
 
 
 class PipeClosed(BaseException):
@@ -211,9 +213,18 @@ def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine:
             "--engine taylor covers Keras chains of Dense and Activation layers with linear, tanh, sigmoid, "
             "softplus, exponential, relu, sin or cos; this model is not one: use --engine auto or tape"
         )
+    # Measured (bench/bench_derivatives.py): XLA halves the time of high-order Taylor series,
+    # whose many small elementwise ops it fuses, and slows GEMM-bound low orders and Laplacians.
+    # Only when Taylor series serve every derivative beyond the first: XLA cannot differentiate
+    # its own gradients (nested tapes through a Concatenate fail under it).
+    jit = (
+        steps is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
+        and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1)
+                for c in planned.columns)
+    )
     return DerivativeKernel(
         model.call_flat, len(model.coordinate_names), planned.columns, model.dtype,
-        device=select_device(device), combine=planned.combine, taylor_steps=steps,
+        device=select_device(device), combine=planned.combine, taylor_steps=steps, jit_compile=jit,
     )
 
 

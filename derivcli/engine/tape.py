@@ -52,6 +52,7 @@ class DerivativeGraph:
         # Pure derivatives of order >= 2 come from Taylor series when the model is covered.
         self.taylor_steps = taylor_steps
         self.series: dict[int, list[tf.Tensor]] = {}
+        self.laplacians: dict[tuple[int, ...], tf.Tensor] = {}
 
     def gradient(self, output: int, index: MultiIndex) -> tf.Tensor:
         """The gradient (batch, D) of the derivative `index` of `output`."""
@@ -73,7 +74,9 @@ class DerivativeGraph:
         pure = [p for p, power in enumerate(index) if power]
         if not any(index):
             result = self.values[:, output]
-        elif self.taylor_steps is not None and len(pure) == 1 and index[pure[0]] >= 2:
+        elif self.taylor_steps is not None and len(pure) == 1 and index[pure[0]] >= 2 \
+                and (output, self._lower(index, pure[0])) not in self.gradients:
+            # A pure derivative whose last gradient the tapes have not already taken.
             result = self.taylor_derivative(output, pure[0], index[pure[0]])
         else:
             position = self._predecessor(output, index)
@@ -91,10 +94,14 @@ class DerivativeGraph:
             self.series[position] = taylor_series(self.taylor_steps, self.coordinates, position, order)
         return self.series[position][order][:, output] * float(math.factorial(order))
 
+    @staticmethod
+    def _lower(index: MultiIndex, position: int) -> MultiIndex:
+        return tuple(k - (q == position) for q, k in enumerate(index))
+
     def _predecessor(self, output: int, index: MultiIndex) -> int:
         """Which input to differentiate last: the one that reuses the most work."""
         candidates = [p for p, power in enumerate(index) if power]
-        lowers = {p: tuple(k - (q == p) for q, k in enumerate(index)) for p in candidates}
+        lowers = {p: self._lower(index, p) for p in candidates}
         for table in (self.gradients, self.derivatives):
             for p in candidates:
                 if (output, lowers[p]) in table:
@@ -102,7 +109,18 @@ class DerivativeGraph:
         return candidates[-1]
 
     def laplacian(self, output: int, positions: Sequence[int]) -> tf.Tensor:
-        """The sum of the pure second derivatives over `positions`."""
+        """The sum of the pure second derivatives over `positions`.
+
+        With a Taylor program, the Forward Laplacian computes it for every output
+        in one pass, with no Hessian; else the Hessian's diagonal by tapes.
+        """
+        if self.taylor_steps is not None:
+            from derivcli.engine.taylor import forward_laplacian
+
+            key = tuple(positions)
+            if key not in self.laplacians:
+                self.laplacians[key] = forward_laplacian(self.taylor_steps, self.coordinates, list(positions))
+            return self.laplacians[key][:, output]
         terms = []
         for p in positions:
             index = [0] * self.dimension
@@ -129,6 +147,7 @@ class DerivativeKernel:
             (batch,) tensors appended after `columns` (operator expressions).
         taylor_steps: the model as a Taylor program (`engine.taylor`), to take
             pure derivatives of order >= 2 from Taylor series; None for tapes only.
+        jit_compile: compile with XLA (falls back to plain graphs if XLA fails).
 
     Example:
         >>> kernel = DerivativeKernel(model.call_flat, 1, [Column(0, (1,))], "float32")
@@ -144,22 +163,24 @@ class DerivativeKernel:
         device: str | None = None,
         combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
         taylor_steps: list | None = None,
+        jit_compile: bool = False,
     ) -> None:
         self.function = function
         self.taylor_steps = taylor_steps
+        self.jit_compile = jit_compile
         self.columns = list(columns)
         self.dtype = dtype
         self.device = device
         self.combine = combine
-        self.compiled = tf.function(
-            self._compute,
-            input_signature=[tf.TensorSpec((None, dimension), tf.as_dtype(dtype))],
-            reduce_retracing=True,
-        )
+        self.signature = [tf.TensorSpec((None, dimension), tf.as_dtype(dtype))]
+        self.compiled = tf.function(self._compute, input_signature=self.signature, jit_compile=jit_compile or None)
 
     def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
         graph = DerivativeGraph(coordinates, self.function(coordinates), self.taylor_steps)
-        results = [graph.column(c) for c in self.columns]
+        # Mixed partials first: the gradients they take also give pure derivatives for free.
+        order = sorted(range(len(self.columns)), key=lambda j: sum(map(bool, self.columns[j].partial)) < 2)
+        computed = {j: graph.column(self.columns[j]) for j in order}
+        results = [computed[j] for j in range(len(self.columns))]
         if self.combine is not None:
             results += self.combine(graph)
         batch = tf.shape(coordinates)[0]
@@ -171,10 +192,16 @@ class DerivativeKernel:
     def __call__(self, coordinates: np.ndarray) -> np.ndarray:
         """Computes the columns for a (batch, D) array; returns (batch, columns)."""
         tensor = tf.convert_to_tensor(coordinates, dtype=self.dtype)
-        if self.device is None:
-            return self.compiled(tensor).numpy()
         with tf.device(self.device):
-            return self.compiled(tensor).numpy()
+            try:
+                return self.compiled(tensor).numpy()
+            except Exception:  # XLA refuses ops in many ways: compile errors, staging errors
+                if not self.jit_compile:
+                    raise
+                # XLA could not compile some op of this model: run it without XLA from now on.
+                self.jit_compile = False
+                self.compiled = tf.function(self._compute, input_signature=self.signature)
+                return self.compiled(tensor).numpy()
 
 
 def select_device(choice: str) -> str | None:
