@@ -318,6 +318,12 @@ def _common(
     )
 
 
+def format_point(names: Sequence[str], point: Any) -> str:
+    from derivcli.run import format_point as format_run_point
+
+    return format_run_point(names, point)
+
+
 def _warn(options: CommonOptions, message: str) -> None:
     if not options.quiet:
         sys.stderr.write(f"derivcli: warning: {message}\n")
@@ -335,10 +341,6 @@ def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable
     task = bar.add_task("points", total=total)
     bar.start()
     return (lambda n: bar.advance(task, n)), bar.stop
-
-
-def _format_point(names: Sequence[str], point: Any) -> str:
-    return ", ".join(f"{n}={float(v):.6g}" for n, v in zip(names, point))
 
 
 def _run_request(options: CommonOptions, request: Any) -> Any:
@@ -385,7 +387,7 @@ def _report(options: CommonOptions, model: Any, summary: Any) -> None:
         where = ", ".join(f"{n}: {int(c)}" for n, c in zip(summary.value_names, summary.nonfinite) if c)
         _warn(
             options,
-            f"{total} NaN/Inf value(s) ({where}); first at {_format_point(model.coordinate_names, summary.first_nonfinite)}",
+            f"{total} NaN/Inf value(s) ({where}); first at {format_point(model.coordinate_names, summary.first_nonfinite)}",
         )
     if summary.written_as_null:
         _warn(options, f"{summary.written_as_null} NaN/Inf value(s) written as JSON null")
@@ -402,13 +404,13 @@ def _gate(options: CommonOptions, model: Any, summary: Any, first_gated: int) ->
     if nonfinite and (options.strict or options.max_abs is not None):
         raise CheckFailed(
             f"{nonfinite} NaN/Inf value(s); first at "
-            f"{_format_point(model.coordinate_names, summary.first_nonfinite)}"
+            f"{format_point(model.coordinate_names, summary.first_nonfinite)}"
         )
     if options.max_abs is None or not len(gated) or summary.rows == 0:
         return
     worst = max(gated, key=lambda j: summary.max_abs[j])
     name, value = summary.value_names[worst], summary.max_abs[worst]
-    point = _format_point(model.coordinate_names, summary.worst_point[worst])
+    point = format_point(model.coordinate_names, summary.worst_point[worst])
     if value > options.max_abs:
         raise CheckFailed(f"max |{name}| = {value:.6g} at {point} exceeds --max-abs {options.max_abs:g}")
     _warn(options, f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
@@ -586,13 +588,13 @@ def check_command(
     for column in report.columns:
         if column.kink_points:
             _warn(options, f"{column.name}: {column.kink_points} point(s) have a kink within the finite-difference "
-                           f"step, not compared (first at {_format_point(loaded.coordinate_names, column.first_kink)})")
+                           f"step, not compared (first at {format_point(loaded.coordinate_names, column.first_kink)})")
     failed = [c for c in report.columns if not c.passed]
     if failed:
         worst = failed[0]
         raise CheckFailed(
             f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
-            f"{worst.max_abs_error:.3g} at {_format_point(loaded.coordinate_names, worst.worst_point)}"
+            f"{worst.max_abs_error:.3g} at {format_point(loaded.coordinate_names, worst.worst_point)}"
         )
 
 

@@ -19,7 +19,7 @@ from derivcli.diagnose import (
     first_nonfinite_layer,
     smoothness_verdict,
 )
-from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, evaluate
+from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, evaluate, format_point
 
 SEVERITIES = ("ok", "info", "warning", "error")
 # Points doctor uses when none are given: reproducible, inside the usual input range.
@@ -42,10 +42,6 @@ class Finding:
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def _format_point(names: list[str], point: Any) -> str:
-    return ", ".join(f"{n}={float(v):.6g}" for n, v in zip(names, point))
 
 
 def smoothness_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
@@ -100,7 +96,7 @@ def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int) -> list[
     return [Finding(
         "error", "nan",
         f"NaN/Inf at {int(bad_rows.sum())} of {len(points)} points ({', '.join(bad_columns)}); first at "
-        f"{_format_point(model.coordinate_names, first)}{origin}{hint}",
+        f"{format_point(model.coordinate_names, first)}{origin}{hint}",
     )]
 
 

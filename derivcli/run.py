@@ -433,6 +433,11 @@ def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[st
     )
 
 
+def format_point(names: Sequence[str], point: Any) -> str:
+    """A point for a message: `x=0.5, t=1`."""
+    return ", ".join(f"{n}={float(v):.6g}" for n, v in zip(names, point))
+
+
 def write_stderr(text: str) -> None:
     """Writes one line to standard error."""
     sys.stderr.write(text.rstrip("\n") + "\n")
