@@ -574,7 +574,7 @@ def check_command(
     loaded, double = load_with_float64(
         options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
-    points = read_all_points(source, MAX_CHECK_POINTS)
+    points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
     report = check_model(loaded, double or loaded, points, request, rtol, atol,
                          options.batch_size or DEFAULT_BATCH_SIZE, options.device)
     layout, text, values = report_rows(report)
@@ -632,7 +632,7 @@ def doctor_command(
     dimension = len(loaded.coordinate_names)
     if given:
         source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"))
-        points = read_all_points(source, MAX_CHECK_POINTS)
+        points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:
         points = default_points(dimension)

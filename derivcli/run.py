@@ -207,7 +207,9 @@ def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine:
     """
     from derivcli.engine import DerivativeKernel, select_device
 
-    steps = None if engine == "tape" else taylor_steps_for(model)
+    # Taylor series serve only derivatives of order 2 and higher: no probe for grad or eval.
+    wanted = engine == "taylor" or (engine == "auto" and planned.highest_order >= 2)
+    steps = taylor_steps_for(model) if wanted else None
     if engine == "taylor" and steps is None:
         raise UsageError(
             "--engine taylor covers Keras chains of Dense and Activation layers with linear, tanh, sigmoid, "
@@ -403,7 +405,7 @@ def forward_function(model: LoadedModel, batch_size: int = DEFAULT_BATCH_SIZE) -
     return forward
 
 
-def read_all_points(source: PointSource, limit: int) -> np.ndarray:
+def read_all_points(source: PointSource, dimension: int, limit: int) -> np.ndarray:
     """Every point of a source, in memory; for commands that need them all at once.
 
     Raises:
@@ -416,7 +418,7 @@ def read_all_points(source: PointSource, limit: int) -> np.ndarray:
         count += len(batch.coordinates)
         if count > limit:
             raise UsageError(f"more than {limit:,} points; check and doctor work on a sample: give fewer points")
-    return np.concatenate(batches) if batches else np.zeros((0, len(source.passthrough_names)))
+    return np.concatenate(batches) if batches else np.zeros((0, dimension))
 
 
 def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[str]) -> Layout:

@@ -235,6 +235,8 @@ class JsonWriter(TextWriter):
     def write_columns(self, columns: list[list[str]]) -> None:
         for j, column in enumerate(columns):
             if j in self.float_positions:
+                if "nan" not in column and "inf" not in column and "-inf" not in column:
+                    continue  # the common case: a C-level scan, no per-cell Python loop
                 for i, cell in enumerate(column):
                     if cell in ("nan", "inf", "-inf"):
                         column[i] = "null"
