@@ -2,11 +2,12 @@
 
 A source knows the input names it must fill and yields `PointBatch`es of at
 most `batch_size` rows, so that memory does not grow with the number of
-points. Sources use NumPy only; nothing here imports TensorFlow.
+points. Sources use NumPy (and Arrow for CSV); nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -185,28 +187,29 @@ class CsvSource(PointSource):
 
     Inputs are matched to columns by name, or taken from `columns` in order;
     the other columns pass through unchanged.
+
+    Plain chunks of lines (no quote characters, no bare carriage returns) are
+    parsed in bulk by Arrow's C++ reader. Any chunk it refuses is parsed again
+    by Python's csv module, which names the bad row and cell; from the first
+    quote character on, the csv module reads the rest of the input, since a
+    quoted field may span lines.
     """
 
     def __init__(
         self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None
     ) -> None:
         self.label = "standard input" if path == "-" else path
+        self.owns_file = path != "-"
         if path == "-":
-            self.stream: io.TextIOBase = io.TextIOWrapper(
-                sys.stdin.buffer, encoding="utf-8-sig", newline=""
-            )
+            self.binary: IO[bytes] = sys.stdin.buffer
         else:
             try:
-                self.stream = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+                self.binary = open(path, "rb")  # noqa: SIM115
             except OSError as error:
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
-        self.reader = csv.reader(self.stream, strict=True)
-        header = None
-        while header is None:
-            first, _ = self._read_rows(1)
-            if not first:
-                break
-            header = first[0] if "".join(first[0]).strip() else None
+        self.lines_read = 0  # raw lines taken from `binary` by the fast path
+        self.reader: Any = None  # the csv module's reader, once the careful path has taken over
+        header = self._read_header()
         if header is None:
             raise RunError(
                 f"{self.label} is empty: expected a header row naming the columns "
@@ -233,26 +236,93 @@ class CsvSource(PointSource):
         ]
         self.passthrough_names = [self.header[i] for i in self.passthrough_positions]
 
-    def _read_rows(self, count: int) -> tuple[list[list[str]], list[int]]:
-        """Up to `count` rows (blank lines dropped) and the line on which each ends.
+    def _read_header(self) -> list[str] | None:
+        """The first non-blank row, read by the fast path when it is a plain line."""
+        while True:
+            raw = self.binary.readline()
+            if not raw:
+                return None
+            self.lines_read += 1
+            if self.lines_read == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not _plain(raw):
+                self._hand_over(raw, self.lines_read - 1)
+                rows, _ = self._read_rows(1)
+                while rows and not "".join(rows[0]).strip():
+                    rows, _ = self._read_rows(1)
+                return rows[0] if rows else None
+            row = next(csv.reader([self._decode(raw, self.lines_read)]), [])
+            if "".join(row).strip():
+                return row
 
-        Rows come from the C reader in bulk; a row's line is known without
-        asking per row whenever each row of the chunk is one line (no quoted
-        line breaks), which is the common case.
+    def _decode(self, raw: bytes, line: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RunError(f"{self.label}, row {line}: not UTF-8 text") from None
+
+    def _hand_over(self, pending: bytes, lines_before: int) -> None:
+        """From `pending` on, the rest of the input goes through the csv module."""
+        stream = io.TextIOWrapper(
+            io.BufferedReader(_Prefixed(pending, self.binary)),
+            encoding="utf-8", errors="surrogateescape", newline="",
+        )
+        self.line_offset = lines_before
+        self.reader = csv.reader(stream, strict=True)
+
+    def _read_rows(self, count: int) -> tuple[list[list[str]], list[int]]:
+        """Up to `count` rows from the csv module and the line on which each ends.
+
+        A row's line is known without asking per row whenever each row of the
+        chunk is one line (no quoted line breaks), which is the common case.
         """
         reader = self.reader
         first_line = reader.line_num
         try:
             rows = list(itertools.islice(reader, count))
         except csv.Error as error:
-            raise RunError(f"{self.label}, row {reader.line_num}: {error}") from None
-        except UnicodeDecodeError:
-            raise RunError(f"{self.label}, row {reader.line_num + 1}: not UTF-8 text") from None
+            raise RunError(f"{self.label}, row {self.line_offset + reader.line_num}: {error}") from None
         if reader.line_num - first_line == len(rows):
-            lines = list(range(first_line + 1, reader.line_num + 1))
+            lines = list(range(self.line_offset + first_line + 1, self.line_offset + reader.line_num + 1))
         else:  # a quoted field spans lines: report the last line of the chunk
-            lines = [reader.line_num] * len(rows)
+            lines = [self.line_offset + reader.line_num] * len(rows)
+        # Bytes that are not UTF-8 were decoded as lone surrogates, which cannot be encoded back.
+        if not _encodes("".join(itertools.chain.from_iterable(rows))):
+            line = next(line for row, line in zip(rows, lines) if not _encodes("".join(row)))
+            raise RunError(f"{self.label}, row {line}: not UTF-8 text")
         return rows, lines
+
+    def _parse_plain(self, chunk: bytes, first_line: int, count: int) -> PointBatch | None:
+        """Parses `count` plain lines in bulk with Arrow; on any doubt, with the csv module."""
+        import pyarrow as pa
+        import pyarrow.csv as arrow_csv
+
+        names = [f"c{i}" for i in range(len(self.header))]
+        try:
+            table = arrow_csv.read_csv(
+                io.BytesIO(chunk),
+                read_options=arrow_csv.ReadOptions(column_names=names, use_threads=False),
+                convert_options=arrow_csv.ConvertOptions(
+                    column_types={names[p]: pa.string() for p in self.passthrough_positions}
+                    | {names[p]: pa.float64() for p in self.input_positions},
+                    null_values=[], strings_can_be_null=False,
+                ),
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            table = None
+        if table is not None and not any(table.column(p).null_count for p in self.input_positions):
+            coordinates = np.empty((table.num_rows, len(self.input_positions)), dtype=np.float64)
+            for j, p in enumerate(self.input_positions):
+                coordinates[:, j] = table.column(p).to_numpy()
+            # Arrow reads "nan(123)" as NaN; Python's float() does not.
+            if not (b"(" in chunk and np.isnan(coordinates).any()):
+                if not len(coordinates):
+                    return None
+                passthrough = [table.column(p).to_pylist() for p in self.passthrough_positions]
+                return PointBatch(coordinates, passthrough)
+        lines = [self._decode(raw, first_line + i) for i, raw in enumerate(chunk.splitlines(keepends=True))]
+        rows = list(csv.reader(lines))
+        return self._parse(rows, list(range(first_line, first_line + count)))
 
     def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
         """Bulk-parses a chunk of rows; on any doubt, the careful per-row path."""
@@ -297,16 +367,63 @@ class CsvSource(PointSource):
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         try:
+            while self.reader is None:
+                first_line = self.lines_read + 1
+                lines = list(itertools.islice(self.binary, batch_size))
+                chunk = b"".join(lines)
+                if not _plain(chunk):
+                    self._hand_over(chunk, first_line - 1)
+                    break
+                self.lines_read += len(lines)
+                batch = self._parse_plain(chunk, first_line, len(lines)) if lines else None
+                if batch is not None:
+                    yield batch
+                if len(lines) < batch_size:
+                    return
             while True:
-                rows, lines = self._read_rows(batch_size)
-                batch = self._parse(rows, lines) if rows else None
+                rows, row_lines = self._read_rows(batch_size)
+                batch = self._parse(rows, row_lines) if rows else None
                 if batch is not None:
                     yield batch
                 if len(rows) < batch_size:
                     return
         finally:
-            if self.stream is not sys.stdin:
-                self.stream.close()
+            if self.owns_file:
+                self.binary.close()
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(raw: bytes) -> bool:
+    """True when `raw` lines hold no quote character and no bare carriage return."""
+    return b'"' not in raw and raw.count(b"\r") == raw.count(b"\r\n")
+
+
+class _Prefixed(io.RawIOBase):
+    """A binary stream that gives `prefix` first, then the rest of `stream`."""
+
+    def __init__(self, prefix: bytes, stream: IO[bytes]) -> None:
+        self.prefix = memoryview(prefix)
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.prefix:
+            size = min(len(buffer), len(self.prefix))
+            buffer[:size] = self.prefix[:size]
+            self.prefix = self.prefix[size:]
+            return size
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class NpzSource(PointSource):

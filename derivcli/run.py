@@ -14,8 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import queue
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,25 +276,93 @@ def compute(
     """
     summary = RunSummary(list(value_names))
     dtype = np.dtype(model.dtype)
+    # Three stages overlap: a thread parses the next batch and another formats
+    # the last one while the kernel runs; TensorFlow and Arrow release the GIL.
+    reading = Prefetcher(source.batches(batch_size))
+    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="derivcli-writer")
+    pending: deque[Future] = deque()
     try:
-        for batch in source.batches(batch_size):
+        for batch in reading:
             coordinates = batch.coordinates.astype(dtype)
             if summary.rows == 0:
                 check_batch_independence(model, coordinates)
             values = run_in_halves(kernel, coordinates)
-            writer.write(coordinates, batch.passthrough, values)
+            pending.append(writing.submit(writer.write, coordinates, batch.passthrough, values))
+            while len(pending) > 1:
+                pending.popleft().result()
             summary.update(coordinates, values)
             if progress is not None:
                 progress(len(coordinates))
+        while pending:
+            pending.popleft().result()
         writer.close()
     except BrokenPipeError:
+        _settle(reading, writing, pending)
         writer.abort()
         raise PipeClosed() from None
     except BaseException:
+        _settle(reading, writing, pending)
         writer.abort()
         raise
+    finally:
+        writing.shutdown(wait=False)
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
+
+
+class Prefetcher:
+    """Iterates `items` in a background thread, up to `depth` items ahead.
+
+    An exception raised by `items` is raised again by the consumer, in order.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator[Any], depth: int = 2) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(items,), name="derivcli-reader", daemon=True)
+        self.thread.start()
+
+    def _fill(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._DONE, None))
+        except BaseException as error:  # handed to the consumer
+            self._put((None, error))
+
+    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item, error = self.queue.get()
+            if error is not None:
+                raise error
+            if item is self._DONE:
+                return
+            yield item
+
+    def stop(self) -> None:
+        """Stops the thread at its next item and waits for it, so that it leaves no file open."""
+        self.stopped.set()
+        self.thread.join()
+
+
+def _settle(reading: Prefetcher, writing: ThreadPoolExecutor, pending: deque[Future]) -> None:
+    """After a failure: stops reading, and lets the writes in flight finish before the writer is aborted."""
+    reading.stop()
+    for future in pending:
+        future.cancel()
+    writing.shutdown(wait=True)
 
 
 def run_in_halves(kernel: Callable[[np.ndarray], np.ndarray], coordinates: np.ndarray) -> np.ndarray:

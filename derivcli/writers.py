@@ -86,9 +86,15 @@ class Layout:
         return self.coordinate_names + self.passthrough_names + self.value_names
 
 
-def format_floats(block: np.ndarray) -> np.ndarray:
-    """Shortest strings that read back to the same values in `block`'s dtype."""
-    return block.astype(str)
+def format_floats(block: np.ndarray) -> list[list[str]]:
+    """Each column of `block` as the shortest strings that read back to the same values in its dtype.
+
+    Arrow's formatter (double-conversion) spells them as JavaScript does: 3, 0.1, 1e-7, -0, nan, inf.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return [pc.cast(pa.array(block[:, j]), pa.string()).to_pylist() for j in range(block.shape[1])]
 
 
 class AtomicFile:
@@ -186,9 +192,8 @@ class TextWriter(Writer):
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self._start_once()
         dtype = self.layout.dtype
-        floats = format_floats(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1))
+        columns = format_floats(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1))
         d = len(self.layout.coordinate_names)
-        columns = [floats[:, j].tolist() for j in range(floats.shape[1])]
         self.write_columns(columns[:d] + passthrough + columns[d:])
 
     def write_columns(self, columns: list[list[str]]) -> None:
@@ -206,6 +211,29 @@ class DelimitedWriter(TextWriter):
     def start(self) -> None:
         self.csv = csv.writer(self.stream, delimiter=self.delimiter, lineterminator="\n")
         self.csv.writerow(self.layout.header)
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        """Formats and joins the batch in Arrow's C++ CSV writer, unless a text cell needs quotes."""
+        import pyarrow as pa
+        import pyarrow.csv as arrow_csv
+
+        self._start_once()
+        dtype = self.layout.dtype
+        floats = [coordinates[:, j].astype(dtype) for j in range(coordinates.shape[1])]
+        floats += [values[:, j].astype(dtype) for j in range(values.shape[1])]
+        d = coordinates.shape[1]
+        arrays = [pa.array(c) for c in floats[:d]] + [pa.array(c, pa.string()) for c in passthrough]
+        arrays += [pa.array(c) for c in floats[d:]]
+        batch = pa.RecordBatch.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
+        text = pa.BufferOutputStream()
+        options = arrow_csv.WriteOptions(include_header=False, delimiter=self.delimiter, quoting_style="none")
+        try:
+            arrow_csv.write_csv(batch, text, write_options=options)
+        except pa.ArrowInvalid:  # a pass-through cell holds the delimiter, a quote or a line break
+            super().write(coordinates, passthrough, values)
+            return
+        self.stream.write(text.getvalue().to_pybytes().decode("utf-8"))
+        self.stream.flush()
 
     def write_columns(self, columns: list[list[str]]) -> None:
         self.csv.writerows(zip(*columns))

@@ -44,7 +44,7 @@ def test_lambda_needs_unsafe(cli, tmp_path):
     assert_one_line_error(cli("grad", path, "--at", "2"), 1, "Lambda", "--unsafe")
     result = cli("deriv", path, "--at", "2", "--partial", "x", "--partial", "x^2", "--partial", "x^3", "--unsafe")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.splitlines()[1] == "2.0,8.0,12.0,12.0,6.0"  # x^3 and its exact derivatives at 2
+    assert result.stdout.splitlines()[1] == "2,8,12,12,6"  # x^3 and its exact derivatives at 2
 
 
 def test_info_reports_inputs_layers_and_relu_verdict(cli):

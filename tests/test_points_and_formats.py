@@ -192,3 +192,37 @@ def test_floats_round_trip_in_text(model_factory, cli, tmp_path):
     table = read_csv(text.stdout)
     for name in ("y", "dy/dx0", "dy/dx1"):
         np.testing.assert_array_equal(table[name].astype(np.float32), binary[name].ravel())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_formatted_floats_are_shortest_and_round_trip(dtype):
+    """Every float, subnormals and extremes included, reads back bit for bit, with no more digits than NumPy's repr."""
+    from derivcli.writers import format_floats
+
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.standard_normal(2000) * 10.0 ** rng.integers(info.minexp // 4, info.maxexp // 4, 2000),
+        [0.0, -0.0, 0.1, 1 / 3, 3.0, 1e-5, 1e16, 12345678.0, info.max, -info.max, info.tiny, info.smallest_subnormal],
+    ]).astype(dtype)
+    values = np.concatenate([values, [np.nan, np.inf, -np.inf]]).astype(dtype)
+    (cells,) = format_floats(values[:, None])
+    back = np.array([float(c) for c in cells]).astype(dtype)
+    np.testing.assert_array_equal(back.view(f"u{np.dtype(dtype).itemsize}"), values.view(f"u{np.dtype(dtype).itemsize}"))
+    def digits(text):
+        return text.split("e")[0].replace("-", "").replace(".", "").strip("0")
+
+    assert all(len(digits(c)) <= len(digits(str(v))) for c, v in zip(cells[:-3], values))
+
+
+def test_csv_pass_through_cells_keep_their_text(model_factory, cli, tmp_path):
+    """Plain cells take the bulk writer; a cell with a delimiter or quote is quoted as the csv module does."""
+    _, path = model_factory("tanh", 2, 1)
+    data = tmp_path / "p.csv"
+    data.write_text("x0,x1,note\n1,2, spaced \n3,4,é\n")
+    plain = read_csv(cli("grad", path, "--csv", data).stdout)
+    assert plain["note"] == [" spaced ", "é"]
+    data.write_text('x0,x1,note\n1,2,"a,b"\n3,4,"say ""hi"""\n')
+    result = cli("grad", path, "--csv", data)
+    assert result.stdout.splitlines()[1].split(",", 2)[2].startswith('"a,b",')
+    assert read_csv(result.stdout)["note"] == ["a,b", 'say "hi"']
