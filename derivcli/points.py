@@ -199,9 +199,8 @@ class CsvSource(PointSource):
         self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None
     ) -> None:
         self.label = "standard input" if path == "-" else path
-        self.owns_file = path != "-"
         if path == "-":
-            self.binary: IO[bytes] = sys.stdin.buffer
+            self.binary: IO[bytes] = _stdin_binary()
         else:
             try:
                 self.binary = open(path, "rb")  # noqa: SIM115
@@ -388,8 +387,22 @@ class CsvSource(PointSource):
                 if len(rows) < batch_size:
                     return
         finally:
-            if self.owns_file:
+            if self.binary is not getattr(sys.stdin, "buffer", None):
                 self.binary.close()
+
+
+def _stdin_binary() -> IO[bytes]:
+    """Standard input as bytes, in a buffer of its own.
+
+    Batches are read in a background thread; were it blocked in a read of
+    `sys.stdin.buffer` when the command ends (SIGTERM), Python could not take
+    that buffer's lock at exit and would abort. Closing this buffer leaves
+    file descriptor 0 open.
+    """
+    try:
+        return open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stdin (tests)
+        return sys.stdin.buffer
 
 
 def _encodes(text: str) -> bool:

@@ -14,12 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,33 +278,29 @@ def compute(
     # Three stages overlap: a thread parses the next batch and another formats
     # the last one while the kernel runs; TensorFlow and Arrow release the GIL.
     reading = Prefetcher(source.batches(batch_size))
-    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="derivcli-writer")
-    pending: deque[Future] = deque()
+    writing = InOrder(writer.write)
     try:
         for batch in reading:
             coordinates = batch.coordinates.astype(dtype)
             if summary.rows == 0:
                 check_batch_independence(model, coordinates)
             values = run_in_halves(kernel, coordinates)
-            pending.append(writing.submit(writer.write, coordinates, batch.passthrough, values))
-            while len(pending) > 1:
-                pending.popleft().result()
+            writing.submit(coordinates, batch.passthrough, values)
             summary.update(coordinates, values)
             if progress is not None:
                 progress(len(coordinates))
-        while pending:
-            pending.popleft().result()
+        writing.finish()
         writer.close()
     except BrokenPipeError:
-        _settle(reading, writing, pending)
+        reading.stop()
+        writing.stop()
         writer.abort()
         raise PipeClosed() from None
     except BaseException:
-        _settle(reading, writing, pending)
+        reading.stop()
+        writing.stop()
         writer.abort()
         raise
-    finally:
-        writing.shutdown(wait=False)
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
 
@@ -352,17 +347,68 @@ class Prefetcher:
             yield item
 
     def stop(self) -> None:
-        """Stops the thread at its next item and waits for it, so that it leaves no file open."""
+        """Stops the thread at its next item.
+
+        It is a daemon, and it may be blocked reading a pipe that stays open,
+        so it is given only a moment to close its file.
+        """
         self.stopped.set()
-        self.thread.join()
+        with contextlib.suppress(queue.Empty):
+            self.queue.get_nowait()  # frees a thread blocked on a full queue
+        self.thread.join(timeout=1.0)
 
 
-def _settle(reading: Prefetcher, writing: ThreadPoolExecutor, pending: deque[Future]) -> None:
-    """After a failure: stops reading, and lets the writes in flight finish before the writer is aborted."""
-    reading.stop()
-    for future in pending:
-        future.cancel()
-    writing.shutdown(wait=True)
+class InOrder:
+    """Calls `function` in a background thread, once per `submit`, in order.
+
+    At most `depth` calls wait behind the running one. The first exception a
+    call raises is raised again by the next `submit` or by `finish`.
+    """
+
+    def __init__(self, function: Callable[..., None], depth: int = 1) -> None:
+        self.function = function
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="derivcli-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            arguments = self.queue.get()
+            try:
+                if arguments is None or self.stopped.is_set():
+                    return
+                if self.error is None:
+                    self.function(*arguments)
+            except BaseException as error:  # handed to the caller
+                self.error = error
+            finally:
+                self.queue.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, *arguments: Any) -> None:
+        self._raise()
+        self.queue.put(arguments)
+
+    def finish(self) -> None:
+        """Waits for every call, and raises the first exception any of them raised."""
+        self.queue.put(None)
+        self.queue.join()
+        self._raise()
+
+    def stop(self) -> None:
+        """Drops the calls not yet started and gives the running one a moment to end.
+
+        The thread is a daemon: a write blocked on a pipe nobody reads cannot hold the exit.
+        """
+        self.stopped.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)  # wakes an idle thread
+        self.thread.join(timeout=1.0)
 
 
 def run_in_halves(kernel: Callable[[np.ndarray], np.ndarray], coordinates: np.ndarray) -> np.ndarray:
