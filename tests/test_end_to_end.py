@@ -86,6 +86,28 @@ def test_interrupt_leaves_no_partial_file(tmp_path, sig, status):
     assert len(stderr.decode().strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_while_waiting_on_an_open_pipe(tmp_path, sig, status):
+    """The reader thread is blocked on a pipe whose writer stays open: the signal still ends the run cleanly."""
+    target = tmp_path / "out.csv"
+    producer = subprocess.Popen([sys.executable, "-c", "print('x0,x1\\n1,2', flush=True); import time; time.sleep(60)"],
+                                stdout=subprocess.PIPE)
+    process = subprocess.Popen(
+        [derivcli_executable(), "grad", "sample_models/softplus_2d.keras", "--csv", "-", "-o", str(target)],
+        cwd=ROOT, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=30)
+    producer.kill()
+    assert process.returncode == status, stderr
+    assert list(tmp_path.iterdir()) == []
+    assert len(stderr.decode().strip().splitlines()) == 1, stderr
+
+
 def test_tensorflow_startup_noise_stays_off_stderr():
     result = run_installed("eval", "sample_models/square_tanh.keras", "--at", "0.5")
     assert result.returncode == 0
