@@ -7,8 +7,11 @@ On the same model and points, in one run, it times:
 - derivcli: the compiled `DerivativeKernel` (one tf.function for all columns);
 - eager loop: nested GradientTapes per point, in eager mode (the forum answer);
 - tape.jacobian: `tape.batch_jacobian`/`jacobian` over the whole batch in tf.function;
-- for the n-th derivative, derivcli's Taylor-mode kernel against its nested-tape kernel;
-and prints per-point times, the ratio to one forward pass, and the speed-ups.
+- for the n-th derivative, derivcli's Taylor-mode kernel against its nested-tape kernel and,
+  when `jax` is installed, against `jax.experimental.jet` on the same weights;
+- for the Laplacian of a 50-input net, the Forward Laplacian against the Hessian's trace;
+and prints per-point times, the ratio to one forward pass, and the speed-ups. Taylor
+times to first result include building the Taylor program (freezing the graph).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ tf = import_tensorflow()
 import keras  # noqa: E402
 
 from derivcli.engine import Column, DerivativeKernel  # noqa: E402
-from derivcli.engine.taylor import taylor_program  # noqa: E402
+from derivcli.engine.taylor import TaylorProgram  # noqa: E402
 from derivcli.specs import all_partials  # noqa: E402
 
 
@@ -118,6 +121,36 @@ def row(label: str, points: int, forward: float, ours: float, eager: float | Non
     return f"{label:24s} {points:7d} {per(ours)} {ours / forward:8.1f} {eager_text} {jacobian_text}"
 
 
+def jet_function(model: keras.Model) -> Callable[[np.ndarray, int], object] | None:
+    """The n-th derivative along x by `jax.experimental.jet`, on the Keras model's weights; None without jax."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.experimental import jet
+    except ImportError:
+        return None
+    weights = [(jnp.asarray(layer.kernel.numpy()), jnp.asarray(layer.bias.numpy())) for layer in model.layers
+               if isinstance(layer, keras.layers.Dense)]
+
+    def forward(x: object) -> object:
+        for w, b in weights[:-1]:
+            x = jnp.tanh(x @ w + b)
+        return x @ weights[-1][0] + weights[-1][1]
+
+    compiled: dict[int, Callable] = {}
+
+    def nth(points: np.ndarray, order: int) -> object:
+        if order not in compiled:
+            def series(x: object) -> object:
+                tangents = [jnp.ones_like(x)] + [jnp.zeros_like(x)] * (order - 1)
+                _, out = jet.jet(forward, (x,), ((*tangents,),))
+                return out[-1]  # jet's terms are derivatives: the n-th is d^n y / dx^n
+            compiled[order] = jax.jit(series)
+        return compiled[order](points).block_until_ready()
+
+    return nth
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer points and orders")
@@ -135,7 +168,8 @@ def main() -> None:
         forward = best_time(lambda: forward_fn(points).numpy())
         for kind in ("grad", "hessian", "laplacian"):
             # As `--engine auto` runs it: Taylor series for the pure second derivatives.
-            kernel = DerivativeKernel(model, 2, columns_for(kind, 2), "float32", taylor_steps=taylor_program(model))
+            program = TaylorProgram.trace(model, 2, "float32")
+            kernel = DerivativeKernel(model, 2, columns_for(kind, 2), "float32", taylor=program)
             ours = best_time(lambda: kernel(points))
             eager = best_time(lambda: eager_loop(model, points[:eager_points], kind), 1) * count / eager_points
             jac = jacobian_function(model, kind)
@@ -146,17 +180,18 @@ def main() -> None:
     forward_fn = tf.function(model, reduce_retracing=True)
     points = np.random.default_rng(0).uniform(-1, 1, (1024, 1)).astype(np.float32)
     forward = best_time(lambda: forward_fn(points).numpy())
-    steps = taylor_program(model)
+    jet = jet_function(model)
     print()
     print(f"{'n-th derivative, 1024 pts':26s} {'tape us/pt':>10s} {'trace s':>8s} {'taylor us/pt':>12s} {'trace s':>8s} "
-          f"{'x fwd':>7s} {'taylor vs tape':>14s} {'eager us/pt':>11s}")
+          f"{'x fwd':>7s} {'taylor vs tape':>14s} {'eager us/pt':>11s} {'jax jet us/pt':>13s} {'taylor vs jet':>13s}")
     for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8, 12, 16)):
         columns = columns_for("nth", 1, order)
         # As `--engine auto` runs it: XLA from order 4 on (derivcli.run.XLA_FROM_ORDER).
-        taylor_kernel = DerivativeKernel(model, 1, columns, "float32", taylor_steps=steps, jit_compile=order >= 4)
-        taylor, taylor_trace = timed_kernel(taylor_kernel, points)
+        taylor, taylor_trace = timed_kernel(
+            lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32"),
+                                     jit_compile=order >= 4), points)
         if order <= 8:
-            tape, tape_trace = timed_kernel(DerivativeKernel(model, 1, columns, "float32"), points)
+            tape, tape_trace = timed_kernel(lambda: DerivativeKernel(model, 1, columns, "float32"), points)
             few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
             eager = best_time(lambda: eager_loop(model, points[:few], "nth", order), 1) * 1024 / few
             tape_text = f"{tape / 1024 * 1e6:10.2f} {tape_trace:8.1f}"
@@ -164,21 +199,25 @@ def main() -> None:
             eager_text = f"{eager / 1024 * 1e6:11.0f}"
         else:  # nested tapes past order 8 trace for many minutes
             tape_text, ratio, eager_text = f"{'-':>10s} {'-':>8s}", f"{'-':>14s}", f"{'-':>11s}"
+        jet_text = f"{'-':>13s} {'-':>13s}"
+        if jet is not None:
+            jax_time = best_time(lambda: jet(points, order))
+            jet_text = f"{jax_time / 1024 * 1e6:13.2f} {jax_time / taylor:12.2f}x"
         print(f"{'order ' + str(order):26s} {tape_text} {taylor / 1024 * 1e6:12.2f} {taylor_trace:8.1f} "
-              f"{taylor / forward:7.1f} {ratio} {eager_text}")
+              f"{taylor / forward:7.1f} {ratio} {eager_text} {jet_text}")
     laplacian_section(arguments.quick)
 
 
 def laplacian_section(quick: bool) -> None:
     """The Laplacian of a 50-input net: Taylor series per input against the Hessian's trace by tapes."""
     model = mlp(50, 256, 4)
-    steps = taylor_program(model)
     points = np.random.default_rng(0).uniform(-1, 1, (128 if quick else 512, 50)).astype(np.float32)
     columns = columns_for("laplacian", 50)
-    taylor, taylor_trace = timed_kernel(DerivativeKernel(model, 50, columns, "float32", taylor_steps=steps), points)
-    tape, tape_trace = timed_kernel(DerivativeKernel(model, 50, columns, "float32"), points)
+    taylor, taylor_trace = timed_kernel(
+        lambda: DerivativeKernel(model, 50, columns, "float32", taylor=TaylorProgram.trace(model, 50, "float32")), points)
+    tape, tape_trace = timed_kernel(lambda: DerivativeKernel(model, 50, columns, "float32"), points)
     jac = jacobian_function(model, "laplacian")
-    jacobian, _ = timed_kernel(lambda p: jac(tf.constant(p)).numpy(), points)
+    jacobian, _ = timed_kernel(lambda: (lambda p: jac(tf.constant(p)).numpy()), points)
     n = len(points)
     print()
     print(f"Laplacian, 50-256x4-1 (tanh), {n} points: Taylor {taylor / n * 1e6:.0f} us/pt (trace {taylor_trace:.1f} s), "
@@ -187,9 +226,10 @@ def laplacian_section(quick: bool) -> None:
           f"{jacobian / taylor:.1f}x than batch_jacobian")
 
 
-def timed_kernel(kernel: DerivativeKernel, points: np.ndarray) -> tuple[float, float]:
-    """(best run time, first call time including tracing) of a kernel on `points`."""
+def timed_kernel(build: Callable[[], Callable[[np.ndarray], object]], points: np.ndarray) -> tuple[float, float]:
+    """(best run time, time to the first result: building, tracing and the first call) of a kernel."""
     start = time.perf_counter()
+    kernel = build()
     kernel(points)
     trace = time.perf_counter() - start
     return best_time(lambda: kernel(points), 3), trace

@@ -212,47 +212,58 @@ def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine:
 
     # Taylor series serve only derivatives of order 2 and higher: no probe for grad or eval.
     wanted = engine == "taylor" or (engine == "auto" and planned.highest_order >= 2)
-    steps = taylor_steps_for(model) if wanted else None
-    if engine == "taylor" and steps is None:
-        raise UsageError(
-            "--engine taylor covers Keras chains of Dense and Activation layers with linear, tanh, sigmoid, "
-            "softplus, exponential, relu, sin or cos; this model is not one: use --engine auto or tape"
-        )
+    program, reason = taylor_program_for(model) if wanted else (None, "")
+    if engine == "taylor" and program is None:
+        raise UsageError(f"--engine taylor does not cover this model ({reason}): use --engine auto or tape")
     # Measured (bench/bench_derivatives.py): XLA halves the time of high-order Taylor series,
     # whose many small elementwise ops it fuses, and slows GEMM-bound low orders and Laplacians.
     # Only when Taylor series serve every derivative beyond the first: XLA cannot differentiate
     # its own gradients (nested tapes through a Concatenate fail under it).
     jit = (
-        steps is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
+        program is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
         and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1)
                 for c in planned.columns)
     )
     return DerivativeKernel(
         model.call_flat, len(model.coordinate_names), planned.columns, model.dtype,
-        device=select_device(device), combine=planned.combine, taylor_steps=steps, jit_compile=jit,
+        device=select_device(device), combine=planned.combine, taylor=program, jit_compile=jit,
     )
 
 
-def taylor_steps_for(model: LoadedModel) -> list | None:
-    """The model's Taylor program, if covered and if its value matches the model's own."""
+def taylor_program_for(model: LoadedModel) -> tuple[Any, str]:
+    """The model's Taylor program and "", or None and why the Taylor engine does not cover it.
+
+    A program is accepted only after a probe: on a few points, its coefficient 0
+    must match the model's own output, and its series and Laplacian must trace.
+    """
     import tensorflow as tf
 
-    from derivcli.engine.taylor import taylor_program, taylor_series
+    from derivcli.engine.taylor import NotCovered, TaylorProgram
 
-    if model.kind != "keras":
-        return None
-    steps = taylor_program(model.keras_model)
-    if steps is None:
-        return None
-    probe = tf.constant(
-        np.random.default_rng(0).uniform(-1, 1, (4, len(model.coordinate_names))), tf.as_dtype(model.dtype)
-    )
+    dimension = len(model.coordinate_names)
+    try:
+        program = TaylorProgram.trace(model.call_flat, dimension, model.dtype)
+    except NotCovered as error:
+        return None, str(error)
+    probe = tf.constant(np.random.default_rng(0).uniform(-1, 1, (4, dimension)), tf.as_dtype(model.dtype))
+
+    @tf.function(autograph=False)
+    def value_by_series(points: tf.Tensor) -> tf.Tensor:
+        directions = tf.eye(dimension, dtype=points.dtype)[: min(dimension, 2)]
+        program.laplacian(points, range(dimension))
+        return program.series(points, directions, 2)[0]
+
+    try:
+        actual = value_by_series(probe).numpy()
+    except NotCovered as error:
+        return None, str(error)
+    except Exception as error:  # an op the rules copy but TensorFlow refuses in this form
+        return None, f"{type(error).__name__} while tracing its series"
     expected = model.call_flat(probe).numpy()
-    actual = taylor_series(steps, probe, 0, 0)[0].numpy()
     tolerance = 1e-5 if model.dtype == "float32" else 1e-12
     if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=tolerance, atol=tolerance):
-        return None  # the layers are not the simple chain they look like
-    return steps
+        return None, "its series does not reproduce the model's output"
+    return program, ""
 
 
 def compute(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from derivcli.engine.taylor import TaylorProgram
 from derivcli.errors import RunError
 
 MultiIndex = tuple[int, ...]
@@ -43,14 +44,14 @@ class Column:
 class DerivativeGraph:
     """Memoized derivatives of the outputs, built inside one traced function."""
 
-    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor, taylor_steps: list | None = None) -> None:
+    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor, taylor: TaylorProgram | None = None) -> None:
         self.coordinates = coordinates
         self.values = values
         self.dimension = int(coordinates.shape[1])
         self.derivatives: dict[tuple[int, MultiIndex], tf.Tensor] = {}
         self.gradients: dict[tuple[int, MultiIndex], tf.Tensor] = {}
         # Pure derivatives of order >= 2 come from Taylor series when the model is covered.
-        self.taylor_steps = taylor_steps
+        self.taylor = taylor
         self.series: dict[int, list[tf.Tensor]] = {}
         self.laplacians: dict[tuple[int, ...], tf.Tensor] = {}
 
@@ -74,7 +75,7 @@ class DerivativeGraph:
         pure = [p for p, power in enumerate(index) if power]
         if not any(index):
             result = self.values[:, output]
-        elif self.taylor_steps is not None and len(pure) == 1 and index[pure[0]] >= 2 \
+        elif self.taylor is not None and len(pure) == 1 and index[pure[0]] >= 2 \
                 and (output, self._lower(index, pure[0])) not in self.gradients:
             # A pure derivative whose last gradient the tapes have not already taken.
             result = self.taylor_derivative(output, pure[0], index[pure[0]])
@@ -88,11 +89,11 @@ class DerivativeGraph:
 
     def taylor_derivative(self, output: int, position: int, order: int) -> tf.Tensor:
         """d^order y / dx_position^order = order! y_order, from one series per input."""
-        from derivcli.engine.taylor import taylor_series
-
+        assert self.taylor is not None
         if len(self.series.get(position, [])) <= order:
-            self.series[position] = taylor_series(self.taylor_steps, self.coordinates, position, order)
-        return self.series[position][order][:, output] * float(math.factorial(order))
+            direction = tf.one_hot([position], self.dimension, dtype=self.coordinates.dtype)
+            self.series[position] = list(self.taylor.series(self.coordinates, direction, order))
+        return self.series[position][order][0, :, output] * float(math.factorial(order))
 
     @staticmethod
     def _lower(index: MultiIndex, position: int) -> MultiIndex:
@@ -114,12 +115,10 @@ class DerivativeGraph:
         With a Taylor program, the Forward Laplacian computes it for every output
         in one pass, with no Hessian; else the Hessian's diagonal by tapes.
         """
-        if self.taylor_steps is not None:
-            from derivcli.engine.taylor import forward_laplacian
-
+        if self.taylor is not None:
             key = tuple(positions)
             if key not in self.laplacians:
-                self.laplacians[key] = forward_laplacian(self.taylor_steps, self.coordinates, list(positions))
+                self.laplacians[key] = self.taylor.laplacian(self.coordinates, positions)
             return self.laplacians[key][:, output]
         terms = []
         for p in positions:
@@ -145,8 +144,8 @@ class DerivativeKernel:
         device: a TensorFlow device string, or None for TensorFlow's choice.
         combine: optional function of the DerivativeGraph returning extra
             (batch,) tensors appended after `columns` (operator expressions).
-        taylor_steps: the model as a Taylor program (`engine.taylor`), to take
-            pure derivatives of order >= 2 from Taylor series; None for tapes only.
+        taylor: the model as a Taylor program (`engine.taylor`), to take pure
+            derivatives of order >= 2 and Laplacians from Taylor series; None for tapes only.
         jit_compile: compile with XLA (falls back to plain graphs if XLA fails).
 
     Example:
@@ -162,11 +161,11 @@ class DerivativeKernel:
         dtype: str,
         device: str | None = None,
         combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
-        taylor_steps: list | None = None,
+        taylor: TaylorProgram | None = None,
         jit_compile: bool = False,
     ) -> None:
         self.function = function
-        self.taylor_steps = taylor_steps
+        self.taylor = taylor
         self.jit_compile = jit_compile
         self.columns = list(columns)
         self.dtype = dtype
@@ -176,7 +175,7 @@ class DerivativeKernel:
         self.compiled = tf.function(self._compute, input_signature=self.signature, jit_compile=jit_compile or None)
 
     def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
-        graph = DerivativeGraph(coordinates, self.function(coordinates), self.taylor_steps)
+        graph = DerivativeGraph(coordinates, self.function(coordinates), self.taylor)
         # Mixed partials first: the gradients they take also give pure derivatives for free.
         order = sorted(range(len(self.columns)), key=lambda j: sum(map(bool, self.columns[j].partial)) < 2)
         computed = {j: graph.column(self.columns[j]) for j in order}

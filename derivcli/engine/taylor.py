@@ -1,160 +1,430 @@
-"""Taylor mode: pure derivatives of any order from one truncated Taylor series.
+"""Taylor mode: derivatives of any order from truncated Taylor series, at the level of graph ops.
 
-Along an input x_i, y(x + t e_i) = sum_k y_k t^k and d^n y / dx_i^n = n! y_n.
-The coefficients are pushed through the network: a Dense layer acts on each
-coefficient (the bias on y_0 only), and each activation by its recurrence,
-O(n^2) in the order instead of the exponential growth of nested reverse mode.
-For s = f(u) with s' = g(u) u':  s_k = (1/k) sum_{j=1..k} j u_j g_{k-j}.
+Along a direction v, y(x + t v) = sum_k y_k t^k and the n-th derivative along v
+is n! y_n. The coefficients are pushed through the ops of the model's traced
+TensorFlow graph, frozen and with function calls inlined, so Keras layers,
+custom layers and SavedModels are covered alike:
+- ops linear in their float inputs (Add, BiasAdd, Reshape, ConcatV2, slicing,
+  sums, ...) act on each coefficient;
+- bilinear ops (Mul, MatMul, Einsum, convolutions) by the Cauchy product,
+  s_k = sum_j op(a_j, b_{k-j});
+- division, and elementwise functions by their recurrences, O(n^2) in the
+  order instead of the exponential growth of nested reverse mode: for
+  s = f(u) with s' = g(u) u', s_k = (1/k) sum_{j=1..k} j u_j g_{k-j};
+- piecewise-linear ops (Relu, Maximum, Abs, Select, ...) follow the branch
+  that coefficient 0 takes;
+- ops whose outputs are not floats (Shape, comparisons) see coefficient 0.
+An op outside these rules leaves the model to the nested-tape engine.
 
-Covered: Keras models that are a chain of Dense and Activation layers (after
-an optional Concatenate of the inputs), with the activations of
-`ACTIVATIONS`. Anything else is left to the nested-tape engine; a model is
-accepted only after its Taylor value matches the model's own output.
+Coefficient 0 has the shape of the op's value, (batch, ...); the others carry
+a leading axis, one entry per direction, so several directions share one pass.
+
+The collapsed mode (order 2) gives the Forward Laplacian of Li et al.: the
+Jacobian (coefficient 1, one entry per input) and the Laplacian (coefficient 2,
+summed over the inputs as it is formed) are pushed forward in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-Series = list[tf.Tensor]
+Series = tuple  # of tf.Tensor: coefficient 0, 1, ..., a value that varies with the input
+Value = Any  # a plain tf.Tensor (constant along the directions) or a Series
 
 
-def _compose(u: Series, derivative_series: Callable[[Series, int], tf.Tensor], first: tf.Tensor) -> Series:
-    """s = f(u) with s' = g(u) u', given s_0 = f(u_0) and a function giving g_k from s_0..s_k."""
-    s = [first]
-    g = [derivative_series(s, 0)]
-    for k in range(1, len(u)):
-        s.append(tf.add_n([j * u[j] * g[k - j] for j in range(1, k + 1)]) / k)
-        g.append(derivative_series(s, k))
-    return s
+class NotCovered(Exception):
+    """The model uses an op the Taylor engine has no rule for."""
 
 
-def _cauchy(a: Series, b: Series, k: int) -> tf.Tensor:
-    """The k-th coefficient of the product of two series."""
-    return tf.add_n([a[j] * b[k - j] for j in range(k + 1)])
-
-
-def _tanh(u: Series) -> Series:
-    # tanh' = 1 - tanh^2
-    return _compose(u, lambda s, k: (1.0 if k == 0 else 0.0) - _cauchy(s, s, k), tf.tanh(u[0]))
-
-
-def _sigmoid(u: Series) -> Series:
-    # sigmoid' = s (1 - s)
-    return _compose(u, lambda s, k: s[k] - _cauchy(s, s, k), tf.sigmoid(u[0]))
-
-
-def _exp(u: Series) -> Series:
-    return _compose(u, lambda s, k: s[k], tf.exp(u[0]))
-
-
-def _softplus(u: Series) -> Series:
-    # softplus' = sigmoid(u)
-    sigmoid = _sigmoid(u)
-    return _compose(u, lambda s, k: sigmoid[k], tf.math.softplus(u[0]))
-
-
-def _sin_cos(u: Series) -> tuple[Series, Series]:
-    sin, cos = [tf.sin(u[0])], [tf.cos(u[0])]
-    for k in range(1, len(u)):
-        sin.append(tf.add_n([j * u[j] * cos[k - j] for j in range(1, k + 1)]) / k)
-        cos.append(-tf.add_n([j * u[j] * sin[k - j] for j in range(1, k + 1)]) / k)
-    return sin, cos
-
-
-def _relu(u: Series) -> Series:
-    # Piecewise linear: away from the kink every coefficient follows the active branch.
-    active = tf.cast(u[0] > 0, u[0].dtype)
-    return [active * c for c in u]
-
-
-ACTIVATIONS: dict[str, Callable[[Series], Series]] = {
-    "linear": lambda u: u,
-    "tanh": _tanh,
-    "sigmoid": _sigmoid,
-    "exponential": _exp,
-    "softplus": _softplus,
-    "relu": _relu,
-    "sin": lambda u: _sin_cos(u)[0],
-    "cos": lambda u: _sin_cos(u)[1],
+# Ops that are linear in their float inputs jointly; non-float inputs (shapes,
+# indices, axes, conditions) are passed through as they are.
+LINEAR_OPS = {
+    "Identity", "Snapshot", "EnsureShape", "Neg", "AddN", "Reshape", "Transpose", "ExpandDims",
+    "Squeeze", "StridedSlice", "Slice", "GatherV2", "Gather", "GatherNd", "ConcatV2", "Pack",
+    "Unpack", "Split", "SplitV", "Tile", "BroadcastTo", "Sum", "Mean", "Pad", "PadV2", "MirrorPad",
+    "Select", "SelectV2", "Cast", "Cumsum", "ReverseV2", "MatrixDiagPartV3", "IdentityN",
 }
+# Linear ops that act elementwise with NumPy broadcasting, so that a leading axis of directions passes through.
+BROADCASTING_OPS = {
+    "Identity", "IdentityN", "Snapshot", "Neg", "Cast", "AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "SelectV2",
+}
+AFFINE_OPS = {"AddV2", "Add", "Sub", "BiasAdd"}
+BILINEAR_OPS = {
+    "Mul", "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv1D", "Conv2D",
+    "Conv3D", "DepthwiseConv2dNative",
+}
+DIVISION_OPS = {"RealDiv", "Div", "DivNoNan"}
+PIECEWISE_OPS = {"Relu", "Relu6", "LeakyRelu", "Abs", "Maximum", "Minimum", "ClipByValue"}
+SMOOTH_OPS = {
+    "Tanh", "Sigmoid", "Softplus", "Exp", "Expm1", "Log", "Log1p", "Sin", "Cos", "Sqrt", "Rsqrt",
+    "Square", "Reciprocal", "Inv", "Pow", "Erf", "Erfc", "Elu", "Selu", "Softsign", "SquaredDifference",
+}
+# Ops whose result does not vary along any direction.
+CONSTANT_OPS = {"ZerosLike", "OnesLike", "StopGradient", "Shape", "ShapeN", "Size", "Rank", "NoOp"}
+COVERED_OPS = LINEAR_OPS | AFFINE_OPS | BILINEAR_OPS | DIVISION_OPS | PIECEWISE_OPS | SMOOTH_OPS | CONSTANT_OPS
 
 
-def taylor_program(keras_model: Any) -> list[tuple[str, Any]] | None:
-    """The model as a list of steps ("dense", layer) / ("activation", name), or None if not covered."""
-    import keras
-
-    steps: list[tuple[str, Any]] = []
-    layers = [layer for layer in keras_model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if layers and isinstance(layers[0], keras.layers.Concatenate) and len(keras_model.inputs) > 1:
-        layers = layers[1:]
-    elif len(keras_model.inputs) != 1:
-        return None
-    for layer in layers:
-        activation = getattr(getattr(layer, "activation", None), "__name__", None)
-        if isinstance(layer, keras.layers.Dense):
-            steps.append(("dense", layer))
-        elif isinstance(layer, keras.layers.Activation):
-            pass
-        else:
-            return None
-        if activation not in ACTIVATIONS:
-            return None
-        if activation != "linear":
-            steps.append(("activation", activation))
-    return steps
+def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Adds a copy of graph op `op`, same type and attributes, on new inputs, to the graph being traced."""
+    graph = tf.compat.v1.get_default_graph()
+    attributes = {key: op.node_def.attr[key] for key in op.node_def.attr if not key.startswith("_")}
+    created = graph.create_op(op.type, list(inputs), [t.dtype for t in op.outputs], attrs=attributes)
+    return list(created.outputs)
 
 
-def taylor_series(steps: list[tuple[str, Any]], coordinates: tf.Tensor, position: int, order: int) -> Series:
-    """Output coefficients y_0..y_order (each (batch, outputs)) along input `position`."""
-    dimension = coordinates.shape[1]
-    direction = tf.one_hot(position, dimension, dtype=coordinates.dtype)
-    u: Series = [coordinates, tf.broadcast_to(direction, tf.shape(coordinates))]
-    u += [tf.zeros_like(coordinates)] * (order - 1)
-    u = u[: order + 1]
-    for kind, item in steps:
-        if kind == "dense":
-            kernel = tf.cast(item.kernel, coordinates.dtype)
-            bias = tf.cast(item.bias, coordinates.dtype) if item.use_bias else None
-            u = [c @ kernel for c in u]
-            if bias is not None:
-                u[0] = u[0] + bias
-        else:
-            u = ACTIVATIONS[item](u)
-    return u
+def _is_float(tensor: Any) -> bool:
+    return tensor.dtype.is_floating
 
 
-def forward_laplacian(steps: list[tuple[str, Any]], coordinates: tf.Tensor, positions: list[int]) -> tf.Tensor:
-    """The Laplacian over `positions` of every output, (batch, outputs), in one forward pass.
+class TaylorProgram:
+    """A model's frozen graph, through which Taylor series are pushed.
 
-    The Forward Laplacian (Li et al.): value u, Jacobian J (one row per input
-    differentiated) and Laplacian L are pushed forward together. A Dense layer
-    maps each; an activation s = f(u) gives J' = f'(u) J and
-    L' = f'(u) L + f''(u) sum_i J_i^2, with f' and f'' read off its Taylor series.
+    Build it with `TaylorProgram.trace(function, dimension, dtype)`; it raises
+    NotCovered when an op that varies with the input has no rule.
     """
-    dimension = coordinates.shape[1]
-    value = coordinates
-    jacobian = tf.broadcast_to(
-        tf.one_hot(positions, dimension, dtype=coordinates.dtype)[None], [tf.shape(coordinates)[0], len(positions), dimension]
-    )
-    laplacian = tf.zeros_like(coordinates)
-    for kind, item in steps:
-        if kind == "dense":
-            kernel = tf.cast(item.kernel, coordinates.dtype)
-            value = value @ kernel
-            if item.use_bias:
-                value = value + tf.cast(item.bias, coordinates.dtype)
-            # One (batch * inputs, width) GEMM: a broadcast batched matmul is far slower on CPUs.
-            rows = tf.shape(jacobian)
-            jacobian = tf.reshape(tf.reshape(jacobian, [-1, rows[2]]) @ kernel, [rows[0], rows[1], -1])
-            laplacian = laplacian @ kernel
+
+    def __init__(self, ops: list[Any], source: str, target: str) -> None:
+        self.ops = ops
+        self.source = source
+        self.target = target
+
+    @classmethod
+    def trace(cls, function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> TaylorProgram:
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        concrete = tf.function(function).get_concrete_function(tf.TensorSpec((None, dimension), tf.as_dtype(dtype)))
+        frozen = convert_variables_to_constants_v2(concrete)
+        if len(frozen.inputs) != 1 or len(frozen.outputs) != 1:
+            raise NotCovered("the traced model has more than one input or output tensor")
+        source, target = frozen.inputs[0].name, frozen.outputs[0].name
+        ops = _ancestors(frozen.graph.get_operations(), target)
+        varying = {source}
+        for op in ops:
+            if op.type == "Placeholder" or not any(t.name in varying for t in op.inputs):
+                continue
+            if any(_is_float(t) for t in op.outputs) and op.type not in COVERED_OPS - {"NoOp"}:
+                raise NotCovered(f"op {op.type} ({op.name})")
+            if op.type not in CONSTANT_OPS:
+                varying.update(t.name for t in op.outputs if _is_float(t))
+        return cls(ops, source, target)
+
+    @tf.autograph.experimental.do_not_convert  # plain Python loops over ops: nothing for AutoGraph to convert
+    def series(self, coordinates: tf.Tensor, directions: tf.Tensor, order: int) -> Series:
+        """The output's coefficients 0..order along each row of `directions` (P, D).
+
+        Coefficient 0 is the output, (batch, M); coefficient k >= 1 is (P, batch, M).
+        """
+        tangent = tf.broadcast_to(directions[:, None, :], [directions.shape[0], *_shape(coordinates)])
+        start = (coordinates, tangent) + (tf.zeros_like(tangent),) * (order - 1)
+        return _Pusher(int(directions.shape[0]), collapsed=False).run(self, start[: order + 1])
+
+    @tf.autograph.experimental.do_not_convert
+    def laplacian(self, coordinates: tf.Tensor, positions: Sequence[int]) -> tf.Tensor:
+        """The Laplacian over input `positions` of every output, (batch, M), by the Forward Laplacian."""
+        directions = tf.one_hot(list(positions), int(coordinates.shape[1]), dtype=coordinates.dtype)
+        tangent = tf.broadcast_to(directions[:, None, :], [len(positions), *_shape(coordinates)])
+        result = _Pusher(len(positions), collapsed=True).run(self, (coordinates, tangent, tf.zeros_like(coordinates)))
+        return 2.0 * result[2]
+
+
+def _shape(tensor: tf.Tensor) -> list[Any]:
+    return [d if d is not None else tf.shape(tensor)[i] for i, d in enumerate(tensor.shape.as_list())]
+
+
+def _coefficient(value: Value, k: int) -> tf.Tensor:
+    """Coefficient k of a value; a plain value has zeros beyond coefficient 0."""
+    if isinstance(value, tuple):
+        return value[k]
+    return value if k == 0 else tf.zeros_like(value)
+
+
+def _ancestors(ops: list[Any], target: str) -> list[Any]:
+    """The ops `target` depends on, in graph order (a topological order for a frozen graph)."""
+    by_output = {t.name: op for op in ops for t in op.outputs}
+    needed: set[str] = set()
+    stack = [by_output[target]]
+    while stack:
+        op = stack.pop()
+        if op.name in needed:
+            continue
+        needed.add(op.name)
+        stack.extend(by_output[t.name] for t in op.inputs)
+    return [op for op in ops if op.name in needed]
+
+
+class _Pusher:
+    """Pushes series through a program; `collapsed` sums coefficient 2 over the directions."""
+
+    def __init__(self, directions: int, collapsed: bool) -> None:
+        self.directions = directions
+        self.collapsed = collapsed
+
+    def run(self, program: TaylorProgram, start: Series) -> Series:
+        self.order = len(start) - 1
+        env: dict[str, Value] = {program.source: start}
+        for op in program.ops:
+            if op.type == "Placeholder" or not op.outputs:
+                continue
+            inputs = [env[t.name] for t in op.inputs]
+            if not any(isinstance(v, tuple) for v in inputs) or op.type in CONSTANT_OPS \
+                    or not any(_is_float(t) for t in op.outputs):
+                outputs = _execute(op, [_coefficient(v, 0) for v in inputs])
+            else:
+                outputs = self.rule(op, inputs)
+            for tensor, value in zip(op.outputs, outputs):
+                env[tensor.name] = value
+        result = env[program.target]
+        if isinstance(result, tuple):
+            return result
+        # The output does not vary: its coefficients beyond 0 are zeros.
+        with_axis = tf.zeros(tf.concat([[self.directions], tf.shape(result)], 0), result.dtype)
+        return (result,) + tuple(with_axis if self.has_axis(k) else tf.zeros_like(result) for k in range(1, self.order + 1))
+
+    # -- coefficients with and without the axis of directions --
+
+    def has_axis(self, k: int) -> bool:
+        """Whether coefficient k carries the leading axis of directions."""
+        return k >= 1 and not (self.collapsed and k >= 2)
+
+    def apply(self, op: Any, arguments: Sequence[tf.Tensor], axes: Sequence[bool]) -> list[tf.Tensor]:
+        """Runs `op` on arguments of which those marked in `axes` carry a leading axis of directions."""
+        if not any(axes):
+            return _execute(op, arguments)
+        rank = max(a.shape.rank for a, axis in zip(arguments, axes) if axis) - 1
+        if op.type in BROADCASTING_OPS and all(axis or a.shape.rank <= rank for a, axis in zip(arguments, axes)):
+            return _execute(op, arguments)
+        if op.type == "MatMul" and axes[0] and not axes[1] and not op.get_attr("transpose_a"):
+            # One (P * batch, n) GEMM: much faster than P small ones.
+            left = arguments[0]
+            folded = tf.reshape(left, [-1, tf.shape(left)[-1]])
+            (product,) = _execute(op, [folded, arguments[1]])
+            return [tf.reshape(product, tf.concat([tf.shape(left)[:-1], tf.shape(product)[-1:]], 0))]
+        per_direction = [
+            _execute(op, [a[p] if axis else a for a, axis in zip(arguments, axes)]) for p in range(self.directions)
+        ]
+        return [tf.stack(list(outputs)) for outputs in zip(*per_direction)]
+
+    def times(self, a: tf.Tensor, i: int, b: tf.Tensor, j: int, op: Any = None) -> tf.Tensor:
+        """The product of coefficient i of one series and j of another (by `op`, else elementwise)."""
+        if op is None:
+            product = a * b
         else:
-            series = ACTIVATIONS[item]([value, tf.ones_like(value), tf.zeros_like(value)])
-            first, second = series[1], 2.0 * series[2]
-            laplacian = first * laplacian + second * tf.reduce_sum(jacobian * jacobian, axis=1)
-            jacobian = first[:, None, :] * jacobian
-            value = series[0]
-    return laplacian
+            (product,) = self.apply(op, [a, b], [self.has_axis(i), self.has_axis(j)])
+        if self.collapsed and self.has_axis(i) and self.has_axis(j):
+            product = tf.reduce_sum(product, axis=0)
+        return product
+
+    def cauchy(self, a: Series, b: Series, k: int, op: Any = None) -> tf.Tensor:
+        """Coefficient k of the product of two series."""
+        return tf.add_n([self.times(a[j], j, b[k - j], k - j, op) for j in range(k + 1)])
+
+    def compose(self, u: Series, first: tf.Tensor, derivative: Callable[[list[tf.Tensor], int], tf.Tensor]) -> Series:
+        """s = f(u) with s' = g(u) u', from s_0 = f(u_0) and g_k as a function of s_0..s_k."""
+        s, g = [first], [derivative([first], 0)]
+        for k in range(1, len(u)):
+            s.append(tf.add_n([self.times(u[j], j, g[k - j], k - j) * float(j) for j in range(1, k + 1)]) / float(k))
+            if k < len(u) - 1:
+                g.append(derivative(s, k))
+        return tuple(s)
+
+    def divide(self, a: Value, b: Series, first: tf.Tensor) -> Series:
+        """q = a / b: q_k = (a_k - sum_{j=1..k} q_{k-j} b_j) / b_0."""
+        q = [first]
+        for k in range(1, len(b)):
+            numerator = tf.add_n([self.times(q[k - j], k - j, b[j], j) for j in range(1, k + 1)])
+            numerator = a[k] - numerator if isinstance(a, tuple) else -numerator
+            q.append(numerator / b[0])
+        return tuple(q)
+
+    def power(self, u: Series, p: float, first: tf.Tensor) -> Series:
+        """s = u^p: s_k = (1 / (k u_0)) sum_{j=1..k} (p j - (k - j)) u_j s_{k-j}; integer p by products."""
+        if float(p).is_integer() and 0 <= p <= 8:
+            result: Series = (tf.ones_like(u[0]),) + tuple(tf.zeros_like(c) for c in u[1:])
+            for _ in range(int(p)):
+                result = tuple(self.cauchy(result, u, k) for k in range(len(u)))
+            return (first,) + result[1:]
+        s = [first]
+        for k in range(1, len(u)):
+            terms = [self.times(u[j], j, s[k - j], k - j) * (p * j - (k - j)) for j in range(1, k + 1)]
+            s.append(tf.add_n(terms) / (k * u[0]))
+        return tuple(s)
+
+    def exp_series(self, u: Series) -> Series:
+        return self.compose(u, tf.exp(u[0]), lambda s, k: s[k])
+
+    # -- the rules --
+
+    def rule(self, op: Any, inputs: list[Value]) -> list[Value]:
+        kind = op.type
+        if kind in AFFINE_OPS:
+            return [self.affine(op, inputs)]
+        if kind in LINEAR_OPS:
+            return self.linear(op, inputs)
+        if kind in BILINEAR_OPS:
+            return [self.bilinear(op, inputs)]
+        if kind in DIVISION_OPS:
+            a, b = inputs
+            if not isinstance(b, tuple):
+                return [tuple(self.apply(op, [c, b], [self.has_axis(k), False])[0] for k, c in enumerate(a))]
+            first = _execute(op, [_coefficient(a, 0), b[0]])[0]
+            return [self.divide(a, b, first)]
+        if kind in PIECEWISE_OPS:
+            return [self.piecewise(op, inputs)]
+        return [self.smooth(op, inputs)]
+
+    def affine(self, op: Any, inputs: list[Value]) -> Series:
+        """Add, Sub, BiasAdd: a constant operand adds to coefficient 0 only."""
+        a, b = inputs
+        result = [_execute(op, [_coefficient(a, 0), _coefficient(b, 0)])[0]]
+        for k in range(1, self.order + 1):
+            if isinstance(a, tuple) and isinstance(b, tuple):
+                (value,) = self.apply(op, [a[k], b[k]], [self.has_axis(k)] * 2)
+            elif isinstance(a, tuple) and (op.type == "BiasAdd" or _keeps_shape(a[0], b)):
+                value = a[k]  # a + c and a - c: the constant only shifts coefficient 0
+            elif isinstance(b, tuple) and op.type != "BiasAdd" and _keeps_shape(b[0], a):
+                value = -b[k] if op.type == "Sub" else b[k]
+            else:  # the constant broadcasts the series to a larger shape: add zeros of its shape
+                arguments = [v[k] if isinstance(v, tuple) else tf.zeros_like(v) for v in inputs]
+                (value,) = self.apply(op, arguments, [isinstance(v, tuple) and self.has_axis(k) for v in inputs])
+            result.append(value)
+        return tuple(result)
+
+    def linear(self, op: Any, inputs: list[Value]) -> list[Value]:
+        """An op linear in its float inputs: coefficient k of the result is the op on coefficients k."""
+        coefficients = []
+        for k in range(self.order + 1):
+            arguments, axes = [], []
+            for value in inputs:
+                if isinstance(value, tuple):
+                    arguments.append(value[k])
+                    axes.append(self.has_axis(k))
+                else:
+                    arguments.append(tf.zeros_like(value) if k and _is_float(value) else value)
+                    axes.append(False)
+            coefficients.append(self.apply(op, arguments, axes))
+        return [tuple(c) if _is_float(t) else c[0] for t, c in zip(op.outputs, zip(*coefficients))]
+
+    def bilinear(self, op: Any, inputs: list[Value]) -> Series:
+        a, b = inputs[0], inputs[1]
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return tuple(self.cauchy(a, b, k, op) for k in range(self.order + 1))
+        if isinstance(a, tuple):
+            return tuple(self.apply(op, [c, b], [self.has_axis(k), False])[0] for k, c in enumerate(a))
+        return tuple(self.apply(op, [a, c], [False, self.has_axis(k)])[0] for k, c in enumerate(b))
+
+    def piecewise(self, op: Any, inputs: list[Value]) -> Series:
+        """Away from its kinks the op is linear on the branch that coefficient 0 takes."""
+        values = [_coefficient(v, 0) for v in inputs]
+        first = _execute(op, values)[0]
+        kind = op.type
+        if kind in ("Maximum", "Minimum"):
+            pick = values[0] >= values[1] if kind == "Maximum" else values[0] <= values[1]
+            a, b = inputs
+            return (first,) + tuple(
+                tf.where(pick, _coefficient(a, k), _coefficient(b, k)) for k in range(1, self.order + 1)
+            )
+        u = inputs[0]
+        x = values[0]
+        if kind == "Relu":
+            slope = tf.cast(x > 0, x.dtype)
+        elif kind == "Relu6":
+            slope = tf.cast((x > 0) & (x < 6), x.dtype)
+        elif kind == "LeakyRelu":
+            slope = tf.where(x > 0, tf.ones_like(x), tf.cast(op.get_attr("alpha"), x.dtype) * tf.ones_like(x))
+        elif kind == "Abs":
+            slope = tf.sign(x)
+        else:  # ClipByValue
+            slope = tf.cast((x > values[1]) & (x < values[2]), x.dtype)
+        return (first,) + tuple(slope * u[k] for k in range(1, self.order + 1))
+
+    def smooth(self, op: Any, inputs: list[Value]) -> Series:
+        kind = op.type
+        values = [_coefficient(v, 0) for v in inputs]
+        first = _execute(op, values)[0]
+        u = inputs[0]
+        if kind == "Pow":
+            if isinstance(inputs[1], tuple):
+                raise NotCovered("Pow with a varying exponent")
+            exponent = tf.get_static_value(inputs[1])
+            if exponent is None or np.size(exponent) != 1:
+                raise NotCovered("Pow with an exponent that is not one constant")
+            return self.power(u, float(np.reshape(exponent, ())), first)
+        if kind == "SquaredDifference":
+            a, b = inputs
+            difference = tuple(_coefficient(a, k) - _coefficient(b, k) for k in range(self.order + 1))
+            return (first,) + tuple(self.cauchy(difference, difference, k) for k in range(1, self.order + 1))
+        one = 1.0
+        if kind == "Tanh":  # tanh' = 1 - tanh^2
+            return self.compose(u, first, lambda s, k: (one if k == 0 else 0.0) - self.cauchy(s, s, k))
+        if kind == "Sigmoid":  # sigmoid' = s (1 - s)
+            return self.compose(u, first, lambda s, k: s[k] - self.cauchy(s, s, k))
+        if kind == "Exp":
+            return self.compose(u, first, lambda s, k: s[k])
+        if kind == "Expm1":  # (e^u - 1)' = e^u
+            return self.compose(u, first, lambda s, k: s[k] + (one if k == 0 else 0.0))
+        if kind == "Softplus":  # softplus' = sigmoid
+            sigmoid = self.compose(u, tf.sigmoid(u[0]), lambda s, k: s[k] - self.cauchy(s, s, k))
+            return self.compose(u, first, lambda s, k: sigmoid[k])
+        if kind in ("Sin", "Cos"):
+            sin, cos = [tf.sin(u[0])], [tf.cos(u[0])]
+            for k in range(1, len(u)):
+                sin.append(tf.add_n([self.times(u[j], j, cos[k - j], k - j) * float(j) for j in range(1, k + 1)]) / k)
+                cos.append(-tf.add_n([self.times(u[j], j, sin[k - j], k - j) * float(j) for j in range(1, k + 1)]) / k)
+            return (first,) + tuple(sin[1:] if kind == "Sin" else cos[1:])
+        if kind in ("Log", "Log1p"):  # u s' = u': s_k = (u_k - (1/k) sum_{j=1..k-1} (k-j) u_j s_{k-j}) / u_0
+            base = u[0] + 1.0 if kind == "Log1p" else u[0]
+            s = [first]
+            for k in range(1, len(u)):
+                cross = [self.times(u[j], j, s[k - j], k - j) * ((k - j) / k) for j in range(1, k)]
+                s.append((u[k] - tf.add_n(cross) if cross else u[k]) / base)
+            return tuple(s)
+        if kind == "Sqrt":
+            return self.square_root(u, first)
+        if kind == "Rsqrt":
+            return self.divide(None, self.square_root(u, tf.sqrt(u[0])), first)
+        if kind in ("Reciprocal", "Inv"):
+            return self.divide(None, u, first)
+        if kind == "Square":
+            return (first,) + tuple(self.cauchy(u, u, k) for k in range(1, len(u)))
+        if kind in ("Erf", "Erfc"):  # erf' = 2 / sqrt(pi) exp(-u^2)
+            gauss = self.exp_series(tuple(-self.cauchy(u, u, k) for k in range(len(u))))
+            scale = 2.0 / math.sqrt(math.pi) * (1.0 if kind == "Erf" else -1.0)
+            return self.compose(u, first, lambda s, k: scale * gauss[k])
+        if kind in ("Elu", "Selu"):
+            scale, alpha = (1.0507009873554804934193349852946, 1.6732632423543772848170429916717) \
+                if kind == "Selu" else (1.0, 1.0)
+            positive = u[0] > 0
+            exp = self.exp_series(u)
+            return (first,) + tuple(
+                tf.where(positive, scale * u[k], scale * alpha * exp[k]) for k in range(1, len(u))
+            )
+        if kind == "Softsign":  # u / (1 + |u|)
+            sign = tf.sign(u[0])
+            denominator = (1.0 + tf.abs(u[0]),) + tuple(sign * c for c in u[1:])
+            return self.divide(u, denominator, first)
+        raise NotCovered(f"op {kind}")
+
+    def square_root(self, u: Series, first: tf.Tensor) -> Series:
+        """s^2 = u: s_k = (u_k - sum_{j=1..k-1} s_j s_{k-j}) / (2 s_0)."""
+        s = [first]
+        for k in range(1, len(u)):
+            cross = [self.times(s[j], j, s[k - j], k - j) for j in range(1, k)]
+            s.append((u[k] - tf.add_n(cross) if cross else u[k]) / (2.0 * first))
+        return tuple(s)
+
+
+def _keeps_shape(series_value: tf.Tensor, other: Value) -> bool:
+    """Whether adding `other` to a value of this shape leaves the shape as it is (statically known)."""
+    other_value = other[0] if isinstance(other, tuple) else other
+    mine, theirs = series_value.shape, other_value.shape
+    if mine.rank is None or theirs.rank is None or theirs.rank > mine.rank:
+        return False
+    for a, b in zip(reversed(mine.as_list()), reversed(theirs.as_list())):
+        if b not in (1, a) or (a is None and b is None):
+            return False
+    return True
