@@ -28,6 +28,7 @@ from derivcli.specs import (
     AtPoint,
     GridAxis,
     parse_at,
+    parse_direction,
     parse_grid,
     parse_names,
     parse_partial,
@@ -479,6 +480,15 @@ PartialOption = Annotated[
     list[str] | None,
     typer.Option("--partial", "-p", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
 ]
+DirectionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--direction", "-v",
+        help="A derivative along a vector: 1,1 (d/dv, v in input order), x=1,t=2 (others 0), 1,1^3 (order 3); "
+             "repeatable.",
+        show_default=False,
+    ),
+]
 OrderOption = Annotated[
     int | None, typer.Option("--order", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
 ]
@@ -490,18 +500,20 @@ def deriv_command(
     model: ModelArgument,
     partial: PartialOption = None,
     order: OrderOption = None,
+    direction: DirectionOption = None,
     wrt: WrtOption = None,
     outputs: OutputsOption = None,
     *,
     options: CommonOptions,
 ) -> None:
-    """Arbitrary partial derivatives of any order: --partial SPEC ... or --order N."""
+    """Arbitrary partial derivatives of any order: --partial SPEC ..., --order N, or along vectors: --direction V^N."""
     from derivcli.run import DerivativeRequest
 
-    if not partial and order is None:
-        raise UsageError("deriv needs --partial SPEC (for example --partial x^2) or --order N")
+    if not partial and order is None and not direction:
+        raise UsageError("deriv needs --partial SPEC (for example --partial x^2), --order N or --direction V^N")
     _run_request(options, DerivativeRequest(
         partials=[parse_partial(p) for p in partial or []], order=order,
+        directions=[parse_direction(d) for d in direction or []],
         wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs")))
 
 

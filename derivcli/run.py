@@ -28,10 +28,13 @@ from derivcli.errors import RunError, UsageError
 from derivcli.models import LoadedModel
 from derivcli.points import PointBatch, PointSource
 from derivcli.specs import (
+    Direction,
     MultiIndex,
     all_partials,
     derivative_column,
+    direction_column,
     laplacian_column,
+    resolve_direction,
     resolve_partial,
 )
 from derivcli.writers import Layout, Writer
@@ -59,6 +62,7 @@ class DerivativeRequest:
         laplacian: the Laplacian (`laplacian`).
         wrt: the inputs the derivatives are taken over; None for all.
         outputs: the outputs to report; None for all.
+        directions: `--direction` specs, derivatives along vectors.
     """
 
     partials: list[dict[str, int]] = field(default_factory=list)
@@ -69,6 +73,7 @@ class DerivativeRequest:
     wrt: list[str] | None = None
     outputs: list[str] | None = None
     expressions: list[str] = field(default_factory=list)
+    directions: list[Direction] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +131,7 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         if request.wrt else list(range(len(inputs)))
     )
     partials: list[MultiIndex] = [resolve_partial(p, inputs) for p in request.partials]
+    vectors = [(resolve_direction(d, inputs), d.order) for d in request.directions]
     if request.jacobian:
         partials += all_partials(1, wrt, len(inputs))
     if request.hessian:
@@ -140,6 +146,9 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         for index in partials:
             columns.append(Column(m, index))
             names.append(derivative_column(output_name, index, inputs))
+        for vector, order in vectors:
+            columns.append(Column(m, zero, along=vector, along_order=order))
+            names.append(direction_column(output_name, vector, order))
         if request.laplacian:
             columns.append(Column(m, zero, laplacian_over=tuple(wrt)))
             names.append(laplacian_column(output_name))
@@ -148,7 +157,7 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"column {duplicates[0]!r} is asked for twice")
-    orders = [sum(c.partial) + 2 * (c.laplacian_over is not None) for c in columns]
+    orders = [c.order for c in columns]
     for expression in expressions:
         orders += [sum(d.index) if isinstance(d, Derivative) else 2 for d in expression.derivatives]
     return Plan(
@@ -450,7 +459,7 @@ def auto_batch_size(model: LoadedModel, planned: Plan, parameters: int) -> int:
     still runs out of memory is split and retried (`run_in_halves`).
     """
     itemsize = np.dtype(model.dtype).itemsize
-    passes = 1 + sum(sum(c.partial) for c in planned.columns) + 2 * len(planned.columns)
+    passes = 1 + sum(c.order for c in planned.columns) + 2 * len(planned.columns)
     per_point = itemsize * max(parameters, 1000) / 16 * passes
     return int(min(65536, max(256, available_memory() / 8 // per_point)))
 

@@ -108,7 +108,7 @@ def parse_grid(text: str) -> GridAxis:
     return GridAxis(name, start, stop, num)
 
 
-def parse_at(text: str) -> AtPoint:
+def parse_at(text: str, option: str = "--at") -> AtPoint:
     """Parses an `--at` point: `0.5`, `1,2` or `x=1,y=2`.
 
     Raises:
@@ -119,16 +119,75 @@ def parse_at(text: str) -> AtPoint:
     named = ["=" in field for field in fields]
     if any(named) and not all(named):
         raise UsageError(
-            f"--at {text!r}: give every value by name (x=1,y=2) or none (1,2), not a mix"
+            f"{option} {text!r}: give every value by name (x=1,y=2) or none (1,2), not a mix"
         )
     if all(named):
         pairs = [field.split("=", 1) for field in fields]
-        names = tuple(_check_name(name.strip(), "--at", text) for name, _ in pairs)
+        names = tuple(_check_name(name.strip(), option, text) for name, _ in pairs)
         if len(set(names)) != len(names):
-            raise UsageError(f"--at {text!r}: an input is named twice")
-        values = tuple(_parse_number(value, "--at", text) for _, value in pairs)
+            raise UsageError(f"{option} {text!r}: an input is named twice")
+        values = tuple(_parse_number(value, option, text) for _, value in pairs)
         return AtPoint(values, names)
-    return AtPoint(tuple(_parse_number(field, "--at", text) for field in fields), None)
+    return AtPoint(tuple(_parse_number(field, option, text) for field in fields), None)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One `--direction`: a vector, positional or by input name, and the derivative's order."""
+
+    vector: AtPoint
+    order: int
+    text: str
+
+
+def parse_direction(text: str) -> Direction:
+    """Parses a `--direction` spec: a vector written as `--at` writes a point, then `^N` for order N.
+
+    `1,1` is the derivative along v = (1, 1); `x=1,t=2^3` the third derivative
+    along x + 2t (inputs not named are 0).
+
+    Raises:
+        UsageError: a bad vector or order.
+    """
+    vector, caret, power = text.rpartition("^")
+    if not caret:
+        vector, power = text, "1"
+    if not power.strip().isdigit() or int(power) < 1:
+        raise UsageError(f"--direction {text!r}: the order {power.strip()!r} after ^ must be a positive whole number")
+    return Direction(parse_at(vector, "--direction"), int(power), text)
+
+
+def resolve_direction(direction: Direction, input_names: Sequence[str]) -> tuple[float, ...]:
+    """The direction as a vector over the model's inputs.
+
+    Raises:
+        UsageError: the wrong number of values, an unknown name, or a zero or non-finite vector.
+    """
+    point = direction.vector
+    if point.names is None:
+        if len(point.values) != len(input_names):
+            raise UsageError(
+                f"--direction {direction.text!r}: {len(point.values)} value(s) for "
+                f"{len(input_names)} input(s) ({', '.join(input_names)})"
+            )
+        vector = tuple(point.values)
+    else:
+        unknown = [n for n in point.names if n not in input_names]
+        if unknown:
+            raise UsageError(
+                f"--direction {direction.text!r}: {', '.join(unknown)} is not an input (inputs: {', '.join(input_names)})"
+            )
+        by_name = dict(zip(point.names, point.values))
+        vector = tuple(by_name.get(n, 0.0) for n in input_names)
+    if not all(math.isfinite(v) for v in vector) or not any(vector):
+        raise UsageError(f"--direction {direction.text!r}: the vector must be finite and not zero")
+    return vector
+
+
+def direction_column(output: str, vector: Sequence[float], order: int) -> str:
+    """The column name of a derivative along a vector: `dy/d(1,1)`, `d3y/d(1,2)^3`."""
+    spelled = ",".join(f"{v:g}" if float(f"{v:g}") == v else repr(v) for v in vector)
+    return f"d{output}/d({spelled})" if order == 1 else f"d{order}{output}/d({spelled})^{order}"
 
 
 def parse_partial(text: str) -> dict[str, int]:

@@ -198,3 +198,39 @@ def test_custom_layer_goes_through_the_taylor_engine(cli):
     tape = read_csv(cli(*bump, "--engine", "tape").stdout)
     for name in ("d2y/dx^2", "d6y/dx^6"):
         assert_close(taylor[name], tape[name], 1e-10)
+
+
+@pytest.mark.parametrize("engine", ["taylor", "tape"])
+def test_derivatives_along_a_direction_match_the_closed_form(model_factory, engine):
+    """D_v^n y = sum over |a| = n of n!/a! v^a d^a y, from the closed form's partials, to order 6."""
+    from math import factorial, prod
+
+    from derivcli.run import make_kernel, plan
+    from derivcli.specs import Direction, parse_at
+
+    net, path = model_factory("softplus", 3, 1)
+    model = load_model(str(path), dtype="float64")
+    points = points_for(3, 5)
+    vector = (0.5, -1.0, 2.0)
+    request = DerivativeRequest(directions=[Direction(parse_at("0.5,-1,2"), n, f"0.5,-1,2^{n}") for n in range(1, 7)])
+    planned = plan(model, request)
+    values = make_kernel(model, planned, engine=engine)(points)
+    for n in range(1, 7):
+        expected = sum(
+            factorial(n) / prod(map(factorial, index)) * prod(v**a for v, a in zip(vector, index))
+            * net.derivative(points, 0, index)
+            for index in all_partials(n, [0, 1, 2], 3)
+        )
+        name = "dy/d(0.5,-1,2)" if n == 1 else f"d{n}y/d(0.5,-1,2)^{n}"
+        assert_close(values[:, planned.names.index(name)], expected, FLOAT64_RTOL)
+
+
+def test_direction_option_names_columns_and_fills_unnamed_inputs_with_zero(cli):
+    args = ["deriv", "sample_models/softplus_2d.keras", "--at", "0.5,0.3"]
+    table = read_csv(cli(*args, "--direction", "x1=2^3", "--partial", "x1^3", "--direction", "1,1").stdout)
+    assert list(table)[3:] == ["d3y/dx1^3", "d3y/d(0,2)^3", "dy/d(1,1)"]
+    np.testing.assert_allclose(table["d3y/d(0,2)^3"], 8 * table["d3y/dx1^3"], rtol=1e-5)
+    for bad, message in [("0,0", "must be finite and not zero"), ("1,1^x", "must be a positive whole number"),
+                         ("z=1", "z is not an input"), ("1,2,3", "3 value(s) for 2 input(s)")]:
+        result = cli(*args, "--direction", bad)
+        assert result.exit_code == 2 and message in result.stderr, result.stderr

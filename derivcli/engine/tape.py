@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -34,11 +35,20 @@ class Column:
         output: the output's position in the flattened outputs.
         partial: how often each input is differentiated; all zeros is the value.
         laplacian_over: for a Laplacian, the input positions it sums over.
+        along: for a derivative along a vector (`--direction`), the vector.
+        along_order: the order of that derivative.
     """
 
     output: int
     partial: MultiIndex = ()
     laplacian_over: tuple[int, ...] | None = None
+    along: tuple[float, ...] | None = None
+    along_order: int = 0
+
+    @property
+    def order(self) -> int:
+        """The derivative's order: 2 for a Laplacian."""
+        return sum(self.partial) + self.along_order + 2 * (self.laplacian_over is not None)
 
 
 class DerivativeGraph:
@@ -52,8 +62,9 @@ class DerivativeGraph:
         self.gradients: dict[tuple[int, MultiIndex], tf.Tensor] = {}
         # Pure derivatives of order >= 2 come from Taylor series when the model is covered.
         self.taylor = taylor
-        self.series: dict[int, list[tf.Tensor]] = {}
+        self.series: dict[Any, list[tf.Tensor]] = {}
         self.laplacians: dict[tuple[int, ...], tf.Tensor] = {}
+        self.along: dict[tuple[int, tuple[float, ...], int], tf.Tensor] = {}
 
     def gradient(self, output: int, index: MultiIndex) -> tf.Tensor:
         """The gradient (batch, D) of the derivative `index` of `output`."""
@@ -89,11 +100,29 @@ class DerivativeGraph:
 
     def taylor_derivative(self, output: int, position: int, order: int) -> tf.Tensor:
         """d^order y / dx_position^order = order! y_order, from one series per input."""
+        return self._series(tf.one_hot([position], self.dimension, dtype=self.coordinates.dtype), position, order, output)
+
+    def _series(self, direction: tf.Tensor, key: Any, order: int, output: int) -> tf.Tensor:
+        """order! times coefficient `order` of the series along `direction` (1, D), one series per key."""
         assert self.taylor is not None
-        if len(self.series.get(position, [])) <= order:
-            direction = tf.one_hot([position], self.dimension, dtype=self.coordinates.dtype)
-            self.series[position] = list(self.taylor.series(self.coordinates, direction, order))
-        return self.series[position][order][0, :, output] * float(math.factorial(order))
+        if len(self.series.get(key, [])) <= order:
+            self.series[key] = list(self.taylor.series(self.coordinates, direction, order))
+        return self.series[key][order][0, :, output] * float(math.factorial(order))
+
+    def directional(self, output: int, vector: tuple[float, ...], order: int) -> tf.Tensor:
+        """The order-th derivative along `vector`: a Taylor series, or `order` gradients each dotted with it."""
+        direction = tf.constant([vector], dtype=self.coordinates.dtype)
+        if self.taylor is not None and order >= 2:
+            return self._series(direction, vector, order, output)
+        key = (output, vector, order)
+        if key not in self.along:
+            if order == 1:
+                gradient = self.gradient(output, (0,) * self.dimension)
+            else:
+                gradient = tf.gradients(self.directional(output, vector, order - 1), self.coordinates,
+                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)[0]
+            self.along[key] = tf.reduce_sum(gradient * direction, axis=1)
+        return self.along[key]
 
     @staticmethod
     def _lower(index: MultiIndex, position: int) -> MultiIndex:
@@ -128,6 +157,8 @@ class DerivativeGraph:
         return tf.add_n(terms)
 
     def column(self, column: Column) -> tf.Tensor:
+        if column.along is not None:
+            return self.directional(column.output, column.along, column.along_order)
         if column.laplacian_over is not None:
             return self.laplacian(column.output, column.laplacian_over)
         return self.derivative(column.output, column.partial)
