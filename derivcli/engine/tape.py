@@ -206,7 +206,12 @@ class DerivativeKernel:
         self.compiled = tf.function(self._compute, input_signature=self.signature, jit_compile=jit_compile or None)
 
     def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
-        graph = DerivativeGraph(coordinates, self.function(coordinates), self.taylor)
+        # AutoGraph converts the model's own code (a custom layer may branch on tensors)...
+        return self._derivatives(coordinates, self.function(coordinates))
+
+    @tf.autograph.experimental.do_not_convert  # ...but not derivcli's, whose loops run at trace time
+    def _derivatives(self, coordinates: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        graph = DerivativeGraph(coordinates, values, self.taylor)
         # Mixed partials first: the gradients they take also give pure derivatives for free.
         order = sorted(range(len(self.columns)), key=lambda j: sum(map(bool, self.columns[j].partial)) < 2)
         computed = {j: graph.column(self.columns[j]) for j in order}

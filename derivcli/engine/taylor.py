@@ -227,7 +227,8 @@ class _Pusher:
         """s = f(u) with s' = g(u) u', from s_0 = f(u_0) and g_k as a function of s_0..s_k."""
         s, g = [first], [derivative([first], 0)]
         for k in range(1, len(u)):
-            s.append(tf.add_n([self.times(u[j], j, g[k - j], k - j) * float(j) for j in range(1, k + 1)]) / float(k))
+            terms = [_scaled(self.times(u[j], j, g[k - j], k - j), j) for j in range(1, k + 1)]
+            s.append(_scaled(tf.add_n(terms), 1 / k))
             if k < len(u) - 1:
                 g.append(derivative(s, k))
         return tuple(s)
@@ -273,9 +274,28 @@ class _Pusher:
                 return [tuple(self.apply(op, [c, b], [self.has_axis(k), False])[0] for k, c in enumerate(a))]
             first = _execute(op, [_coefficient(a, 0), b[0]])[0]
             return [self.divide(a, b, first)]
+        unary = kind not in ("Maximum", "Minimum", "SquaredDifference") and not any(
+            isinstance(v, tuple) for v in inputs[1:])
+        if self.collapsed and unary:
+            return [self.collapsed_unary(op, inputs)]
         if kind in PIECEWISE_OPS:
             return [self.piecewise(op, inputs)]
         return [self.smooth(op, inputs)]
+
+    def collapsed_unary(self, op: Any, inputs: list[Value]) -> Series:
+        """s = f(u) to order 2, summed over directions: s_1 = f' u_1, s_2 = f' u_2 + f''/2 sum_p u_1p^2.
+
+        f' and f''/2 are the series of f at u_0 along a unit step, on (batch, ...)
+        tensors: the elementwise work on the directions is three passes.
+        """
+        u = inputs[0]
+        step = _Pusher(1, collapsed=False)
+        step.order = 2
+        unit = (u[0], tf.ones_like(u[0])[None], tf.zeros_like(u[0])[None])
+        rule = step.piecewise if op.type in PIECEWISE_OPS else step.smooth
+        value, slope, curvature = rule(op, [unit, *inputs[1:]])
+        slope, curvature = slope[0], curvature[0]
+        return value, slope * u[1], slope * u[2] + curvature * tf.reduce_sum(u[1] * u[1], axis=0)
 
     def affine(self, op: Any, inputs: list[Value]) -> Series:
         """Add, Sub, BiasAdd: a constant operand adds to coefficient 0 only."""
@@ -416,6 +436,11 @@ class _Pusher:
             cross = [self.times(s[j], j, s[k - j], k - j) for j in range(1, k)]
             s.append((u[k] - tf.add_n(cross) if cross else u[k]) / (2.0 * first))
         return tuple(s)
+
+
+def _scaled(tensor: tf.Tensor, factor: float) -> tf.Tensor:
+    """`tensor * factor`, without an elementwise pass when the factor is 1."""
+    return tensor if factor == 1 else tensor * factor
 
 
 def _keeps_shape(series_value: tf.Tensor, other: Value) -> bool:
