@@ -191,12 +191,12 @@ def test_taylor_engine_refuses_models_it_does_not_cover_and_auto_falls_back(cli,
 
 
 def test_custom_layer_goes_through_the_taylor_engine(cli):
-    """The bump layer's ops (where, division, exp) have Taylor rules: order 6 agrees with nested tapes."""
+    """The bump layer's ops (where, division, exp) have Taylor rules: order 4 agrees with nested tapes."""
     bump = ["deriv", "sample_models/bump.keras", "--custom-objects", "sample_models/bump_layer.py",
-            "--grid", "-0.9:0.9:7", "--partial", "x^2", "--partial", "x^6", "--dtype", "float64"]
+            "--grid", "-0.9:0.9:7", "--partial", "x^2", "--partial", "x^4", "--dtype", "float64"]
     taylor = read_csv(cli(*bump, "--engine", "taylor").stdout)
     tape = read_csv(cli(*bump, "--engine", "tape").stdout)
-    for name in ("d2y/dx^2", "d6y/dx^6"):
+    for name in ("d2y/dx^2", "d4y/dx^4"):
         assert_close(taylor[name], tape[name], 1e-10)
 
 
