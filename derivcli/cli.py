@@ -171,7 +171,7 @@ BatchSizeOption = Annotated[
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, or float64 to evaluate in double precision.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")]
 EngineOption = Annotated[
-    str, typer.Option("--engine", help="auto, taylor (Taylor series for pure derivatives of order >= 2) or tape (nested reverse mode).")
+    str, typer.Option("--engine", help="auto (Taylor series where the model's ops are covered: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
 ]
 WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
 OutputsOption = Annotated[str | None, typer.Option("--outputs", help="Report these outputs only: y0,y2.", show_default=False)]

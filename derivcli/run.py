@@ -44,6 +44,10 @@ from derivcli.writers import Layout, Writer
 DEFAULT_BATCH_SIZE = 4096
 # Taylor series of this order and above are compiled with XLA.
 XLA_FROM_ORDER = 4
+# Mixed partials of this order and above come from Taylor series along several
+# directions: with --engine auto in float64, and with --engine taylor.
+AUTO_MIXED_FROM = 6
+TAYLOR_MIXED_FROM = 3
 
 
 class PipeClosed(BaseException):
@@ -218,24 +222,35 @@ def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine:
     or `auto` (Taylor where it covers the model, tapes elsewhere).
     """
     from derivcli.engine import DerivativeKernel, select_device
+    from derivcli.engine.tape import interpolates
 
     # Taylor series serve only derivatives of order 2 and higher: no probe for grad or eval.
     wanted = engine == "taylor" or (engine == "auto" and planned.highest_order >= 2)
     program, reason = taylor_program_for(model) if wanted else (None, "")
     if engine == "taylor" and program is None:
         raise UsageError(f"--engine taylor does not cover this model ({reason}): use --engine auto or tape")
+    # Mixed partials by interpolation (bench/bench_mixed.py): from order 6 over at most three
+    # inputs, nested tapes trace for minutes where Taylor series take a second. The weighted
+    # sum cancels, though: in float32 it keeps about 4 digits at order 6 and 3 at order 8,
+    # against 6 for tapes. So auto interpolates in float64 only; --engine taylor always does.
+    interpolate_from = None
+    if program is not None:
+        interpolate_from = TAYLOR_MIXED_FROM if engine == "taylor" else (
+            AUTO_MIXED_FROM if model.dtype == "float64" else None)
     # Measured (bench/bench_derivatives.py): XLA halves the time of high-order Taylor series,
     # whose many small elementwise ops it fuses, and slows GEMM-bound low orders and Laplacians.
     # Only when Taylor series serve every derivative beyond the first: XLA cannot differentiate
     # its own gradients (nested tapes through a Concatenate fail under it).
     jit = (
         program is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
-        and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1)
+        and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1
+                                              or interpolates(c.partial, interpolate_from))
                 for c in planned.columns)
     )
     return DerivativeKernel(
         model.call_flat, len(model.coordinate_names), planned.columns, model.dtype,
         device=select_device(device), combine=planned.combine, taylor=program, jit_compile=jit,
+        interpolate_from=interpolate_from,
     )
 
 

@@ -234,3 +234,37 @@ def test_direction_option_names_columns_and_fills_unnamed_inputs_with_zero(cli):
                          ("z=1", "z is not an input"), ("1,2,3", "3 value(s) for 2 input(s)")]:
         result = cli(*args, "--direction", bad)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("inputs", "orders"), [(2, (3, 4, 6, 8)), (3, (3, 4))])
+def test_mixed_partials_by_interpolation_match_the_closed_form(model_factory, dtype, inputs, orders):
+    """--engine taylor takes mixed partials from series along integer directions, weighted exactly."""
+    from derivcli.run import make_kernel, plan
+    from derivcli.specs import derivative_column
+
+    net, path = model_factory("tanh", inputs, 1)
+    model = load_model(str(path), dtype=dtype)
+    points = points_for(inputs, 6)
+    names = ["x0", "x1", "x2"][:inputs]
+    for order in orders:
+        mixed = [index for index in all_partials(order, list(range(inputs)), inputs) if sum(map(bool, index)) >= 2]
+        planned = plan(model, DerivativeRequest(partials=[dict(zip(names, index)) for index in mixed]))
+        kernel = make_kernel(model, planned, engine="taylor")
+        assert kernel.interpolate_from is not None
+        values = kernel(points)
+        for index in mixed:
+            column = values[:, planned.names.index(derivative_column("y", index, names))]
+            assert_close(column, net.derivative(points, 0, index), FLOAT64_RTOL if dtype == "float64" else FLOAT32_RTOL[order])
+
+
+def test_interpolation_weights_are_exact():
+    """The weights reproduce d^2/dxdy from D^2 along (2,0), (1,1), (0,2), and are exact rationals."""
+    from derivcli.engine.taylor import interpolation_rule
+
+    directions, weights = interpolation_rule((1, 1))
+    assert dict(zip(directions, weights)) == {(2, 0): -1 / 8, (1, 1): 1 / 2, (0, 2): -1 / 8}
+    # On a homogeneous polynomial of degree 5, D_j^5 p = 5! p(j), so sum_j w_j 5! p(j) = d^index p.
+    directions, weights = interpolation_rule((2, 0, 3))
+    assert sum(w * 120 * (j[0] ** 2 * j[2] ** 3) for j, w in zip(directions, weights)) == pytest.approx(2 * 6)
+    assert sum(w * 120 * (j[0] ** 3 * j[2] ** 2) for j, w in zip(directions, weights)) == pytest.approx(0, abs=1e-12)

@@ -27,6 +27,17 @@ from derivcli.errors import RunError
 MultiIndex = tuple[int, ...]
 
 
+# Interpolation needs a direction per composition of the order over the inputs a
+# partial involves: C(n + s - 1, s - 1) of them, too many beyond three inputs.
+MAX_INTERPOLATED_INPUTS = 3
+
+
+def interpolates(index: MultiIndex, interpolate_from: int | None) -> bool:
+    """Whether the mixed partial `index` comes from Taylor series along several directions."""
+    inputs = sum(map(bool, index))
+    return interpolate_from is not None and 2 <= inputs <= MAX_INTERPOLATED_INPUTS and sum(index) >= interpolate_from
+
+
 @dataclass(frozen=True)
 class Column:
     """One requested quantity of one output.
@@ -54,7 +65,10 @@ class Column:
 class DerivativeGraph:
     """Memoized derivatives of the outputs, built inside one traced function."""
 
-    def __init__(self, coordinates: tf.Tensor, values: tf.Tensor, taylor: TaylorProgram | None = None) -> None:
+    def __init__(
+        self, coordinates: tf.Tensor, values: tf.Tensor, taylor: TaylorProgram | None = None,
+        interpolate_from: int | None = None,
+    ) -> None:
         self.coordinates = coordinates
         self.values = values
         self.dimension = int(coordinates.shape[1])
@@ -62,6 +76,8 @@ class DerivativeGraph:
         self.gradients: dict[tuple[int, MultiIndex], tf.Tensor] = {}
         # Pure derivatives of order >= 2 come from Taylor series when the model is covered.
         self.taylor = taylor
+        # Mixed partials of this order and above come from Taylor series along several directions.
+        self.interpolate_from = interpolate_from
         self.series: dict[Any, list[tf.Tensor]] = {}
         self.laplacians: dict[tuple[int, ...], tf.Tensor] = {}
         self.along: dict[tuple[int, tuple[float, ...], int], tf.Tensor] = {}
@@ -90,6 +106,8 @@ class DerivativeGraph:
                 and (output, self._lower(index, pure[0])) not in self.gradients:
             # A pure derivative whose last gradient the tapes have not already taken.
             result = self.taylor_derivative(output, pure[0], index[pure[0]])
+        elif self.taylor is not None and interpolates(index, self.interpolate_from):
+            result = self.interpolated(output, index)
         else:
             position = self._predecessor(output, index)
             lower = list(index)
@@ -108,6 +126,35 @@ class DerivativeGraph:
         if len(self.series.get(key, [])) <= order:
             self.series[key] = list(self.taylor.series(self.coordinates, direction, order))
         return self.series[key][order][0, :, output] * float(math.factorial(order))
+
+    def interpolated(self, output: int, index: MultiIndex) -> tf.Tensor:
+        """A mixed partial as a weighted sum of pure derivatives along integer directions.
+
+        All the partials of one order over the same inputs share one series with
+        a direction per composition of the order (`taylor.interpolation_rule`).
+        """
+        from derivcli.engine.taylor import compositions, interpolation_rule
+
+        order = sum(index)
+        support = tuple(p for p, power in enumerate(index) if power)
+        key = ("interpolation", order, support)
+        if key not in self.series:
+            vectors = []
+            for composition in compositions(order, len(support)):
+                vector = [0] * self.dimension
+                for p, component in zip(support, composition):
+                    vector[p] = component
+                vectors.append(tuple(vector))
+            directions = tf.constant(vectors, dtype=self.coordinates.dtype)
+            self.series[key] = [vectors, self.taylor.series(self.coordinates, directions, order)[order]]
+        vectors, coefficients = self.series[key]
+        directions, weights = interpolation_rule(index)
+        # D_j^n y = n! times coefficient n of the series along j.
+        scale = float(math.factorial(order))
+        return tf.add_n([
+            (weight * scale) * coefficients[vectors.index(direction), :, output]
+            for direction, weight in zip(directions, weights)
+        ])
 
     def directional(self, output: int, vector: tuple[float, ...], order: int) -> tf.Tensor:
         """The order-th derivative along `vector`: a Taylor series, or `order` gradients each dotted with it."""
@@ -178,6 +225,8 @@ class DerivativeKernel:
         taylor: the model as a Taylor program (`engine.taylor`), to take pure
             derivatives of order >= 2 and Laplacians from Taylor series; None for tapes only.
         jit_compile: compile with XLA (falls back to plain graphs if XLA fails).
+        interpolate_from: mixed partials of this total order and above come from Taylor
+            series along several directions (`taylor.interpolation_rule`); None for never.
 
     Example:
         >>> kernel = DerivativeKernel(model.call_flat, 1, [Column(0, (1,))], "float32")
@@ -194,9 +243,11 @@ class DerivativeKernel:
         combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
         taylor: TaylorProgram | None = None,
         jit_compile: bool = False,
+        interpolate_from: int | None = None,
     ) -> None:
         self.function = function
         self.taylor = taylor
+        self.interpolate_from = interpolate_from
         self.jit_compile = jit_compile
         self.columns = list(columns)
         self.dtype = dtype
@@ -211,7 +262,7 @@ class DerivativeKernel:
 
     @tf.autograph.experimental.do_not_convert  # ...but not derivcli's, whose loops run at trace time
     def _derivatives(self, coordinates: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
-        graph = DerivativeGraph(coordinates, values, self.taylor)
+        graph = DerivativeGraph(coordinates, values, self.taylor, self.interpolate_from)
         # Mixed partials first: the gradients they take also give pure derivatives for free.
         order = sorted(range(len(self.columns)), key=lambda j: sum(map(bool, self.columns[j].partial)) < 2)
         computed = {j: graph.column(self.columns[j]) for j in order}

@@ -26,8 +26,10 @@ summed over the inputs as it is formed) are pushed forward in one pass.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -453,3 +455,57 @@ def _keeps_shape(series_value: tf.Tensor, other: Value) -> bool:
         if b not in (1, a) or (a is None and b is None):
             return False
     return True
+
+
+@functools.cache
+def interpolation_rule(index: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[float, ...]]:
+    """Directions and weights that give a mixed partial from pure directional derivatives.
+
+    For |index| = n over the inputs S it uses, D_j^n y = sum_{|b| = n} n!/b! j^b d^b y
+    holds for every integer direction j over S with |j| = n. These directions make
+    the system square and invertible (Griewank, Utke and Walther, Math. Comp. 2000),
+    so d^index y = sum_j w_j D_j^n y with w the row of the inverse for `index`,
+    solved here in exact rational arithmetic.
+
+    Returns:
+        (directions over all inputs, weights), the directions with a zero weight left out.
+    """
+    support = [i for i, power in enumerate(index) if power]
+    n = sum(index)
+    basis = list(compositions(n, len(support)))
+    target = basis.index(tuple(index[i] for i in support))
+
+    def entry(j: tuple[int, ...], b: tuple[int, ...]) -> Fraction:
+        return Fraction(math.factorial(n), math.prod(map(math.factorial, b))) * math.prod(
+            Fraction(x) ** p for x, p in zip(j, b))
+
+    # Solve M^T w = e_target, M[j][b] = entry(j, b), by Gauss-Jordan elimination.
+    size = len(basis)
+    rows = [[entry(j, b) for j in basis] + [Fraction(int(k == target))] for k, b in enumerate(basis)]
+    for column in range(size):
+        pivot = next(r for r in range(column, size) if rows[r][column])
+        rows[column], rows[pivot] = rows[pivot], rows[column]
+        rows[column] = [value / rows[column][column] for value in rows[column]]
+        for r in range(size):
+            if r != column and rows[r][column]:
+                factor = rows[r][column]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[column])]
+    directions, weights = [], []
+    for j, row in zip(basis, rows):
+        if row[size]:
+            vector = [0] * len(index)
+            for i, component in zip(support, j):
+                vector[i] = component
+            directions.append(tuple(vector))
+            weights.append(float(row[size]))
+    return tuple(directions), tuple(weights)
+
+
+def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every tuple of `parts` non-negative integers summing to `total`."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in compositions(total - first, parts - 1):
+            yield (first, *rest)
