@@ -37,6 +37,8 @@ lint: $(TEST_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_derivatives.py
+	$(BIN)/python bench/bench_mixed.py
+	$(BIN)/python bench/bench_io.py
 
 models: $(TEST_STAMP)
 	$(BIN)/python sample_models/build_models.py

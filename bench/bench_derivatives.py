@@ -182,29 +182,37 @@ def main() -> None:
     forward = best_time(lambda: forward_fn(points).numpy())
     jet = jet_function(model)
     print()
-    print(f"{'n-th derivative, 1024 pts':26s} {'tape us/pt':>10s} {'trace s':>8s} {'taylor us/pt':>12s} {'trace s':>8s} "
-          f"{'x fwd':>7s} {'taylor vs tape':>14s} {'eager us/pt':>11s} {'jax jet us/pt':>13s} {'taylor vs jet':>13s}")
+    print(f"{'n-th derivative, 1024 pts':26s} {'tape us/pt':>10s} {'first s':>8s} {'taylor us/pt':>12s} {'first s':>8s} "
+          f"{'x fwd':>6s} {'vs tape':>8s} {'xla us/pt':>9s} {'first s':>8s} {'vs tape':>8s} {'eager us/pt':>11s} "
+          f"{'jet us/pt':>9s} {'vs jet':>7s}")
     for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8, 12, 16)):
         columns = columns_for("nth", 1, order)
-        # As `--engine auto` runs it: XLA from order 4 on (derivcli.run.XLA_FROM_ORDER).
+        # As `--engine auto` runs it: plain graphs for 1024 points; with XLA (from order 4) for
+        # 1e5 points and more (derivcli.run.XLA_FROM_ORDER, XLA_FROM_POINTS).
         taylor, taylor_trace = timed_kernel(
-            lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32"),
-                                     jit_compile=order >= 4), points)
+            lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32")),
+            points)
+        xla, xla_trace = taylor, taylor_trace
+        if order >= 4:
+            xla, xla_trace = timed_kernel(
+                lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32"),
+                                         jit_compile=True), points)
         if order <= 8:
             tape, tape_trace = timed_kernel(lambda: DerivativeKernel(model, 1, columns, "float32"), points)
             few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
             eager = best_time(lambda: eager_loop(model, points[:few], "nth", order), 1) * 1024 / few
             tape_text = f"{tape / 1024 * 1e6:10.2f} {tape_trace:8.1f}"
-            ratio = f"{tape / taylor:13.1f}x"
+            ratios = f"{tape / taylor:7.1f}x", f"{tape / xla:7.1f}x"
             eager_text = f"{eager / 1024 * 1e6:11.0f}"
         else:  # nested tapes past order 8 trace for many minutes
-            tape_text, ratio, eager_text = f"{'-':>10s} {'-':>8s}", f"{'-':>14s}", f"{'-':>11s}"
-        jet_text = f"{'-':>13s} {'-':>13s}"
+            tape_text, ratios, eager_text = f"{'-':>10s} {'-':>8s}", (f"{'-':>8s}", f"{'-':>8s}"), f"{'-':>11s}"
+        jet_text = f"{'-':>9s} {'-':>7s}"
         if jet is not None:
             jax_time = best_time(lambda: jet(points, order))
-            jet_text = f"{jax_time / 1024 * 1e6:13.2f} {jax_time / taylor:12.2f}x"
+            jet_text = f"{jax_time / 1024 * 1e6:9.2f} {jax_time / min(taylor, xla):6.2f}x"
         print(f"{'order ' + str(order):26s} {tape_text} {taylor / 1024 * 1e6:12.2f} {taylor_trace:8.1f} "
-              f"{taylor / forward:7.1f} {ratio} {eager_text} {jet_text}")
+              f"{taylor / forward:6.1f} {ratios[0]} {xla / 1024 * 1e6:9.2f} {xla_trace:8.1f} {ratios[1]} "
+              f"{eager_text} {jet_text}")
     laplacian_section(arguments.quick)
 
 

@@ -369,7 +369,7 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
         options.shard, batch_size,
     )
-    kernel = make_kernel(model, planned, options.device, options.engine)
+    kernel = make_kernel(model, planned, options.device, options.engine, points=source.total)
     writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
     advance, stop = _progress(source.total, batch_size, options.quiet)
     try:

@@ -42,8 +42,10 @@ from derivcli.writers import Layout, Writer
 # Points per batch when --batch-size is not given: large enough to keep the
 # compiled kernel busy, small enough for high orders on a laptop.
 DEFAULT_BATCH_SIZE = 4096
-# Taylor series of this order and above are compiled with XLA.
+# Taylor series of this order and above are compiled with XLA, for this many points and more
+# (or a stream of unknown length).
 XLA_FROM_ORDER = 4
+XLA_FROM_POINTS = 100_000
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
 AUTO_MIXED_FROM = 6
@@ -214,8 +216,13 @@ class RunSummary:
         self.rows += len(values)
 
 
-def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine: str = "auto") -> Any:
+def make_kernel(
+    model: LoadedModel, planned: Plan, device: str = "auto", engine: str = "auto", points: int | None = None,
+) -> Any:
     """The compiled kernel for a plan, on the device chosen by `--device`.
+
+    `points`: how many points it will see, when known; it decides whether XLA's
+    compilation time pays for itself.
 
     `engine`: `tape` (nested reverse mode only), `taylor` (pure derivatives of
     order >= 2 by Taylor series; a usage error when the model is not covered),
@@ -239,10 +246,12 @@ def make_kernel(model: LoadedModel, planned: Plan, device: str = "auto", engine:
             AUTO_MIXED_FROM if model.dtype == "float64" else None)
     # Measured (bench/bench_derivatives.py): XLA halves the time of high-order Taylor series,
     # whose many small elementwise ops it fuses, and slows GEMM-bound low orders and Laplacians.
+    # Its compilation takes about a second, which pays off from about 1e5 points.
     # Only when Taylor series serve every derivative beyond the first: XLA cannot differentiate
     # its own gradients (nested tapes through a Concatenate fail under it).
     jit = (
         program is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
+        and (points is None or points >= XLA_FROM_POINTS)
         and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1
                                               or interpolates(c.partial, interpolate_from))
                 for c in planned.columns)
@@ -528,7 +537,7 @@ def evaluate(
     coordinates = np.asarray(points, dtype=np.float64).reshape(-1, len(model.coordinate_names))
     planned = plan(model, request)
     names = planned.names
-    kernel = make_kernel(model, planned, device)
+    kernel = make_kernel(model, planned, device, points=len(coordinates))
     dtype = np.dtype(model.dtype)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
