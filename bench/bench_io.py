@@ -4,6 +4,8 @@
 
 On the same model and the same batches it prints rows per second of:
 - the kernel alone (points already in memory, results discarded);
+- the command's pipeline in the same process (read the CSV, compute, write CSV
+  or NPZ), interleaved with the kernel runs;
 - the installed command reading a CSV file and writing CSV, then NPZ;
 - the same minus the command's fixed start-up (TensorFlow import, model load,
   tracing), measured by a one-row run;
@@ -50,18 +52,40 @@ def build_mlp(path: Path, width: int, depth: int) -> str:
     return str(path)
 
 
-def kernel_seconds(model_path: str, rows: int) -> float:
+def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int) -> dict[str, float]:
+    """Best of 3 interleaved rounds: the bare kernel, and the command's pipeline (CSV in, CSV or NPZ out).
+
+    The pipeline is the command less its fixed start-up, timed in one process, so
+    that the machine's drift from run to run does not enter the ratio.
+    """
     from derivcli.models import load_model
-    from derivcli.run import DerivativeRequest, make_kernel, plan
+    from derivcli.points import CsvSource
+    from derivcli.run import DerivativeRequest, compute, layout_for, make_kernel, plan
+    from derivcli.writers import open_writer
 
     model = load_model(model_path)
-    kernel = make_kernel(model, plan(model, DerivativeRequest(jacobian=True)))
+    planned = plan(model, DerivativeRequest(jacobian=True))
+    kernel = make_kernel(model, planned)
     points = np.random.default_rng(0).uniform(-2, 2, (rows, 2)).astype(np.float32)
     kernel(points[:BATCH])
-    start = time.perf_counter()
-    for i in range(0, rows, BATCH):
-        kernel(points[i : i + BATCH])
-    return time.perf_counter() - start
+
+    def bare() -> None:
+        for i in range(0, rows, BATCH):
+            kernel(points[i : i + BATCH])
+
+    def pipeline(suffix: str) -> None:
+        source = CsvSource(str(csv_path), model.coordinate_names)
+        writer = open_writer(suffix, layout_for(model, source, planned.names), str(folder / f"pipeline.{suffix}"))
+        compute(model, source, kernel, planned.names, writer, BATCH)
+
+    runs = {"kernel": bare, "csv": lambda: pipeline("csv"), "npz": lambda: pipeline("npz")}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(3):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def command_seconds(model_path: str, csv_path: Path, output: Path) -> tuple[float, str]:
@@ -89,18 +113,22 @@ def main() -> None:
                   (build_mlp(Path(folder) / "mlp.keras", 128, 3), "2-128x3-1 tanh MLP (33,665 parameters)")]
         print(f"grad, {rows:,} rows, batches of {BATCH}")
         for model_path, title in models:
-            kernel = kernel_seconds(model_path, rows)
+            timed = in_process_seconds(model_path, data, Path(folder), rows)
+            kernel = timed["kernel"]
             print(f"\n{title}")
-            print(f"{'what':28s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
-            print(f"{'kernel alone':28s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
+            print(f"{'what':34s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
+            print(f"{'kernel alone':34s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
+            for suffix in ("csv", "npz"):
+                print(f"{'CSV to ' + suffix + ', in process':34s} {timed[suffix]:8.2f} {rows / timed[suffix]:12,.0f} "
+                      f"{timed[suffix] / kernel:9.2f} {'-':>9s}")
             for suffix in (".csv", ".npz"):
                 # The best of two runs each: start-up alone varies by a second from run to run.
                 startup = min(command_seconds(model_path, one, Path(folder) / f"startup{suffix}")[0] for _ in range(2))
                 whole, peak = min(command_seconds(model_path, data, Path(folder) / f"out{suffix}") for _ in range(2))
                 streaming = whole - startup
-                print(f"{'command, CSV to ' + suffix[1:]:28s} {whole:8.2f} {rows / whole:12,.0f} "
+                print(f"{'command, CSV to ' + suffix[1:]:34s} {whole:8.2f} {rows / whole:12,.0f} "
                       f"{whole / kernel:9.2f} {peak:>9s}")
-                print(f"{'  less start-up (' + f'{startup:.1f} s)':28s} {streaming:8.2f} {rows / streaming:12,.0f} "
+                print(f"{'  less start-up (' + f'{startup:.1f} s)':34s} {streaming:8.2f} {rows / streaming:12,.0f} "
                       f"{streaming / kernel:9.2f} {'':>9s}")
 
 
