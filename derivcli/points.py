@@ -296,17 +296,18 @@ class CsvSource(PointSource):
         import pyarrow as pa
         import pyarrow.csv as arrow_csv
 
-        names = [f"c{i}" for i in range(len(self.header))]
-        try:
-            table = arrow_csv.read_csv(
-                io.BytesIO(chunk),
-                read_options=arrow_csv.ReadOptions(column_names=names, use_threads=False),
-                convert_options=arrow_csv.ConvertOptions(
+        if not hasattr(self, "arrow_options"):  # built once per file, not per chunk
+            names = [f"c{i}" for i in range(len(self.header))]
+            self.arrow_options = {
+                "read_options": arrow_csv.ReadOptions(column_names=names, use_threads=False),
+                "convert_options": arrow_csv.ConvertOptions(
                     column_types={names[p]: pa.string() for p in self.passthrough_positions}
                     | {names[p]: pa.float64() for p in self.input_positions},
                     null_values=[], strings_can_be_null=False,
                 ),
-            )
+            }
+        try:
+            table = arrow_csv.read_csv(io.BytesIO(chunk), **self.arrow_options)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             table = None
         if table is not None and not any(table.column(p).null_count for p in self.input_positions):

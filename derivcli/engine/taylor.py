@@ -386,7 +386,7 @@ class _Pusher:
         if kind == "Sigmoid":  # sigmoid' = s (1 - s)
             return self.compose(u, first, lambda s, k: s[k] - self.cauchy(s, s, k))
         if kind == "Exp":
-            return self.compose(u, first, lambda s, k: s[k])
+            return self.exp_series(u)
         if kind == "Expm1":  # (e^u - 1)' = e^u
             return self.compose(u, first, lambda s, k: s[k] + (one if k == 0 else 0.0))
         if kind == "Softplus":  # softplus' = sigmoid
