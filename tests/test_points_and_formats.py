@@ -6,6 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from derivcli.writers import read_columns
 
@@ -213,6 +216,82 @@ def test_formatted_floats_are_shortest_and_round_trip(dtype):
         return text.split("e")[0].replace("-", "").replace(".", "").strip("0")
 
     assert all(len(digits(c)) <= len(digits(str(v))) for c, v in zip(cells[:-3], values))
+
+
+def arrow_rows(block, delimiter=","):
+    """The reference spelling: Arrow's formatter, cell by cell."""
+    from derivcli.writers import format_floats
+
+    return "".join(delimiter.join(row) + "\n" for row in zip(*format_floats(block))).encode()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bulk_rows_match_arrow_in_every_decade(dtype):
+    """The orjson rows are Arrow's text byte for byte, from subnormals to 1e10; and they are used."""
+    from derivcli.writers import ryu_rows
+
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(1)
+    decades = np.arange(int(np.log10(info.smallest_subnormal)), 10)
+    mantissas = rng.uniform(1, 10, (len(decades), 300))
+    rounded = np.round(mantissas * 100) / 100  # short digit strings, as in 2.5e-7 or 0.25
+    values = (np.concatenate([mantissas, rounded], axis=1) * 10.0 ** decades[:, None]).ravel()
+    values = np.concatenate([values, -values, [0.0, -0.0, 1.0, 1e-5, 9.999999e9]]).astype(dtype)
+    values = values[np.isfinite(values)]
+    band = (1e-6, 1e-5) if dtype == np.float64 else (0.0, 0.0)
+    inside = (np.abs(values) < band[0]) | (np.abs(values) >= band[1])
+    for block in (values[inside].reshape(-1, 1), values[inside][: len(values[inside]) // 3 * 3].reshape(-1, 3)):
+        fast = ryu_rows(block, ",")
+        assert fast is not None
+        assert fast == arrow_rows(block)
+    assert ryu_rows(values[inside][:, None], "\t") == arrow_rows(values[inside][:, None], "\t")
+
+
+@pytest.mark.parametrize("awkward", [np.nan, np.inf, -np.inf, 1e10, -3.5e12, 2.5e-6])
+def test_bulk_rows_leave_awkward_values_to_arrow(awkward):
+    """NaN, Inf and the magnitudes where the two spellings part are refused, so Arrow writes them."""
+    from derivcli.writers import ryu_rows
+
+    block = np.array([[0.5, awkward], [1.0, 2.0]])
+    assert ryu_rows(block, ",") is None
+    assert ryu_rows(np.array([[0.5, 2.5e-6]], np.float32), ",") is not None  # float32 agrees there
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    width=st.sampled_from([32, 64]),
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 5)),
+)
+def test_bulk_rows_match_arrow_on_random_floats(data, width, shape):
+    """Any float array: either the bulk text equals Arrow's, or the bulk path declines."""
+    from derivcli.writers import ryu_rows
+
+    dtype = np.float32 if width == 32 else np.float64
+    moderate = st.floats(-1e9, 1e9, width=width)  # arrays the bulk path takes, most of the time
+    elements = data.draw(st.sampled_from([st.floats(width=width), moderate]))
+    block = data.draw(hnp.arrays(dtype, shape, elements=elements))
+    fast = ryu_rows(block, ",")
+    if fast is not None:
+        assert fast == arrow_rows(block)
+
+
+def test_csv_writer_is_the_same_whichever_path_formats_a_batch(tmp_path):
+    """Batches that take the bulk path and batches that fall back join into one seamless file."""
+    from derivcli.writers import Layout, open_writer
+
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((50, 3)) for _ in range(4)]
+    batches[2][7, 1] = np.nan  # this batch falls back to Arrow
+    layout = Layout(["x0"], [], ["y", "dy/dx0"], np.dtype(np.float32))
+    for delimiter, suffix in ((",", "csv"), ("\t", "tsv")):
+        writer = open_writer(suffix, layout, str(tmp_path / f"o.{suffix}"))
+        for block in batches:
+            writer.write(block[:, :1], [], block[:, 1:])
+        writer.close()
+        expected = delimiter.join(layout.header) + "\n"
+        expected += b"".join(arrow_rows(block.astype(np.float32), delimiter) for block in batches).decode()
+        assert (tmp_path / f"o.{suffix}").read_text() == expected
 
 
 def test_csv_pass_through_cells_keep_their_text(model_factory, cli, tmp_path):
