@@ -321,16 +321,20 @@ def compute(
     dtype = np.dtype(model.dtype)
     # Three stages overlap: a thread parses the next batch and another formats
     # the last one while the kernel runs; TensorFlow and Arrow release the GIL.
+    # The kernel's thread does nothing else, the summary included.
+    def write_and_summarize(coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        writer.write(coordinates, passthrough, values)
+        summary.update(coordinates, values)
+
     reading = Prefetcher(source.batches(batch_size))
-    writing = InOrder(writer.write)
+    writing = InOrder(write_and_summarize)
     try:
-        for batch in reading:
+        for index, batch in enumerate(reading):
             coordinates = batch.coordinates.astype(dtype)
-            if summary.rows == 0:
+            if index == 0:
                 check_batch_independence(model, coordinates)
             values = run_in_halves(kernel, coordinates)
             writing.submit(coordinates, batch.passthrough, values)
-            summary.update(coordinates, values)
             if progress is not None:
                 progress(len(coordinates))
         writing.finish()
