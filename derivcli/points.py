@@ -27,6 +27,8 @@ from derivcli.specs import AtPoint, GridAxis
 # Above this many points a grid is refused: it would run for days, and it is
 # almost always a typo (an extra zero in NUM).
 MAX_GRID_POINTS = 10**10
+# Bytes per read of a CSV: Arrow parses blocks of this size in one call, without the GIL.
+READ_BLOCK = 1 << 20
 
 
 @dataclass
@@ -76,8 +78,7 @@ class ShardSource(PointSource):
         index, count = shard
         batches = -(-source.total // batch_size)
         self.first_batch = index * batches // count
-        # The last shard takes whatever follows, so that no row can fall off the end
-        # (a CSV's blank lines make its raw batches outnumber its counted rows).
+        # The last shard takes whatever follows, so that no row can fall off the end.
         self.end_batch = (index + 1) * batches // count if index < count - 1 else math.inf
         end_row = source.total if index == count - 1 else min(int(self.end_batch) * batch_size, source.total)
         self.total = max(0, end_row - self.first_batch * batch_size)
@@ -200,7 +201,7 @@ class CsvSource(PointSource):
     ) -> None:
         self.label = "standard input" if path == "-" else path
         if path == "-":
-            self.binary: IO[bytes] = _stdin_binary()
+            self.binary: io.BufferedIOBase = _stdin_binary()
         else:
             try:
                 self.binary = open(path, "rb")  # noqa: SIM115
@@ -246,9 +247,11 @@ class CsvSource(PointSource):
                 raw = raw[len(codecs.BOM_UTF8):]
             if not _plain(raw):
                 self._hand_over(raw, self.lines_read - 1)
-                rows, _ = self._read_rows(1)
+                rows, lines = self._read_rows(1)
                 while rows and not "".join(rows[0]).strip():
-                    rows, _ = self._read_rows(1)
+                    rows, lines = self._read_rows(1)
+                if rows and not _encodes("".join(rows[0])):
+                    raise RunError(f"{self.label}, row {lines[0]}: not UTF-8 text")
                 return rows[0] if rows else None
             row = next(csv.reader([self._decode(raw, self.lines_read)]), [])
             if "".join(row).strip():
@@ -270,25 +273,22 @@ class CsvSource(PointSource):
         self.reader = csv.reader(stream, strict=True)
 
     def _read_rows(self, count: int) -> tuple[list[list[str]], list[int]]:
-        """Up to `count` rows from the csv module and the line on which each ends.
+        """Up to `count` rows from the csv module, and the line on which each ends.
 
-        A row's line is known without asking per row whenever each row of the
-        chunk is one line (no quoted line breaks), which is the common case.
+        A csv error (a stray quote) is raised after the rows before it are
+        parsed, so that errors are reported in line order.
         """
         reader = self.reader
-        first_line = reader.line_num
+        rows: list[list[str]] = []
+        lines: list[int] = []
         try:
-            rows = list(itertools.islice(reader, count))
+            for row in itertools.islice(reader, count):
+                rows.append(row)
+                lines.append(self.line_offset + reader.line_num)
         except csv.Error as error:
-            raise RunError(f"{self.label}, row {self.line_offset + reader.line_num}: {error}") from None
-        if reader.line_num - first_line == len(rows):
-            lines = list(range(self.line_offset + first_line + 1, self.line_offset + reader.line_num + 1))
-        else:  # a quoted field spans lines: report the last line of the chunk
-            lines = [self.line_offset + reader.line_num] * len(rows)
-        # Bytes that are not UTF-8 were decoded as lone surrogates, which cannot be encoded back.
-        if not _encodes("".join(itertools.chain.from_iterable(rows))):
-            line = next(line for row, line in zip(rows, lines) if not _encodes("".join(row)))
-            raise RunError(f"{self.label}, row {line}: not UTF-8 text")
+            message = f"{self.label}, row {self.line_offset + reader.line_num}: {error}"
+            self._parse(rows, lines)  # names an earlier bad row first
+            raise RunError(message) from None
         return rows, lines
 
     def _parse_plain(self, chunk: bytes, first_line: int, count: int) -> PointBatch | None:
@@ -320,14 +320,14 @@ class CsvSource(PointSource):
                     return None
                 passthrough = [table.column(p).to_pylist() for p in self.passthrough_positions]
                 return PointBatch(coordinates, passthrough)
-        lines = [self._decode(raw, first_line + i) for i, raw in enumerate(chunk.splitlines(keepends=True))]
-        rows = list(csv.reader(lines))
+        # Not UTF-8 decodes to lone surrogates here, which `_parse` reports in line order.
+        rows = list(csv.reader(chunk.decode("utf-8", "surrogateescape").splitlines(keepends=True)))
         return self._parse(rows, list(range(first_line, first_line + count)))
 
     def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
         """Bulk-parses a chunk of rows; on any doubt, the careful per-row path."""
         width = len(self.header)
-        if set(map(len, rows)) == {width}:
+        if set(map(len, rows)) == {width} and _encodes("".join(itertools.chain.from_iterable(rows))):
             pick = operator.itemgetter(*self.input_positions)
             inputs = rows if self.input_positions == list(range(width)) else list(map(pick, rows))
             try:
@@ -340,22 +340,27 @@ class CsvSource(PointSource):
         return self._parse_carefully(rows, line_numbers)
 
     def _parse_carefully(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
-        """Drops blank rows, then names the first bad row or cell exactly."""
-        kept = [(row, line) for row, line in zip(rows, line_numbers) if "".join(row).strip()]
-        if not kept:
-            return None
+        """Drops blank rows, then names the first bad row or cell exactly, in line order."""
         width = len(self.header)
-        for row, line in kept:
+        coordinates: list[list[float]] = []
+        kept: list[list[str]] = []
+        for row, line in zip(rows, line_numbers):
+            text = "".join(row)
+            # Bytes that are not UTF-8 were decoded as lone surrogates, which cannot be encoded back.
+            if not _encodes(text):
+                raise RunError(f"{self.label}, row {line}: not UTF-8 text")
+            if not text.strip():
+                continue
             if len(row) != width:
                 raise RunError(f"{self.label}, row {line}: {len(row)} field(s), the header has {width}")
-        # NumPy's bulk parse refused a cell: Python's float() names the culprit
-        # (and accepts a few spellings NumPy does not).
-        coordinates = np.array([
-            [self._cell(row[position], line, j) for j, position in enumerate(self.input_positions)]
-            for row, line in kept
-        ], dtype=np.float64).reshape(len(kept), len(self.input_positions))
-        passthrough = [[row[p] for row, _ in kept] for p in self.passthrough_positions]
-        return PointBatch(coordinates, passthrough)
+            # NumPy's bulk parse refused a cell: Python's float() names the culprit
+            # (and accepts a few spellings NumPy does not).
+            coordinates.append([self._cell(row[position], line, j) for j, position in enumerate(self.input_positions)])
+            kept.append(row)
+        if not kept:
+            return None
+        passthrough = [[row[p] for row in kept] for p in self.passthrough_positions]
+        return PointBatch(np.array(coordinates, dtype=np.float64).reshape(len(kept), len(self.input_positions)), passthrough)
 
     def _cell(self, cell: str, line: int, position: int) -> float:
         try:
@@ -366,33 +371,72 @@ class CsvSource(PointSource):
             ) from None
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        """Batches of exactly `batch_size` rows (the last one shorter), whatever the blank lines
+        and however the input arrives, so that a run's batches depend on its rows alone."""
         try:
-            while self.reader is None:
-                first_line = self.lines_read + 1
-                lines = list(itertools.islice(self.binary, batch_size))
-                chunk = b"".join(lines)
-                if not _plain(chunk):
-                    self._hand_over(chunk, first_line - 1)
-                    break
-                self.lines_read += len(lines)
-                batch = self._parse_plain(chunk, first_line, len(lines)) if lines else None
-                if batch is not None:
-                    yield batch
-                if len(lines) < batch_size:
-                    return
-            while True:
-                rows, row_lines = self._read_rows(batch_size)
-                batch = self._parse(rows, row_lines) if rows else None
-                if batch is not None:
-                    yield batch
-                if len(rows) < batch_size:
-                    return
+            yield from rebatch(self._blocks(batch_size), batch_size)
         finally:
             if self.binary is not getattr(sys.stdin, "buffer", None):
                 self.binary.close()
 
+    def _blocks(self, batch_size: int) -> Iterator[PointBatch]:
+        """Parsed rows in blocks of any size: whole plain blocks by Arrow, then the csv module's batches."""
+        pending = b""  # the start of a line not yet complete
+        at_end = False
+        while self.reader is None and not (at_end and not pending):
+            # Read until the block holds a batch's worth of lines (a pipe gives what it has).
+            reads, newlines = [pending], 0
+            while not at_end and newlines < batch_size:
+                data = self.binary.read1(READ_BLOCK)
+                at_end = not data
+                reads.append(data)
+                newlines += data.count(b"\n")
+            pending = b"".join(reads)
+            cut = len(pending) if at_end else pending.rfind(b"\n") + 1
+            special = _first_special(pending, cut)  # a quote or a bare CR: the csv module's work
+            if special is not None:
+                cut = pending.rfind(b"\n", 0, special) + 1
+            block, pending = pending[:cut], pending[cut:]
+            first_line = self.lines_read + 1
+            self.lines_read += block.count(b"\n")
+            if block and not block.endswith(b"\n"):  # the last line, with no line break
+                self.lines_read += 1
+            batch = self._parse_plain(block, first_line, self.lines_read - first_line + 1) if block else None
+            if batch is not None:
+                yield batch
+            if special is not None:
+                self._hand_over(pending, self.lines_read)
+        while self.reader is not None:
+            rows, row_lines = self._read_rows(batch_size)
+            batch = self._parse(rows, row_lines) if rows else None
+            if batch is not None:
+                yield batch
+            if len(rows) < batch_size:
+                return
 
-def _stdin_binary() -> IO[bytes]:
+
+def rebatch(blocks: Iterator[PointBatch], batch_size: int) -> Iterator[PointBatch]:
+    """The rows of `blocks`, of any sizes, in batches of exactly `batch_size` (the last one shorter)."""
+    parts: list[PointBatch] = []
+    rows = 0
+    for block in itertools.chain(blocks, [None]):
+        if block is not None:
+            parts.append(block)
+            rows += len(block.coordinates)
+            if rows < batch_size:
+                continue
+        if not rows:
+            return
+        coordinates = np.concatenate([part.coordinates for part in parts])
+        passthrough = [list(itertools.chain.from_iterable(column)) for column in zip(*(part.passthrough for part in parts))]
+        whole = rows - rows % batch_size if block is not None else rows
+        for start in range(0, whole, batch_size):
+            yield PointBatch(coordinates[start : start + batch_size], [c[start : start + batch_size] for c in passthrough])
+        parts = [PointBatch(coordinates[whole:], [c[whole:] for c in passthrough])]
+        rows -= whole
+
+
+def _stdin_binary() -> io.BufferedIOBase:
     """Standard input as bytes, in a buffer of its own.
 
     Batches are read in a background thread; were it blocked in a read of
@@ -417,6 +461,18 @@ def _encodes(text: str) -> bool:
 def _plain(raw: bytes) -> bool:
     """True when `raw` lines hold no quote character and no bare carriage return."""
     return b'"' not in raw and raw.count(b"\r") == raw.count(b"\r\n")
+
+
+def _first_special(raw: bytes, end: int) -> int | None:
+    """The position of the first quote character or bare carriage return in `raw[:end]`, if any."""
+    positions = [raw.find(b'"', 0, end)]
+    if raw.count(b"\r", 0, end) != raw.count(b"\r\n", 0, end):
+        position = raw.find(b"\r", 0, end)
+        while raw.startswith(b"\r\n", position):
+            position = raw.find(b"\r", position + 2, end)
+        positions.append(position)
+    found = [position for position in positions if position >= 0]
+    return min(found) if found else None
 
 
 class _Prefixed(io.RawIOBase):

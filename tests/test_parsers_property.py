@@ -89,32 +89,40 @@ def test_random_csv_gives_rows_or_a_one_line_error(tmp_path_factory, rows, bom, 
             assert value == expected or (math.isnan(value) and math.isnan(expected))
 
 
-def _read_csv(path, fast: bool):
-    """Every batch of a CSV, or the error's message; `fast=False` forces the csv-module path."""
+def _read_csv(path, fast: bool, read_block: int = 1 << 20):
+    """Every batch of a CSV, or the error's message; `fast=False` forces the csv-module path.
+
+    `read_block` bytes per read: small ones cut lines across reads, as a pipe does.
+    """
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("derivcli.points.READ_BLOCK", read_block)
         if not fast:
             patch.setattr("derivcli.points._plain", lambda raw: False)
         try:
             source = CsvSource(str(path), ["x0", "x1"])
-            return [(b.coordinates.tolist(), b.passthrough) for b in source.batches(3)]
+            batches = [(b.coordinates.tolist(), b.passthrough) for b in source.batches(3)]
         except DerivcliError as error:
             return error.message
+    assert all(len(rows) == 3 for rows, _ in batches[:-1])  # whole batches, whatever the blank lines
+    return batches
 
 
 raw_cells = st.one_of(
     finite.map(repr),
-    st.sampled_from([b"nan", b"nan(123)", b"-nan", b"1_0", b"\xd9\xa1", b"1e400", b" 1", b"", b"\xff", b"1.5f", b".5", b"5."]),
+    st.sampled_from([b"nan", b"nan(123)", b"-nan", b"1_0", b"\xd9\xa1", b"1e400", b" 1", b"", b"\xff", b"1.5f", b".5", b"5.",
+                     b'"2"', b'"a,b"', b'"x\ny"', b'"open', b'x"y', b"3\r", b"\r4"]),
     st.text(alphabet="0123456789.e+-naif ", max_size=6),
 ).map(lambda c: c if isinstance(c, bytes) else c.encode())
 
 
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(st.one_of(st.lists(raw_cells, min_size=1, max_size=4).map(b",".join), st.just(b"")), max_size=10),
-       crlf=st.booleans())
-def test_bulk_csv_path_agrees_with_the_csv_module(tmp_path_factory, lines, crlf):
-    """Arrow's bulk parse gives exactly the rows, values and errors of the careful csv-module path."""
+       crlf=st.booleans(), read_block=st.sampled_from([1, 5, 16, 1 << 20]))
+def test_bulk_csv_path_agrees_with_the_csv_module(tmp_path_factory, lines, crlf, read_block):
+    """Arrow's bulk parse gives exactly the rows, values and errors of the careful csv-module path,
+    however the input is cut into reads."""
     end = b"\r\n" if crlf else b"\n"
     path = tmp_path_factory.mktemp("csv") / "points.csv"
     path.write_bytes(b"x0,x1,note" + end + b"".join(line + end for line in lines))
-    fast, careful = _read_csv(path, True), _read_csv(path, False)
+    fast, careful = _read_csv(path, True, read_block), _read_csv(path, False)
     assert repr(fast) == repr(careful)  # repr: NaN == NaN
