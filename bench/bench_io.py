@@ -5,7 +5,8 @@
 On the same model and the same batches it prints rows per second of:
 - the kernel alone (points already in memory, results discarded);
 - the command's pipeline in the same process (read the CSV, compute, write CSV
-  or NPZ), interleaved with the kernel runs;
+  or NPZ), interleaved with the kernel runs; its ratio is the median over 5
+  rounds of each run against the kernel run of its round;
 - the installed command reading a CSV file and writing CSV, then NPZ;
 - the same minus the command's fixed start-up (TensorFlow import, model load,
   tracing), measured by a one-row run;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,11 +54,12 @@ def build_mlp(path: Path, width: int, depth: int) -> str:
     return str(path)
 
 
-def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int) -> dict[str, float]:
-    """Best of 3 interleaved rounds: the bare kernel, and the command's pipeline (CSV in, CSV or NPZ out).
+def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int) -> dict[str, list[float]]:
+    """5 interleaved rounds of the bare kernel and the command's pipeline (CSV in, CSV or NPZ out).
 
-    The pipeline is the command less its fixed start-up, timed in one process, so
-    that the machine's drift from run to run does not enter the ratio.
+    The pipeline is the command less its fixed start-up, timed in one process, and
+    each pipeline run is compared with the kernel run next to it, so that the
+    machine's drift from run to run does not enter the ratio.
     """
     from derivcli.models import load_model
     from derivcli.points import CsvSource
@@ -79,13 +82,13 @@ def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int)
         compute(model, source, kernel, planned.names, writer, BATCH)
 
     runs = {"kernel": bare, "csv": lambda: pipeline("csv"), "npz": lambda: pipeline("npz")}
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(3):
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(5):
         for name, run in runs.items():
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def command_seconds(model_path: str, csv_path: Path, output: Path) -> tuple[float, str]:
@@ -114,13 +117,17 @@ def main() -> None:
         print(f"grad, {rows:,} rows, batches of {BATCH}")
         for model_path, title in models:
             timed = in_process_seconds(model_path, data, Path(folder), rows)
-            kernel = timed["kernel"]
+            kernel = min(timed["kernel"])
             print(f"\n{title}")
             print(f"{'what':34s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
-            print(f"{'kernel alone':34s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
+            print(f"{'kernel alone (best of 5)':34s} {kernel:8.2f} {rows / kernel:12,.0f} {1.0:9.2f} {'-':>9s}")
             for suffix in ("csv", "npz"):
-                print(f"{'CSV to ' + suffix + ', in process':34s} {timed[suffix]:8.2f} {rows / timed[suffix]:12,.0f} "
-                      f"{timed[suffix] / kernel:9.2f} {'-':>9s}")
+                best = min(timed[suffix])
+                # The ratio: the median over rounds of each run against its round's kernel.
+                ratio = statistics.median(a / b for a, b in zip(timed[suffix], timed["kernel"]))
+                spread = ", ".join(f"{a / b:.2f}" for a, b in zip(timed[suffix], timed["kernel"]))
+                print(f"{'CSV to ' + suffix + ', in process':34s} {best:8.2f} {rows / best:12,.0f} "
+                      f"{ratio:9.2f} {'-':>9s}   rounds: {spread}")
             for suffix in (".csv", ".npz"):
                 # The best of two runs each: start-up alone varies by a second from run to run.
                 startup = min(command_seconds(model_path, one, Path(folder) / f"startup{suffix}")[0] for _ in range(2))
