@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,9 @@ ShardOption = Annotated[
     typer.Option("--shard", help="K/N: only the K-th of N slices of the points, for array jobs; join with merge.", show_default=False),
 ]
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
+TimingsOption = Annotated[
+    bool, typer.Option("--timings", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
+]
 
 
 @dataclass
@@ -212,6 +216,7 @@ class CommonOptions:
     max_abs: float | None
     strict: bool
     shard: tuple[int, int] | None
+    timings: bool = False
 
 
 # (name, annotation, default) of the options shared by every computing command,
@@ -236,6 +241,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("max_abs", MaxAbsOption, None),
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
+    ("timings", TimingsOption, False),
     ("traceback", TracebackOption, False),
 ]
 
@@ -288,7 +294,7 @@ def _common(
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
     columns: str | None, npz: str | None, format: str | None, output: str | None,
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
-    max_abs: float | None, strict: bool,
+    max_abs: float | None, strict: bool, timings: bool = False,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -316,6 +322,7 @@ def _common(
         max_abs=max_abs,
         strict=strict,
         shard=parse_shard(shard) if shard else None,
+        timings=timings,
     )
 
 
@@ -351,10 +358,12 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
     from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
     from derivcli.writers import open_writer
 
+    started = time.perf_counter()
     model = load_model(
         options.model, options.custom_objects, options.unsafe, options.dtype,
         options.names, options.output_names,
     )
+    loaded = time.perf_counter()
     planned = plan(model, request)
     if planned.highest_order >= 2 and not options.quiet:
         from derivcli.diagnose import smoothness_verdict
@@ -371,14 +380,46 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
     )
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.total)
     writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
-    advance, stop = _progress(source.total, batch_size, options.quiet)
+    advance_bar, stop = _progress(source.total, batch_size, options.quiet)
+    first_batch: list[tuple[float, int]] = []  # when the first batch was computed, and its points
+
+    def advance(points: int) -> None:
+        if not first_batch:
+            first_batch.append((time.perf_counter(), points))
+        if advance_bar is not None:
+            advance_bar(points)
+
+    computing = time.perf_counter()
     try:
         summary = compute(model, source, kernel, planned.names, writer, batch_size, advance)
     finally:
         stop()
+    if options.timings:
+        _print_timings(loaded - started, computing, first_batch, time.perf_counter(), summary.rows)
     _report(options, model, summary)
     _gate(options, model, summary, planned.first_gated)
     return summary
+
+
+def _print_timings(load: float, computing: float, first_batch: list[tuple[float, int]], finished: float,
+                   rows: int) -> None:
+    """`--timings`: one line on standard error that tells start-up from the streaming rate.
+
+    Args:
+        load: seconds to load the model, TensorFlow's import included.
+        computing: when the points started to flow.
+        first_batch: when the first batch was computed, and its points (empty: no points).
+        finished: when the last row was written.
+        rows: the points computed.
+    """
+    parts = [f"model loaded in {load:.2f} s (TensorFlow import included)"]
+    if first_batch:
+        first_done, first_points = first_batch[0]
+        parts.append(f"first batch of {first_points:,} point(s) in {first_done - computing:.2f} s (tracing included)")
+        rest, seconds = rows - first_points, finished - first_done
+        if rest:
+            parts.append(f"the other {rest:,} in {seconds:.2f} s ({rest / max(seconds, 1e-9):,.0f} points/s)")
+    sys.stderr.write("derivcli: timings: " + "; ".join(parts) + "\n")
 
 
 def _report(options: CommonOptions, model: Any, summary: Any) -> None:

@@ -305,3 +305,15 @@ def test_csv_pass_through_cells_keep_their_text(model_factory, cli, tmp_path):
     result = cli("grad", path, "--csv", data)
     assert result.stdout.splitlines()[1].split(",", 2)[2].startswith('"a,b",')
     assert read_csv(result.stdout)["note"] == ["a,b", 'say "hi"']
+
+
+def test_timings_tell_start_up_from_streaming(model_factory, cli):
+    """--timings: one stderr line with the first batch and the other points counted; stdout unchanged."""
+    _, path = model_factory("tanh", 2, 1)
+    plain = cli("grad", path, "--grid", "-1:1:5", "--grid", "x1=0:1:2", "--batch-size", "4")
+    timed = cli("grad", path, "--grid", "-1:1:5", "--grid", "x1=0:1:2", "--batch-size", "4", "--timings")
+    assert timed.exit_code == 0, timed.stderr
+    assert timed.stdout == plain.stdout
+    (line,) = timed.stderr.splitlines()
+    assert line.startswith("derivcli: timings: model loaded in ")
+    assert "first batch of 4 point(s) in " in line and "; the other 6 in " in line and line.endswith(" points/s)")
