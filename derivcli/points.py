@@ -320,8 +320,11 @@ class CsvSource(PointSource):
                     return None
                 passthrough = [table.column(p).to_pylist() for p in self.passthrough_positions]
                 return PointBatch(coordinates, passthrough)
-        # Not UTF-8 decodes to lone surrogates here, which `_parse` reports in line order.
-        rows = list(csv.reader(chunk.decode("utf-8", "surrogateescape").splitlines(keepends=True)))
+        # Lines are split as bytes: str.splitlines would also break at U+0085, U+2028 and
+        # other characters that the csv module keeps inside a cell. Not UTF-8 decodes to
+        # lone surrogates, which `_parse` reports in line order.
+        lines = chunk.splitlines(keepends=True)
+        rows = list(csv.reader(line.decode("utf-8", "surrogateescape") for line in lines))
         return self._parse(rows, list(range(first_line, first_line + count)))
 
     def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:

@@ -317,3 +317,17 @@ def test_timings_tell_start_up_from_streaming(model_factory, cli):
     (line,) = timed.stderr.splitlines()
     assert line.startswith("derivcli: timings: model loaded in ")
     assert "first batch of 4 point(s) in " in line and "; the other 6 in " in line and line.endswith(" points/s)")
+
+
+def test_unicode_line_separators_stay_inside_their_cells(model_factory, cli, tmp_path):
+    """U+0085 and U+2028 are not line breaks in CSV: no row is split, dropped or renumbered."""
+    _, path = model_factory("tanh", 2, 1)
+    data = tmp_path / "p.csv"
+    data.write_text("x0,x1,note\n0.5,1,a\u2028b\n1,2,c\x85d\n", encoding="utf-8")
+    result = cli("grad", path, "--csv", data)
+    assert result.exit_code == 0, result.stderr
+    assert read_csv(result.stdout)["note"] == ["a\u2028b", "c\x85d"]
+    data.write_text("x0,x1,note\n0,0,\n\x85,0,\n", encoding="utf-8")
+    result = cli("grad", path, "--csv", data)
+    assert result.exit_code == 1
+    assert "row 3, column 'x0': '\\x85' is not a number" in result.stderr
