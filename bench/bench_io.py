@@ -9,7 +9,8 @@ On the same model and the same batches it prints rows per second of:
   rounds of each run against the kernel run of its round;
 - the installed command reading a CSV file and writing CSV, then NPZ;
 - the same after its first batch, that is without its fixed start-up
-  (TensorFlow import, model load, tracing), as the command's `--timings` reports;
+  (TensorFlow import, model load, tracing), as the command's `--timings` reports,
+  each of 3 runs against a kernel run just before it;
 and the ratio of each to the kernel. Peak resident memory comes from
 /usr/bin/time when it is installed.
 """
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,8 +57,11 @@ def build_mlp(path: Path, width: int, depth: int) -> str:
     return str(path)
 
 
-def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int) -> dict[str, list[float]]:
-    """5 interleaved rounds of the bare kernel and the command's pipeline (CSV in, CSV or NPZ out).
+def in_process_seconds(
+    model_path: str, csv_path: Path, folder: Path, rows: int,
+) -> tuple[dict[str, list[float]], Callable[[], float]]:
+    """5 interleaved rounds of the bare kernel and the command's pipeline (CSV in, CSV or NPZ out),
+    and a function that times the bare kernel once more.
 
     The pipeline is the command less its fixed start-up, timed in one process, and
     each pipeline run is compared with the kernel run next to it, so that the
@@ -89,7 +94,13 @@ def in_process_seconds(model_path: str, csv_path: Path, folder: Path, rows: int)
             start = time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - start)
-    return seconds
+
+    def time_kernel() -> float:
+        start = time.perf_counter()
+        bare()
+        return time.perf_counter() - start
+
+    return seconds, time_kernel
 
 
 def command_seconds(model_path: str, csv_path: Path, output: Path) -> tuple[float, float, int, str]:
@@ -123,7 +134,7 @@ def main() -> None:
                   (build_mlp(Path(folder) / "mlp.keras", 128, 3), "2-128x3-1 tanh MLP (33,665 parameters)")]
         print(f"grad, {rows:,} rows, batches of {BATCH}")
         for model_path, title in models:
-            timed = in_process_seconds(model_path, data, Path(folder), rows)
+            timed, time_kernel = in_process_seconds(model_path, data, Path(folder), rows)
             kernel = min(timed["kernel"])
             print(f"\n{title}")
             print(f"{'what':34s} {'seconds':>8s} {'rows/s':>12s} {'x kernel':>9s} {'peak RSS':>9s}")
@@ -136,13 +147,17 @@ def main() -> None:
                 print(f"{'CSV to ' + suffix + ', in process':34s} {best:8.2f} {rows / best:12,.0f} "
                       f"{ratio:9.2f} {'-':>9s}   rounds: {spread}")
             for suffix in (".csv", ".npz"):
-                # The best of two runs: the machine's speed drifts from run to run.
-                whole, streaming, points, peak = min(
-                    command_seconds(model_path, data, Path(folder) / f"out{suffix}") for _ in range(2))
+                # Three rounds, each command against a kernel run just before it; the median ratio.
+                runs, ratios = [], []
+                for _ in range(3):
+                    kernel_now = time_kernel()
+                    runs.append(command_seconds(model_path, data, Path(folder) / f"out{suffix}"))
+                    ratios.append(runs[-1][1] / runs[-1][2] / (kernel_now / rows))
+                whole, streaming, points, peak = min(runs)
                 print(f"{'command, CSV to ' + suffix[1:]:34s} {whole:8.2f} {rows / whole:12,.0f} "
                       f"{whole / kernel:9.2f} {peak:>9s}")
                 print(f"{'  after its first batch (--timings)':34s} {streaming:8.2f} {points / streaming:12,.0f} "
-                      f"{streaming / points / (kernel / rows):9.2f} {'':>9s}")
+                      f"{statistics.median(ratios):9.2f} {'':>9s}   rounds: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":
