@@ -115,6 +115,23 @@ raw_cells = st.one_of(
 ).map(lambda c: c if isinstance(c, bytes) else c.encode())
 
 
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.one_of(st.tuples(finite, finite, st.sampled_from(["", "a", "b c", "é"])), st.none()),
+                     min_size=1, max_size=40),
+       crlf=st.booleans(), read_block=st.integers(1, 64))
+def test_valid_csv_cut_into_any_reads_gives_every_row(tmp_path_factory, rows, crlf, read_block):
+    """Valid rows (None: a blank line) read in blocks of any size: every row, in order, in whole batches."""
+    end = "\r\n" if crlf else "\n"
+    text = "x0,x1,note" + end + "".join("" + end if row is None else f"{row[0]!r},{row[1]!r},{row[2]}{end}" for row in rows)
+    path = tmp_path_factory.mktemp("csv") / "points.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    fast, careful = _read_csv(path, True, read_block), _read_csv(path, False)
+    assert repr(fast) == repr(careful)
+    kept = [row for row in rows if row is not None]
+    assert [value for coordinates, _ in fast for value in coordinates] == [[a, b] for a, b, _ in kept]
+    assert [cell for _, (notes,) in fast for cell in notes] == [note for _, _, note in kept]
+
+
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(st.one_of(st.lists(raw_cells, min_size=1, max_size=4).map(b",".join), st.just(b"")), max_size=10),
        crlf=st.booleans(), read_block=st.sampled_from([1, 5, 16, 1 << 20]))
