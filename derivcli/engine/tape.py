@@ -133,18 +133,13 @@ class DerivativeGraph:
         All the partials of one order over the same inputs share one series with
         a direction per composition of the order (`taylor.interpolation_rule`).
         """
-        from derivcli.engine.taylor import compositions, interpolation_rule
+        from derivcli.engine.taylor import interpolation_directions, interpolation_rule
 
         order = sum(index)
         support = tuple(p for p, power in enumerate(index) if power)
         key = ("interpolation", order, support)
         if key not in self.series:
-            vectors = []
-            for composition in compositions(order, len(support)):
-                vector = [0] * self.dimension
-                for p, component in zip(support, composition):
-                    vector[p] = component
-                vectors.append(tuple(vector))
+            vectors = interpolation_directions(order, support, self.dimension)
             directions = tf.constant(vectors, dtype=self.coordinates.dtype)
             self.series[key] = [vectors, self.taylor.series(self.coordinates, directions, order)[order]]
         vectors, coefficients = self.series[key]

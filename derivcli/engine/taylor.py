@@ -473,6 +473,7 @@ def interpolation_rule(index: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], .
     support = [i for i, power in enumerate(index) if power]
     n = sum(index)
     basis = list(compositions(n, len(support)))
+    vectors = interpolation_directions(n, support, len(index))
     target = basis.index(tuple(index[i] for i in support))
 
     def entry(j: tuple[int, ...], b: tuple[int, ...]) -> Fraction:
@@ -491,14 +492,23 @@ def interpolation_rule(index: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], .
                 factor = rows[r][column]
                 rows[r] = [a - factor * b for a, b in zip(rows[r], rows[column])]
     directions, weights = [], []
-    for j, row in zip(basis, rows):
+    for vector, row in zip(vectors, rows):
         if row[size]:
-            vector = [0] * len(index)
-            for i, component in zip(support, j):
-                vector[i] = component
-            directions.append(tuple(vector))
+            directions.append(vector)
             weights.append(float(row[size]))
     return tuple(directions), tuple(weights)
+
+
+def interpolation_directions(order: int, support: Sequence[int], dimension: int) -> list[tuple[int, ...]]:
+    """The integer directions over the inputs `support` whose components sum to `order`,
+    as vectors over all `dimension` inputs, in the order of `compositions`."""
+    directions = []
+    for composition in compositions(order, len(support)):
+        vector = [0] * dimension
+        for i, component in zip(support, composition):
+            vector[i] = component
+        directions.append(tuple(vector))
+    return directions
 
 
 def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
