@@ -464,7 +464,7 @@ def _encodes(text: str) -> bool:
 
 def _plain(raw: bytes) -> bool:
     """True when `raw` lines hold no quote character and no bare carriage return."""
-    return b'"' not in raw and raw.count(b"\r") == raw.count(b"\r\n")
+    return _first_special(raw, len(raw)) is None
 
 
 def _first_special(raw: bytes, end: int) -> int | None:

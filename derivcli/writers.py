@@ -254,10 +254,14 @@ class TextWriter(Writer):
             self.stream.close()
         super().abort()
 
+    def float_block(self, coordinates: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The coordinates and values of a batch side by side, in the layout's dtype."""
+        dtype = self.layout.dtype
+        return np.concatenate([coordinates.astype(dtype, copy=False), values.astype(dtype, copy=False)], axis=1)
+
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self._start_once()
-        dtype = self.layout.dtype
-        columns = format_floats(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1))
+        columns = format_floats(self.float_block(coordinates, values))
         d = len(self.layout.coordinate_names)
         self.write_columns(columns[:d] + passthrough + columns[d:])
 
@@ -286,7 +290,7 @@ class DelimitedWriter(TextWriter):
         self._start_once()
         dtype = self.layout.dtype
         if not passthrough:
-            rows = ryu_rows(np.concatenate([coordinates.astype(dtype), values.astype(dtype)], axis=1), self.delimiter)
+            rows = ryu_rows(self.float_block(coordinates, values), self.delimiter)
             if rows is not None:
                 self.write_bytes(rows)
                 return
