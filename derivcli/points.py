@@ -160,11 +160,9 @@ class GridSource(PointSource):
                 f"--grid: no grid for {', '.join(missing)}; add --grid NAME=START:STOP:NUM "
                 "or one --grid START:STOP:NUM for every input not named"
             )
-        chosen = [by_name.get(name, default) for name in input_names]
-        self.axis_values = [
-            np.linspace(a.start, a.stop, a.num, dtype=np.float64) for a in chosen  # type: ignore[union-attr]
-        ]
-        self.grid_shape = tuple(len(v) for v in self.axis_values)
+        # Counted before any value is made: a typo's 1e11 points is a usage error, not an out-of-memory one.
+        self.axes: list[GridAxis] = [by_name.get(name, default) for name in input_names]  # type: ignore[misc]
+        self.grid_shape = tuple(a.num for a in self.axes)
         self.grid_axes = list(input_names)
         self.total = math.prod(self.grid_shape)
         if self.total > MAX_GRID_POINTS:
@@ -178,9 +176,28 @@ class GridSource(PointSource):
         for start in range(0, self.total or 0, batch_size):
             flat = np.arange(start, min(start + batch_size, self.total or 0))
             indices = np.unravel_index(flat, self.grid_shape)
-            yield PointBatch(
-                np.stack([values[i] for values, i in zip(self.axis_values, indices)], axis=1)
-            )
+            yield PointBatch(np.stack([linspace_at(a, i) for a, i in zip(self.axes, indices)], axis=1))
+
+
+def linspace_at(axis: GridAxis, indices: np.ndarray) -> np.ndarray:
+    """`np.linspace(axis.start, axis.stop, axis.num)[indices]`, bit for bit, without the whole axis.
+
+    A batch needs a few values of each axis; an axis of 1e9 points would take 8 GB.
+    The arithmetic is NumPy's own (start + i * step, the last point exactly `stop`);
+    a test compares the two.
+    """
+    i = indices.astype(np.float64)
+    div = axis.num - 1
+    delta = np.float64(axis.stop) - np.float64(axis.start)
+    if div == 0:
+        values = i * delta
+    else:
+        step = delta / div
+        values = (i / div) * delta if step == 0 else i * step  # NumPy's special case for denormal steps
+    values = values + np.float64(axis.start)
+    if div:
+        values[indices == div] = axis.stop
+    return values
 
 
 class CsvSource(PointSource):

@@ -33,6 +33,7 @@ def assert_one_line_error(result, status: int, *fragments: str) -> None:
         (["--grid", "z=0:1:3"], 2, ["'z' is not an input", "x0, x1"]),
         (["--grid", "x0=0:1:3"], 2, ["no grid for x1"]),
         (["--grid", "0:1:100000", "--grid", "x1=0:1:100000000"], 2, ["more than"]),
+        (["--grid", "x0=0:1:100000000000", "--grid", "x1=0:0:1"], 2, ["100,000,000,000 points is more than"]),
         (["--at", "1,2,3"], 2, ["3 value(s) for 2 input(s)"]),
         (["--at", "x0=1"], 2, ["no value for x1"]),
         (["--at", "x0=1,2"], 2, ["not a mix"]),

@@ -143,3 +143,17 @@ def test_bulk_csv_path_agrees_with_the_csv_module(tmp_path_factory, lines, crlf,
     path.write_bytes(b"x0,x1,note" + end + b"".join(line + end for line in lines))
     fast, careful = _read_csv(path, True, read_block), _read_csv(path, False)
     assert repr(fast) == repr(careful)  # repr: NaN == NaN
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=finite, stop=st.one_of(finite, st.just(0.0)), num=st.integers(1, 3000), data=st.data())
+def test_grid_values_are_numpy_linspace_bit_for_bit(start, stop, num, data):
+    """A batch's grid values, made without the whole axis, are np.linspace's exactly."""
+    from derivcli.points import linspace_at
+    from derivcli.specs import GridAxis
+
+    if data.draw(st.booleans()):
+        stop = start  # a zero step
+    indices = np.arange(num)
+    expected = np.linspace(start, stop, num, dtype=np.float64)
+    assert linspace_at(GridAxis(None, start, stop, num), indices).view(np.uint64).tolist() == expected.view(np.uint64).tolist()
