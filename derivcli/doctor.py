@@ -105,11 +105,11 @@ def batch_findings(model: Any, points: np.ndarray) -> list[Finding]:
     if change > BATCH_DEPENDENCE_TOLERANCE:
         return [Finding(
             "error", "batch",
-            f"outputs change by {change:.2g} (relative) when a point is evaluated alone instead of in a batch: "
+            f"outputs change by {change:.2g} (relative) when the other points of a point's batch change: "
             "a layer mixes samples (batch statistics or a reduction over the batch axis); derivative commands "
             "need --batch-size 1 for this model",
         )]
-    return [Finding("ok", "batch", "each output depends on its own point only (batch against single points)")]
+    return [Finding("ok", "batch", "each output depends on its own point only (its batch against a batch of its copies)")]
 
 
 def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, batch_size: int) -> list[Finding]:

@@ -9,13 +9,14 @@ command line uses for its coordinates and outputs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class LoadedModel:
 
     Attributes:
         path: where it was loaded from.
-        kind: `keras` (a Keras model object) or `saved_model` (a serving signature).
+        kind: `keras` (a Keras model object) or `saved_model` (a serving signature; in float64, its
+            graph widened by `engine.graph.promote_to_float64`).
         inputs / outputs: the model's own inputs and outputs.
         coordinate_names: one name per scalar input, in model order.
         output_names: one name per scalar output, flattened in order.
@@ -66,6 +68,7 @@ class LoadedModel:
     saved_object: Any = None
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
+    _frozen: Any = None
 
     @property
     def parameter_count(self) -> int:
@@ -81,6 +84,20 @@ class LoadedModel:
         """
         import tensorflow as tf
 
+        if self.kind == "saved_model" and self.dtype == "float64":
+            return self._frozen(coordinates)  # the signature's graph widened to float64
+        with exact_constants(self.dtype):
+            return self._call_flat(coordinates, tf)
+
+    def frozen(self) -> Any:
+        """The model as a frozen graph rewritten to differentiate its function (`engine.graph.freeze`), made once."""
+        if self._frozen is None:
+            from derivcli.engine.graph import freeze
+
+            self._frozen = freeze(self.call_flat, len(self.coordinate_names), self.dtype)
+        return self._frozen
+
+    def _call_flat(self, coordinates: Any, tf: Any) -> Any:
         pieces, start = [], 0
         for info in self.inputs:
             piece = coordinates[:, start : start + info.size]
@@ -100,6 +117,71 @@ class LoadedModel:
         return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
 
 
+@contextlib.contextmanager
+def exact_constants(dtype: str) -> Iterator[None]:
+    """While a float64 model is built or traced, numbers written in code become float64 constants.
+
+    TensorFlow and Keras turn Python numbers into float32 tensors before casting
+    them: gelu's 1/sqrt(2) and 0.044715 (`tf.cast(0.044715, x.dtype)`), the
+    MultiHeadAttention scale, Rescaling's scale and offset, Normalization's mean
+    and variance; LeakyRelu keeps its slope in a 32-bit attribute. In float64
+    each would be off by a float32 rounding (1e-8 relative). Within this scope
+    such numbers are converted straight to the target dtype, and leaky relu is
+    computed with a float64 slope. Nothing changes for float32.
+    """
+    if dtype != "float64":
+        yield
+        return
+    import keras
+    import keras.src.backend as keras_backend
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.python.ops import math_ops
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+    def python_floats(value: Any) -> bool:
+        if isinstance(value, float):
+            return True
+        if isinstance(value, (list, tuple)) and value:
+            return all(isinstance(v, (int, float)) or python_floats(v) for v in value) and any(
+                isinstance(v, float) or python_floats(v) for v in value)
+        return False
+
+    cast, keras_convert, leaky_relu = math_ops.cast, keras_backend.core.convert_to_tensor, tf.nn.leaky_relu
+
+    def exact_cast(x: Any, dtype: Any, name: Any = None) -> Any:
+        if is_number(x) and tf.as_dtype(dtype).is_floating:
+            return tf.constant(float(x), tf.as_dtype(dtype), name=name)
+        return cast(x, dtype, name=name)
+
+    def exact_convert(x: Any, dtype: Any = None, sparse: Any = None, ragged: Any = None) -> Any:
+        if dtype is None and python_floats(x):
+            dtype = "float64"
+        return keras_convert(x, dtype=dtype, sparse=sparse, ragged=ragged)
+
+    def exact_leaky_relu(features: Any, alpha: float = 0.2, name: Any = None) -> Any:
+        features = tf.convert_to_tensor(features)
+        if features.dtype != tf.float64:
+            return leaky_relu(features, alpha=alpha, name=name)
+        return tf.where(features > 0, features, features * tf.constant(float(alpha), tf.float64))
+
+    floatx = keras.config.floatx()
+    patches = [(math_ops, "cast", exact_cast), (tf, "cast", exact_cast), (tf.dtypes, "cast", exact_cast),
+               (keras_backend.core, "convert_to_tensor", exact_convert), (tf.nn, "leaky_relu", exact_leaky_relu)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        keras.config.set_floatx("float64")
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+        keras.config.set_floatx(floatx)
+
+
 def import_tensorflow() -> Any:
     """Imports TensorFlow with its start-up chatter silenced.
 
@@ -109,7 +191,9 @@ def import_tensorflow() -> Any:
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # derivcli differentiates with TensorFlow: a KERAS_BACKEND=jax (or torch) in the user's
+    # environment must not decide which backend loads the model.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
     saved = os.dup(2)
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -266,7 +350,7 @@ def _promote_to_float64(model: Any, custom_objects: dict[str, Any], safe_mode: b
         return node
 
     config = promote(keras.saving.serialize_keras_object(model))
-    with keras.saving.custom_object_scope(custom_objects):
+    with keras.saving.custom_object_scope(custom_objects), exact_constants("float64"):
         promoted = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
     promoted.set_weights(
         [w.astype(np.float64) if np.issubdtype(w.dtype, np.floating) else w for w in model.get_weights()]
@@ -305,7 +389,9 @@ def load_model(
     kind = _sniff(model_path)
     tf = import_tensorflow()
     if kind == "saved_model":
-        loaded = _load_saved_model(model_path, tf, dtype)
+        loaded = _load_saved_model(model_path, tf)
+        if dtype == "float64":
+            loaded = _widened(loaded)
     else:
         loaded = _load_keras(model_path, custom_objects_files, unsafe, dtype)
     loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
@@ -345,12 +431,7 @@ def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, d
     )
 
 
-def _load_saved_model(path: Path, tf: Any, dtype: str) -> LoadedModel:
-    if dtype == "float64":
-        raise UsageError(
-            f"--dtype float64: {path} is a SavedModel, whose serving signature is fixed at "
-            "float32; save the model as .keras to evaluate it in float64"
-        )
+def _load_saved_model(path: Path, tf: Any) -> LoadedModel:
     if not (path / "variables").is_dir():
         raise RunError(f"cannot load {path}: the SavedModel has no variables folder (an incomplete copy?)")
     try:
@@ -369,15 +450,18 @@ def _load_saved_model(path: Path, tf: Any, dtype: str) -> LoadedModel:
     output_specs = signature.structured_outputs
     if not input_specs or not isinstance(output_specs, dict):
         raise RunError(f"cannot load {path}: the serving signature takes no named inputs")
-    inputs = [TensorInfo(key, _shape(spec.shape), spec.dtype.name) for key, spec in input_specs.items()]
-    outputs = [TensorInfo(key, _shape(spec.shape), spec.dtype.name) for key, spec in output_specs.items()]
+    # A signature maps names to tensors with no order of its own (the dict's order changes from
+    # one process to the next), so inputs and outputs are taken in the order of their names.
+    input_keys, output_keys = sorted(input_specs), sorted(output_specs)
+    inputs = [TensorInfo(key, _shape(input_specs[key].shape), input_specs[key].dtype.name) for key in input_keys]
+    outputs = [TensorInfo(key, _shape(output_specs[key].shape), output_specs[key].dtype.name) for key in output_keys]
     for info in inputs:
         if not info.dtype.startswith("float"):
             raise RunError(f"cannot differentiate {path}: input {info.name!r} has dtype {info.dtype}")
     model = LoadedModel(
         str(path), "saved_model", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
-        dtype, signature=signature,
-        signature_input_keys=list(input_specs), signature_output_keys=list(output_specs),
+        "float32", signature=signature,
+        signature_input_keys=input_keys, signature_output_keys=output_keys,
     )
     model.saved_object = loaded  # keeps the variables alive as long as the signature
     return model
@@ -397,8 +481,34 @@ def load_with_float64(
     the model cannot be promoted (a SavedModel's signature is fixed).
     """
     model = load_model(path, custom_objects_files, unsafe, dtype, names, output_names)
-    if model.kind != "keras":
-        return model, None
     if dtype == "float64":
         return model, model
+    if model.kind != "keras":
+        return model, _saved_model_in_float64(model)
+        return model, model
     return model, load_model(path, custom_objects_files, unsafe, "float64", names, output_names)
+
+
+def _saved_model_in_float64(model: LoadedModel) -> LoadedModel | None:
+    """A SavedModel in float64 (`_widened`), or None when its graph cannot run in float64."""
+    try:
+        return _widened(model)
+    except RunError:
+        return None
+
+
+def _widened(model: LoadedModel) -> LoadedModel:
+    """A SavedModel whose frozen graph is widened to float64 (`engine.graph.promote_to_float64`).
+
+    Raises:
+        RunError: the graph has an op with no float64 kernel.
+    """
+    import copy
+
+    from derivcli.engine.graph import promote_to_float64
+
+    promoted = promote_to_float64(model.frozen())
+    double = copy.copy(model)
+    double.dtype = "float64"
+    double._frozen = promoted
+    return double

@@ -39,7 +39,27 @@ def test_check_passes_on_the_smooth_samples(cli, model):
     assert result.exit_code == 0, result.stderr
     table = read_csv(result.stdout)
     assert set(table["status"]) == {"ok"}
-    assert list(table) == ["column", "status", "points", "kink_points", "max_abs_error", "max_rel_error", "fd_error_estimate"]
+    assert list(table) == ["column", "status", "points", "kink_points", "max_abs_error", "max_rel_error",
+                           "fd_error_estimate", "tolerance"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_verdict_follows_from_the_printed_numbers(cli, dtype):
+    """A SavedModel's finite differences come from its graph widened to float64: before, they were taken
+    in float32, estimated their own error at 0.13 and still failed d2y/dx^2 at 0.03."""
+    result = cli("check", "sample_models/square_tanh_savedmodel", "--grid", "-1:1:7", "--order", "2",
+                 "--partial", "x^3", *(["--dtype", dtype] if dtype == "float64" else []))
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    for status, error, tolerance, estimate in zip(table["status"], table["max_abs_error"], table["tolerance"],
+                                                  table["fd_error_estimate"]):
+        assert (status == "ok") == (float(error) <= float(tolerance))
+        assert float(estimate) < 1e-6  # float64 differences: their own error is far below the float32 errors
+    rerun = cli("check", "sample_models/square_tanh_savedmodel", "--grid", "-1:1:7", "--rtol", "1e-12", "--atol", "0")
+    table = read_csv(rerun.stdout)
+    for status, error, tolerance in zip(table["status"], table["max_abs_error"], table["tolerance"]):
+        assert (status == "ok") == (float(error) <= float(tolerance))
+    assert rerun.exit_code == 3 and "FAIL" in table["status"]
 
 
 def test_check_high_order_in_float64(cli):
@@ -80,9 +100,21 @@ class WrongCube(keras.layers.Layer):
 """
 
 
-def test_check_fails_on_a_wrong_derivative(cli, tmp_path):
+def test_a_custom_gradient_does_not_change_the_derivative(cli, tmp_path):
+    """The layer's training gradient of x^3 is 2x^2; derivcli differentiates the function: 3x^2, 6x."""
     path, source = save_custom_model(tmp_path, WRONG_GRADIENT, "WrongCube")
-    result = cli("check", path, "--at", "0.5", "--at", "1.5", "--partial", "x", "--custom-objects", source)
-    assert_one_line_error(result, 3, "1 column(s) differ from finite differences", "dy/dx", "x=1.5")
-    table = read_csv(result.stdout)
-    assert table["status"] == ["FAIL"]
+    result = cli("check", path, "--at", "0.5", "--at", "1.5", "--order", "2", "--partial", "x", "--custom-objects", source)
+    assert result.exit_code == 0, result.stderr
+    assert read_csv(result.stdout)["status"] == ["ok", "ok"]
+    table = read_csv(cli("deriv", path, "--at", "0.5", "--at", "1.5", "--partial", "x", "--partial", "x^2",
+                         "--custom-objects", source, "--dtype", "float64").stdout)
+    np.testing.assert_allclose(np.array(table["dy/dx"], float), [0.75, 6.75], rtol=1e-15)
+    np.testing.assert_allclose(np.array(table["d2y/dx^2"], float), [3.0, 9.0], rtol=1e-15)
+
+
+def test_check_fails_on_a_wrong_derivative(cli):
+    """Below the float32 round-off, the check fails, names the column and the point, and exits 3."""
+    result = cli("check", "sample_models/softplus_2d.keras", "--at", "0.5,1", "--partial", "x0^2", "--rtol", "1e-14",
+                 "--atol", "0")
+    assert_one_line_error(result, 3, "1 column(s) differ from finite differences", "d2y/dx0^2", "x0=0.5")
+    assert read_csv(result.stdout)["status"] == ["FAIL"]

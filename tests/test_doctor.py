@@ -78,6 +78,28 @@ def test_batch_dependence_finding(cli, tmp_path):
     assert fine["batch"]["severity"] == "ok"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batch_dependence_is_caught_in_both_dtypes_and_round_off_is_not_taken_for_it(cli, tmp_path, dtype):
+    """Weights of +-1000 cancel to 6e-4 relative in float32: once refused as "a layer mixes samples"."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((1,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(2, activation="tanh")(inputs)))
+    model.set_weights([np.array([[1.0, 1.0001]], "float32"), np.zeros(2, "float32"),
+                       np.array([[1000.0], [-1000.0]], "float32"), np.zeros(1, "float32")])
+    model.save(tmp_path / "cancel.keras")
+    grad = cli("grad", tmp_path / "cancel.keras", "--grid", "-1.5:1.5:9", "--dtype", dtype)
+    assert grad.exit_code == 0, grad.stderr
+    _, found = doctor_json(cli, tmp_path / "cancel.keras", "--grid", "-1.5:1.5:9")
+    assert found["batch"]["severity"] == "ok"
+    path, source = save_custom_model(tmp_path, MIXING_LAYER, "SquareMinusBatchMean")
+    mixing = cli("grad", path, "--custom-objects", source, "--grid", "-1:1:5", "--dtype", dtype)
+    assert mixing.exit_code == 1 and "a layer mixes samples" in mixing.stderr and "--batch-size 1" in mixing.stderr
+    assert cli("grad", path, "--custom-objects", source, "--grid", "-1:1:5", "--dtype", dtype,
+               "--batch-size", "1").exit_code == 0
+
+
 def test_float32_risk_under_cancellation(cli, tmp_path):
     """Two nearly equal tanh units with large opposite weights: float32 loses 4 digits."""
     import keras

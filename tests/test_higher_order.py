@@ -181,11 +181,13 @@ def test_taylor_engine_refuses_models_it_does_not_cover_and_auto_falls_back(cli,
     import keras
 
     keras.utils.set_random_seed(0)
-    path = tmp_path / "softmax.keras"  # Softmax has no Taylor rule
-    keras.Sequential([keras.Input((1,)), keras.layers.Dense(3, "softmax"), keras.layers.Dense(1)]).save(path)
-    args = ["deriv", path, "--at", "0.5", "--partial", "x^3"]
+    path = tmp_path / "lstm.keras"  # a recurrent layer's loop has no Taylor rule
+    keras.Sequential([keras.Input((2,)), keras.layers.Reshape((2, 1)), keras.layers.LSTM(2),
+                      keras.layers.Dense(1)]).save(path)
+    args = ["deriv", path, "--at", "0.5,0.2", "--partial", "x0^3"]
     result = cli(*args, "--engine", "taylor")
-    assert result.exit_code == 2 and "does not cover this model (op Softmax" in result.stderr
+    assert result.exit_code == 2 and "does not cover this model (op TensorList" in result.stderr
+    assert "unroll=True are covered" in result.stderr
     assert cli(*args).exit_code == 0
     assert cli(*args, "--engine", "tape").stdout == cli(*args).stdout
 

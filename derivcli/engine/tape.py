@@ -62,6 +62,25 @@ class Column:
         return sum(self.partial) + self.along_order + 2 * (self.laplacian_over is not None)
 
 
+def undefined_where_not_finite(derivative: tf.Tensor, *lower: tf.Tensor) -> tf.Tensor:
+    """`derivative`, NaN at the points where a lower-order derivative (or the value) it builds on is NaN or Inf.
+
+    Reverse mode turns a NaN into a confident 0 through piecewise ops (ReluGrad
+    passes nothing where its input is NaN); a derivative of a quantity that is
+    not finite is not defined. `lower` tensors of rank 2 (directions, batch) count
+    a point as undefined when any of its directions is.
+    """
+    finite = None
+    for tensor in lower:
+        mask = tf.math.is_finite(tensor)
+        if mask.shape.rank == 2:
+            mask = tf.reduce_all(mask, axis=0)
+        finite = mask if finite is None else finite & mask
+    if finite is None:
+        return derivative
+    return tf.where(finite, derivative, tf.constant(float("nan"), derivative.dtype))
+
+
 class DerivativeGraph:
     """Memoized derivatives of the outputs, built inside one traced function."""
 
@@ -112,7 +131,8 @@ class DerivativeGraph:
             position = self._predecessor(output, index)
             lower = list(index)
             lower[position] -= 1
-            result = self.gradient(output, tuple(lower))[:, position]
+            result = undefined_where_not_finite(
+                self.gradient(output, tuple(lower))[:, position], self.derivative(output, tuple(lower)))
         self.derivatives[key] = result
         return result
 
@@ -125,7 +145,9 @@ class DerivativeGraph:
         assert self.taylor is not None
         if len(self.series.get(key, [])) <= order:
             self.series[key] = list(self.taylor.series(self.coordinates, direction, order))
-        return self.series[key][order][0, :, output] * float(math.factorial(order))
+        coefficients = self.series[key]
+        lower = [coefficients[0][:, output]] + [coefficients[k][0, :, output] for k in range(1, order)]
+        return undefined_where_not_finite(coefficients[order][0, :, output] * float(math.factorial(order)), *lower)
 
     def interpolated(self, output: int, index: MultiIndex) -> tf.Tensor:
         """A mixed partial as a weighted sum of pure derivatives along integer directions.
@@ -146,10 +168,10 @@ class DerivativeGraph:
         directions, weights = interpolation_rule(index)
         # D_j^n y = n! times coefficient n of the series along j.
         scale = float(math.factorial(order))
-        return tf.add_n([
+        return undefined_where_not_finite(tf.add_n([
             (weight * scale) * coefficients[vectors.index(direction), :, output]
             for direction, weight in zip(directions, weights)
-        ])
+        ]), self.values[:, output])
 
     def directional(self, output: int, vector: tuple[float, ...], order: int) -> tf.Tensor:
         """The order-th derivative along `vector`: a Taylor series, or `order` gradients each dotted with it."""
@@ -163,7 +185,8 @@ class DerivativeGraph:
             else:
                 gradient = tf.gradients(self.directional(output, vector, order - 1), self.coordinates,
                                         unconnected_gradients=tf.UnconnectedGradients.ZERO)[0]
-            self.along[key] = tf.reduce_sum(gradient * direction, axis=1)
+            lower = self.values[:, output] if order == 1 else self.directional(output, vector, order - 1)
+            self.along[key] = undefined_where_not_finite(tf.reduce_sum(gradient * direction, axis=1), lower)
         return self.along[key]
 
     @staticmethod
@@ -190,7 +213,7 @@ class DerivativeGraph:
             key = tuple(positions)
             if key not in self.laplacians:
                 self.laplacians[key] = self.taylor.laplacian(self.coordinates, positions)
-            return self.laplacians[key][:, output]
+            return undefined_where_not_finite(self.laplacians[key][:, output], self.values[:, output])
         terms = []
         for p in positions:
             index = [0] * self.dimension

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from derivcli.engine.graph import FrozenFunction
+
 Series = tuple  # of tf.Tensor: coefficient 0, 1, ..., a value that varies with the input
 Value = Any  # a plain tf.Tensor (constant along the directions) or a Series
 
@@ -67,8 +69,14 @@ SMOOTH_OPS = {
     "Square", "Reciprocal", "Inv", "Pow", "Erf", "Erfc", "Elu", "Selu", "Softsign", "SquaredDifference",
 }
 # Ops whose result does not vary along any direction.
-CONSTANT_OPS = {"ZerosLike", "OnesLike", "StopGradient", "Shape", "ShapeN", "Size", "Rank", "NoOp"}
-COVERED_OPS = LINEAR_OPS | AFFINE_OPS | BILINEAR_OPS | DIVISION_OPS | PIECEWISE_OPS | SMOOTH_OPS | CONSTANT_OPS
+# (StopGradient is not among them: it is the identity on values, and `engine.graph` makes it one.)
+CONSTANT_OPS = {"ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank", "NoOp"}
+# Normalized exponentials over the last axis.
+SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
+# Control flow: a loop's body runs a number of times known only when it runs.
+LOOP_OPS = {"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"}
+COVERED_OPS = LINEAR_OPS | AFFINE_OPS | BILINEAR_OPS | DIVISION_OPS | PIECEWISE_OPS | SMOOTH_OPS | CONSTANT_OPS \
+    | SOFTMAX_OPS
 
 
 def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -81,6 +89,12 @@ def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
 
 def _is_float(tensor: Any) -> bool:
     return tensor.dtype.is_floating
+
+
+def _carries_values(tensor: Any) -> bool:
+    """Whether a tensor can carry values that vary with the input: floats, and variants
+    (a TensorList holds a recurrent layer's time steps). Shapes, indices and booleans cannot."""
+    return tensor.dtype.is_floating or tensor.dtype == tf.variant
 
 
 class TaylorProgram:
@@ -97,22 +111,32 @@ class TaylorProgram:
 
     @classmethod
     def trace(cls, function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> TaylorProgram:
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        """The program of `function` on (None, dimension) inputs of `dtype`."""
+        from derivcli.engine.graph import freeze
 
-        concrete = tf.function(function).get_concrete_function(tf.TensorSpec((None, dimension), tf.as_dtype(dtype)))
-        frozen = convert_variables_to_constants_v2(concrete)
-        if len(frozen.inputs) != 1 or len(frozen.outputs) != 1:
-            raise NotCovered("the traced model has more than one input or output tensor")
-        source, target = frozen.inputs[0].name, frozen.outputs[0].name
-        ops = _ancestors(frozen.graph.get_operations(), target)
+        return cls.from_frozen(freeze(function, dimension, dtype))
+
+    @classmethod
+    def from_frozen(cls, frozen: FrozenFunction) -> TaylorProgram:
+        """The program of a frozen model (`engine.graph.freeze`), whose gradient conventions are already gone."""
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.graph_util.import_graph_def(frozen.graph_def, name="")
+        source, target = frozen.source, frozen.target
+        ops = _ancestors(graph.get_operations(), target)
         varying = {source}
         for op in ops:
             if op.type == "Placeholder" or not any(t.name in varying for t in op.inputs):
                 continue
-            if any(_is_float(t) for t in op.outputs) and op.type not in COVERED_OPS - {"NoOp"}:
+            if op.type in LOOP_OPS or op.type.startswith("TensorList"):
+                raise NotCovered(
+                    f"op {op.type} ({op.name}), a loop such as a recurrent layer's; "
+                    "recurrent layers built with unroll=True are covered"
+                )
+            if any(_carries_values(t) for t in op.outputs) and op.type not in COVERED_OPS - {"NoOp"}:
                 raise NotCovered(f"op {op.type} ({op.name})")
             if op.type not in CONSTANT_OPS:
-                varying.update(t.name for t in op.outputs if _is_float(t))
+                varying.update(t.name for t in op.outputs if _carries_values(t))
         return cls(ops, source, target)
 
     @tf.autograph.experimental.do_not_convert  # plain Python loops over ops: nothing for AutoGraph to convert
@@ -276,6 +300,8 @@ class _Pusher:
                 return [tuple(self.apply(op, [c, b], [self.has_axis(k), False])[0] for k, c in enumerate(a))]
             first = _execute(op, [_coefficient(a, 0), b[0]])[0]
             return [self.divide(a, b, first)]
+        if kind in SOFTMAX_OPS:
+            return [self.softmax(op, inputs[0])]
         unary = kind not in ("Maximum", "Minimum", "SquaredDifference") and not any(
             isinstance(v, tuple) for v in inputs[1:])
         if self.collapsed and unary:
@@ -398,13 +424,8 @@ class _Pusher:
                 sin.append(tf.add_n([self.times(u[j], j, cos[k - j], k - j) * float(j) for j in range(1, k + 1)]) / k)
                 cos.append(-tf.add_n([self.times(u[j], j, sin[k - j], k - j) * float(j) for j in range(1, k + 1)]) / k)
             return (first,) + tuple(sin[1:] if kind == "Sin" else cos[1:])
-        if kind in ("Log", "Log1p"):  # u s' = u': s_k = (u_k - (1/k) sum_{j=1..k-1} (k-j) u_j s_{k-j}) / u_0
-            base = u[0] + 1.0 if kind == "Log1p" else u[0]
-            s = [first]
-            for k in range(1, len(u)):
-                cross = [self.times(u[j], j, s[k - j], k - j) * ((k - j) / k) for j in range(1, k)]
-                s.append((u[k] - tf.add_n(cross) if cross else u[k]) / base)
-            return tuple(s)
+        if kind in ("Log", "Log1p"):
+            return self.log_series(u, first, u[0] + 1.0 if kind == "Log1p" else u[0])
         if kind == "Sqrt":
             return self.square_root(u, first)
         if kind == "Rsqrt":
@@ -430,6 +451,29 @@ class _Pusher:
             denominator = (1.0 + tf.abs(u[0]),) + tuple(sign * c for c in u[1:])
             return self.divide(u, denominator, first)
         raise NotCovered(f"op {kind}")
+
+    def log_series(self, u: Series, first: tf.Tensor, base: tf.Tensor) -> Series:
+        """s = log(u) (log1p with `base` = 1 + u_0): u s' = u', so s_k = (u_k - (1/k) sum_{j=1..k-1} (k-j) u_j s_{k-j}) / u_0."""
+        s = [first]
+        for k in range(1, len(u)):
+            cross = [self.times(u[j], j, s[k - j], k - j) * ((k - j) / k) for j in range(1, k)]
+            s.append((u[k] - tf.add_n(cross) if cross else u[k]) / base)
+        return tuple(s)
+
+    def softmax(self, op: Any, u: Series) -> Series:
+        """softmax(u) = e / sum(e) with e = exp(u - max u_0) over the last axis; log_softmax(u) = u - max u_0 - log sum(e).
+
+        The shift by the row's maximum (a constant along every direction) leaves both
+        functions unchanged and keeps exp from overflowing, as TensorFlow's kernels do.
+        """
+        first = _execute(op, [u[0]])[0]
+        shifted = (u[0] - tf.reduce_max(u[0], axis=-1, keepdims=True),) + tuple(u[1:])
+        exponentials = self.exp_series(shifted)
+        total = tuple(tf.reduce_sum(c, axis=-1, keepdims=True) for c in exponentials)
+        if op.type == "Softmax":
+            return self.divide(exponentials, total, first)
+        log_total = self.log_series(total, tf.math.log(total[0]), total[0])
+        return (first,) + tuple(c - log_c for c, log_c in zip(shifted[1:], log_total[1:]))
 
     def square_root(self, u: Series, first: tf.Tensor) -> Series:
         """s^2 = u: s_k = (u_k - sum_{j=1..k-1} s_j s_{k-j}) / (2 s_0)."""

@@ -1,0 +1,173 @@
+"""The function a model computes, as a frozen graph free of gradient conventions.
+
+A model's traced graph carries choices made for training, not mathematics:
+`tf.stop_gradient` (Keras and `tf.nn.moments` compute a variance around
+`stop_gradient(mean)`), `PreventGradient`, and gradient overrides
+(`tf.custom_gradient`, `gradient_override_map`, `RegisterGradient` under a
+`_gradient_op_type` attribute, restored SavedModel custom gradients). None of
+them changes a value; each can change a derivative, often only from order 2 on.
+
+`freeze` traces the model once, turns its variables into constants, and
+rewrites the graph so that differentiating it differentiates the function:
+- StopGradient and PreventGradient become Identity;
+- gradient overrides are dropped, so every op gets its own registered gradient;
+- ops whose registered gradient is a training estimate rather than the
+  derivative (fake quantization's straight-through gradient) are refused.
+
+Both engines run the rewritten graph: the nested tapes differentiate it, and
+the Taylor engine interprets its ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from derivcli.errors import RunError
+
+# Ops that pass their value through and only change the gradient: made plain Identity.
+GRADIENT_BLOCKING_OPS = ("StopGradient", "PreventGradient")
+# The attribute by which tf.custom_gradient and gradient_override_map replace an op's gradient.
+GRADIENT_OVERRIDE_ATTRIBUTE = "_gradient_op_type"
+# Ops whose registered gradient is the straight-through estimator: the function is
+# piecewise constant, its derivative 0 almost everywhere, and the gradient is 1.
+STRAIGHT_THROUGH_OPS = {
+    "FakeQuantWithMinMaxArgs", "FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel",
+    "QuantizeAndDequantize", "QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "QuantizeAndDequantizeV4",
+}
+LOW_PRECISION_FLOATS = {tf.float32.as_datatype_enum, tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum}
+
+
+@dataclass
+class FrozenFunction:
+    """A model as a frozen GraphDef, (batch, D) -> (batch, M), rewritten to differentiate its function.
+
+    Attributes:
+        graph_def: the rewritten graph, variables as constants, function calls inlined
+            (loops and conditionals stay functional, so they can be differentiated to any order).
+        source / target: the input placeholder's and the output's tensor names.
+        rewritten: how many ops of each kind were rewritten ("StopGradient", "gradient override", ...).
+        low_precision: ops that hold or make a float tensor narrower than float64 (for `--dtype float64`).
+    """
+
+    graph_def: Any
+    source: str
+    target: str
+    rewritten: dict[str, int] = field(default_factory=dict)
+    low_precision: list[str] = field(default_factory=list)
+
+    @tf.autograph.experimental.do_not_convert
+    def __call__(self, coordinates: tf.Tensor) -> tf.Tensor:
+        """Evaluates the graph on `coordinates`; traceable, and differentiable to any order."""
+        (output,) = tf.graph_util.import_graph_def(
+            self.graph_def, input_map={self.source: coordinates}, return_elements=[self.target], name="model"
+        )
+        return output
+
+
+def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> FrozenFunction:
+    """Traces `function` on (None, dimension) inputs of `dtype` and rewrites it (see the module's doc).
+
+    Raises:
+        RunError: the model uses an op whose gradient is not its derivative.
+    """
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = tf.function(function).get_concrete_function(tf.TensorSpec((None, dimension), tf.as_dtype(dtype)))
+    frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False)
+    graph_def = frozen.graph.as_graph_def()
+    rewritten: dict[str, int] = {}
+    low_precision: list[str] = []
+    for nodes in [graph_def.node, *(f.node_def for f in graph_def.library.function)]:
+        for node in nodes:
+            _rewrite(node, rewritten)
+            if dtype == "float64" and _is_low_precision(node):
+                low_precision.append(f"{node.op} ({node.name})")
+    return FrozenFunction(graph_def, frozen.inputs[0].name, frozen.outputs[0].name, rewritten, low_precision)
+
+
+def _rewrite(node: Any, rewritten: dict[str, int]) -> None:
+    if node.op in STRAIGHT_THROUGH_OPS:
+        raise RunError(
+            f"the model uses {node.op} ({node.name}), a quantization whose derivative is 0 almost "
+            "everywhere; its training gradient (straight-through) is not a derivative of the function"
+        )
+    if node.op in GRADIENT_BLOCKING_OPS:
+        rewritten[node.op] = rewritten.get(node.op, 0) + 1
+        node.op = "Identity"
+        for attribute in list(node.attr):
+            if attribute not in ("T", "_output_shapes"):
+                del node.attr[attribute]
+    if GRADIENT_OVERRIDE_ATTRIBUTE in node.attr:
+        rewritten["gradient override"] = rewritten.get("gradient override", 0) + 1
+        del node.attr[GRADIENT_OVERRIDE_ATTRIBUTE]
+
+
+def _is_low_precision(node: Any) -> bool:
+    """Whether a node holds or makes float32 (or narrower) values, or has a float attribute that sets its math."""
+    for name, value in node.attr.items():
+        if name.startswith("_"):
+            continue
+        if value.type in LOW_PRECISION_FLOATS or any(t in LOW_PRECISION_FLOATS for t in value.list.type):
+            return True
+        if value.WhichOneof("value") == "f" and value.f not in (0.0, 1.0):
+            return True  # a float attribute (LeakyRelu's alpha) is 32 bits whatever the op's dtype
+    return False
+
+
+# -- second-order gradients TensorFlow lacks --
+
+
+@tf.RegisterGradient("SoftsignGrad")
+def _softsign_grad_grad(op: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """SoftsignGrad(g, x) = g / (1 + |x|)^2, so d/dg = 1 / (1 + |x|)^2 and d/dx = -2 g sign(x) / (1 + |x|)^3."""
+    incoming, features = op.inputs
+    denominator = 1.0 + tf.abs(features)
+    return grad / tf.square(denominator), -2.0 * grad * incoming * tf.sign(features) / (denominator ** 3)
+
+
+def promote_to_float64(frozen: FrozenFunction) -> FrozenFunction:
+    """The same graph computing in float64: every float32 type and constant widened.
+
+    For graphs whose Python is gone (a SavedModel's signature), this is the
+    float64 twin: weights are widened exactly, and constants written in code
+    were rounded to float32 when the graph was made, so the twin computes the
+    float32 graph's function in double precision.
+
+    Raises:
+        RunError: the graph has an op with no float64 kernel.
+    """
+    from tensorflow.core.framework import types_pb2
+
+    graph_def = type(frozen.graph_def)()
+    graph_def.CopyFrom(frozen.graph_def)
+    single, double = types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE
+
+    def widen_node(node: Any) -> None:
+        for value in node.attr.values():
+            if value.type == single:
+                value.type = double
+            for position, listed in enumerate(value.list.type):
+                if listed == single:
+                    value.list.type[position] = double
+            if value.HasField("tensor") and value.tensor.dtype == single:
+                array = tf.make_ndarray(value.tensor).astype("float64")
+                value.tensor.CopyFrom(tf.make_tensor_proto(array, tf.float64))
+
+    for node in graph_def.node:
+        widen_node(node)
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            widen_node(node)
+        for argument in [*function.signature.input_arg, *function.signature.output_arg]:
+            if argument.type == single:
+                argument.type = double
+    promoted = FrozenFunction(graph_def, frozen.source, frozen.target, dict(frozen.rewritten))
+    try:
+        tf.function(promoted).get_concrete_function(tf.TensorSpec((None, None), tf.float64))
+    except Exception as error:  # an op without a float64 kernel, in one of many forms
+        raise RunError(f"the model's graph cannot run in float64: {str(error).strip().splitlines()[0]}") from None
+    return promoted
