@@ -370,7 +370,8 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
 
         verdict = smoothness_verdict(model)
         if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
-            _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 here: {verdict.reason}")
+            _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 wherever the lower orders "
+                           f"are finite: {verdict.reason}")
     # Shards must cut the points identically on every machine, so they never size batches from memory.
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))

@@ -330,32 +330,52 @@ def _keras_inputs_outputs(model: Any) -> tuple[list[TensorInfo], list[TensorInfo
     )
 
 
-def _promote_to_float64(model: Any, custom_objects: dict[str, Any], safe_mode: bool) -> Any:
-    """Rebuilds a Keras model with float64 layers and its weights cast to float64.
+def _rebuilt(model: Any, custom_objects: dict[str, Any], safe_mode: bool, dtype: str) -> Any:
+    """The same model rebuilt from its config for differentiation: float64 layers in float64, loops unrolled.
 
-    The weights are cast, not retrained: the float64 model computes the same
-    function as the float32 one, in double precision.
+    - In float64 the layers compute in double precision and the weights are cast,
+      not retrained: the same function as the float32 model, in double precision.
+    - Recurrent layers (LSTM, GRU, SimpleRNN) are rebuilt with `unroll=True`:
+      the same function, as straight-line ops instead of a loop, which the
+      Taylor engine covers and nested tapes differentiate without a loop per order.
+
+    Returns:
+        The rebuilt model, or `model` itself when nothing needs rebuilding.
     """
     import keras
     import numpy as np
 
-    def promote(node: Any) -> Any:
+    changed = False
+
+    def transform(node: Any) -> Any:
+        nonlocal changed
         if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy" or node.get("class_name") == "FloatDTypePolicy":
+            if dtype == "float64" and node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                changed = True
                 return {**node, "config": {**node["config"], "name": "float64"}}
-            return {k: ("float64" if k == "dtype" and v in ("float32", "float16", "bfloat16") else promote(v))
-                    for k, v in node.items()}
+            result = {}
+            for key, value in node.items():
+                if key == "dtype" and dtype == "float64" and value in ("float32", "float16", "bfloat16"):
+                    changed, value = True, "float64"
+                elif key == "unroll" and value is False and not node.get("stateful", False):
+                    changed, value = True, True
+                else:
+                    value = transform(value)
+                result[key] = value
+            return result
         if isinstance(node, list):
-            return [promote(v) for v in node]
+            return [transform(v) for v in node]
         return node
 
-    config = promote(keras.saving.serialize_keras_object(model))
-    with keras.saving.custom_object_scope(custom_objects), exact_constants("float64"):
-        promoted = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
-    promoted.set_weights(
-        [w.astype(np.float64) if np.issubdtype(w.dtype, np.floating) else w for w in model.get_weights()]
+    config = transform(keras.saving.serialize_keras_object(model))
+    if not changed:
+        return model
+    with keras.saving.custom_object_scope(custom_objects), exact_constants(dtype):
+        rebuilt = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
+    rebuilt.set_weights(
+        [w.astype(dtype) if np.issubdtype(w.dtype, np.floating) else w for w in model.get_weights()]
     )
-    return promoted
+    return rebuilt
 
 
 def load_model(
@@ -423,8 +443,7 @@ def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, d
     if not isinstance(model, keras.Model):
         raise RunError(f"cannot load {path}: it holds a {type(model).__name__}, not a Keras model")
     inputs, outputs = _keras_inputs_outputs(model)
-    if dtype == "float64":
-        model = _promote_to_float64(model, custom_objects, safe_mode=not unsafe)
+    model = _rebuilt(model, custom_objects, not unsafe, dtype)
     return LoadedModel(
         str(path), "keras", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
         dtype, keras_model=model,

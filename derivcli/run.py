@@ -294,12 +294,15 @@ def taylor_program_for(model: LoadedModel) -> tuple[Any, str]:
         series = program.series(points, direction, 2)
         # The same three quantities by nested tapes: value, first and second derivative along the direction.
         values = function(points)
-        first = tf.stack([
-            tf.reduce_sum(tf.gradients(values[:, m], points)[0] * direction, axis=1) for m in range(values.shape[1])
-        ], axis=1)
-        second = tf.stack([
-            tf.reduce_sum(tf.gradients(first[:, m], points)[0] * direction, axis=1) for m in range(values.shape[1])
-        ], axis=1)
+
+        def along(tensor: tf.Tensor) -> tf.Tensor:
+            return tf.stack([
+                tf.reduce_sum(tf.gradients(tensor[:, m], points, unconnected_gradients="zero")[0] * direction, axis=1)
+                for m in range(values.shape[1])
+            ], axis=1)
+
+        first = along(values)
+        second = along(first)
         return tf.stack([series[0], series[1][0], 2 * series[2][0]]), tf.stack([values, first, second])
 
     try:

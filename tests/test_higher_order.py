@@ -181,9 +181,9 @@ def test_taylor_engine_refuses_models_it_does_not_cover_and_auto_falls_back(cli,
     import keras
 
     keras.utils.set_random_seed(0)
-    path = tmp_path / "lstm.keras"  # a recurrent layer's loop has no Taylor rule
+    path = tmp_path / "lstm"  # a loop has no Taylor rule: a SavedModel keeps the recurrent layer's loop
     keras.Sequential([keras.Input((2,)), keras.layers.Reshape((2, 1)), keras.layers.LSTM(2),
-                      keras.layers.Dense(1)]).save(path)
+                      keras.layers.Dense(1)]).export(path, verbose=False)
     args = ["deriv", path, "--at", "0.5,0.2", "--partial", "x0^3"]
     result = cli(*args, "--engine", "taylor")
     assert result.exit_code == 2 and "does not cover this model (op TensorList" in result.stderr

@@ -126,14 +126,12 @@ class Entry:
     Attributes:
         build: makes the Keras model (float32, weights set).
         reference: (model weights, point as mpf list in model input order) -> list of outputs.
-        taylor: whether the Taylor engine covers it (else the reason it names).
-        input_names: the model's coordinate names, in model order.
+        custom_objects: the model needs `zoo_layers.py`.
     """
 
     name: str
     build: Callable
     reference: Callable
-    taylor: str | None = None
     custom_objects: bool = False
 
 
@@ -347,7 +345,6 @@ def _custom_reference(w, x):
     return list(dense(exact(w[2]) * elementwise(softplus)(centered), w[3:5]))
 
 
-LOOP = "op While"
 ZOO = [
     Entry("layer_norm", _layer_norm, _layer_norm_reference),
     Entry("batch_norm", _batch_norm, _batch_norm_reference),
@@ -358,9 +355,9 @@ ZOO = [
     Entry("leaky_relu_layer", *_mlp("leaky_relu", layer=lambda: __import__("keras").layers.LeakyReLU(0.3))),
     Entry("gating_residual", _gating, _gating_reference),
     Entry("conv1d", _conv1d, _conv1d_reference),
-    Entry("lstm", *_recurrent("LSTM", False), taylor=LOOP),
+    Entry("lstm", *_recurrent("LSTM", False)),
     Entry("lstm_unrolled", *_recurrent("LSTM", True)),
-    Entry("gru", *_recurrent("GRU", False), taylor=LOOP),
+    Entry("gru", *_recurrent("GRU", False)),
     Entry("gru_unrolled", *_recurrent("GRU", True)),
     Entry("two_inputs", _two_inputs, _two_inputs_reference),
     Entry("two_outputs", _two_outputs, _two_outputs_reference),

@@ -107,7 +107,20 @@ def _rewrite(node: Any, rewritten: dict[str, int]) -> None:
 
 
 def _is_low_precision(node: Any) -> bool:
-    """Whether a node holds or makes float32 (or narrower) values, or has a float attribute that sets its math."""
+    """Whether a node of a float64 graph computes in float32 (or narrower), holds a float32 constant
+    that lost digits, or has a float attribute (32 bits) that sets its math.
+
+    A float32 constant whose every value reads back from its shortest decimal (1.0 in
+    `tf.nn.silu`'s beta, 0.5, 6.0) lost nothing; one like float32(0.044715) did. Casts
+    are judged by the constants they read.
+    """
+    if node.op == "Cast":
+        return False
+    if node.op == "Const":
+        if node.attr["dtype"].type not in LOW_PRECISION_FLOATS:
+            return False
+        values = tf.make_ndarray(node.attr["value"].tensor).ravel()
+        return not all(float(str(value)) == float(value) for value in values[:1000])
     for name, value in node.attr.items():
         if name.startswith("_"):
             continue
