@@ -372,6 +372,12 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
             _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 wherever the lower orders "
                            f"are finite: {verdict.reason}")
+    if model.dtype == "float64" and planned.highest_order >= 1 and not options.quiet:
+        narrow = model.frozen().low_precision
+        if narrow:
+            _warn(options, f"--dtype float64: {len(narrow)} op(s) of the model compute in float32 or hold "
+                           f"float32-rounded constants (first: {narrow[0]}); their rounding (about 1e-8 "
+                           "relative) stays in the results")
     # Shards must cut the points identically on every machine, so they never size batches from memory.
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
