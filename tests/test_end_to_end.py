@@ -66,13 +66,19 @@ def test_closed_pipe_ends_quietly():
     assert result.returncode == 0
 
 
+def default_interrupt() -> None:
+    """SIGINT back to its default in the child: a suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and Python (rightly) keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_leaves_no_partial_file(tmp_path, sig, status):
     target = tmp_path / "out.csv"
     process = subprocess.Popen(
         [derivcli_executable(), "grad", "sample_models/softplus_2d.keras", "--grid", "-3:3:3000",
          "--batch-size", "2000", "-o", str(target)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_interrupt,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.iterdir()):
@@ -94,7 +100,7 @@ def test_interrupt_while_waiting_on_an_open_pipe(tmp_path, sig, status):
                                 stdout=subprocess.PIPE)
     process = subprocess.Popen(
         [derivcli_executable(), "grad", "sample_models/softplus_2d.keras", "--csv", "-", "-o", str(target)],
-        cwd=ROOT, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_interrupt,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.iterdir()):
