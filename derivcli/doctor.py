@@ -115,7 +115,7 @@ def batch_findings(model: Any, points: np.ndarray) -> list[Finding]:
 def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, batch_size: int) -> list[Finding]:
     """Pure derivatives up to `order` in float32 against float64."""
     if double is None:
-        return [Finding("info", "float32", "a SavedModel signature is fixed at float32: no float64 comparison")]
+        return [Finding("info", "float32", "the model's graph cannot run in float64: no float64 comparison")]
     request = DerivativeRequest(partials=[{n: k} for n in model.coordinate_names for k in range(1, order + 1)])
     single, precise = evaluate(model, points, request, batch_size), evaluate(double, points, request, batch_size)
     risky = []
