@@ -15,7 +15,7 @@ from typing import Any
 # order 2 and higher is zero except on a set of measure zero (the kinks).
 PIECEWISE_LINEAR_OPS = {
     "Relu", "Relu6", "LeakyRelu", "Maximum", "Minimum", "Abs", "ClipByValue", "Select",
-    "SelectV2", "Sign", "Floor", "Ceil", "Round", "Rint", "MaxPool", "MaxPoolV2", "MaxPool3D",
+    "SelectV2", "Sign", "Floor", "Ceil", "Round", "Rint", "MaxPool", "MaxPoolV2", "MaxPool3D", "TopKV2",
 }
 # Ops with non-zero derivatives of every order.
 SMOOTH_OPS = {

@@ -73,10 +73,12 @@ SMOOTH_OPS = {
 CONSTANT_OPS = {"ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank", "NoOp"}
 # Normalized exponentials over the last axis.
 SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
+# Sorting (sparsemax sorts its inputs): a permutation, so piecewise linear like relu.
+SORTING_OPS = {"TopKV2"}
 # Control flow: a loop's body runs a number of times known only when it runs.
 LOOP_OPS = {"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"}
 COVERED_OPS = LINEAR_OPS | AFFINE_OPS | BILINEAR_OPS | DIVISION_OPS | PIECEWISE_OPS | SMOOTH_OPS | CONSTANT_OPS \
-    | SOFTMAX_OPS
+    | SOFTMAX_OPS | SORTING_OPS
 
 
 def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -302,6 +304,8 @@ class _Pusher:
             return [self.divide(a, b, first)]
         if kind in SOFTMAX_OPS:
             return [self.softmax(op, inputs[0])]
+        if kind in SORTING_OPS:
+            return self.top_k(op, inputs)
         unary = kind not in ("Maximum", "Minimum", "SquaredDifference") and not any(
             isinstance(v, tuple) for v in inputs[1:])
         if self.collapsed and unary:
@@ -474,6 +478,19 @@ class _Pusher:
             return self.divide(exponentials, total, first)
         log_total = self.log_series(total, tf.math.log(total[0]), total[0])
         return (first,) + tuple(c - log_c for c, log_c in zip(shifted[1:], log_total[1:]))
+
+    def top_k(self, op: Any, inputs: list[Value]) -> list[Value]:
+        """The k largest entries of the last axis: every coefficient is permuted as coefficient 0 is."""
+        u, count = inputs
+        values, indices = _execute(op, [u[0], count])
+
+        def permuted(coefficient: tf.Tensor) -> tf.Tensor:
+            chosen = indices
+            if coefficient.shape.rank > indices.shape.rank:  # the axis of directions
+                chosen = tf.broadcast_to(indices[None], tf.concat([tf.shape(coefficient)[:1], tf.shape(indices)], 0))
+            return tf.gather(coefficient, chosen, batch_dims=coefficient.shape.rank - 1)
+
+        return [(values,) + tuple(permuted(c) for c in u[1:]), indices]
 
     def square_root(self, u: Series, first: tf.Tensor) -> Series:
         """s^2 = u: s_k = (u_k - sum_{j=1..k-1} s_j s_{k-j}) / (2 s_0)."""
