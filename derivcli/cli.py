@@ -8,6 +8,7 @@ exit status.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -98,6 +99,13 @@ class DerivcliGroup(TyperGroup):
             status = ExitStatus.SUCCESS
         except MemoryError:
             _fail_line("out of memory; lower --batch-size")
+            status = ExitStatus.ERROR
+        except OSError as error:  # the machine refused a read or write: a full disk, a file-size limit
+            if show_traceback:
+                traceback.print_exc()
+            code = errno.errorcode.get(error.errno or 0, "")
+            where = f"{error.filename}: " if error.filename else ""
+            _fail_line(f"{where}{error.strerror or error}{f' ({code})' if code else ''}")
             status = ExitStatus.ERROR
         except Exception as error:  # the one place that catches everything
             if show_traceback:
@@ -298,9 +306,11 @@ def _common(
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
-    from derivcli.writers import choose_format
+    from derivcli.writers import choose_format, refuse_overwriting_inputs
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
+    refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz),
+                                       *(("--custom-objects", path) for path in custom_objects or [])])
     return CommonOptions(
         model=model,
         custom_objects=list(custom_objects or []),
@@ -718,5 +728,7 @@ def merge_command(
 ) -> None:
     """Join the outputs of --shard K/N runs into exactly what the unsharded run writes."""
     from derivcli.merge import merge
+    from derivcli.writers import refuse_overwriting_inputs
 
+    refuse_overwriting_inputs(output, [("shard", shard) for shard in shards])
     merge(shards, output)

@@ -15,9 +15,11 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -162,19 +164,54 @@ def _ryu_spells_as_arrow(dtype: np.dtype) -> bool:
     return _ryu_text(values, ",").decode() == arrow
 
 
+def refuse_overwriting_inputs(output: str | None, inputs: Sequence[tuple[str, str | None]]) -> None:
+    """Refuses an `-o` that is one of the run's input files, or lies inside an input folder (a SavedModel).
+
+    Args:
+        output: the `-o` path, or None/`-` for standard output.
+        inputs: (option, path) for every file or folder the run reads.
+
+    Raises:
+        UsageError: the output would replace or write into an input.
+    """
+    if output in (None, "-"):
+        return
+    target = Path(output)
+    inside = target.resolve().parent
+    for option, path in inputs:
+        if path in (None, "-") or not Path(path).exists():
+            continue
+        source = Path(path)
+        same_file = target.exists() and os.path.samefile(target, source)
+        within = source.is_dir() and (inside == source.resolve() or source.resolve() in inside.parents)
+        if same_file or within:
+            where = "is" if same_file else "is inside"
+            raise UsageError(f"-o {output}: {where} the {option} {path}, which this run reads; "
+                             "write the output to another file")
+
+
 class AtomicFile:
     """A temporary file beside `path`, renamed onto it by `commit()`.
 
-    It is created at once, so that an unwritable path fails before any work.
+    It is created at once, so that an unwritable path fails before any work. A
+    target that exists and is not a regular file (a device such as /dev/null, a
+    FIFO, a link to /proc/self/fd/1) is never replaced: the complete output is
+    copied into it at the end. A link
+    to a regular file is followed: the file it points to is replaced, the link
+    kept. A replaced file keeps its permission bits.
     """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise RunError(f"-o {path}: is a directory; name a file")
+        # A device or FIFO cannot be renamed onto: the output is made in the system's temporary
+        # folder and copied into it at the end (zip and HDF5 files need to seek as they are written).
+        self.direct = self.path.exists() and not self.path.is_file()
+        self.path = self.path.resolve() if self.path.is_symlink() and not self.direct else self.path
         try:
             handle, temporary = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent or "."
+                prefix=f".{self.path.name}.", suffix=".part", dir=None if self.direct else self.path.parent or "."
             )
         except FileNotFoundError:
             raise RunError(f"-o {path}: folder {str(self.path.parent)!r} does not exist") from None
@@ -184,7 +221,20 @@ class AtomicFile:
         self.temporary = Path(temporary)
 
     def commit(self) -> None:
-        os.chmod(self.temporary, 0o666 & ~_umask())
+        if self.direct:
+            try:
+                with open(self.temporary, "rb") as source, open(self.path, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+            except OSError as error:
+                raise RunError(f"-o {self.path}: cannot write: {error.strerror or error}") from None
+            finally:
+                self.temporary.unlink(missing_ok=True)
+            return
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)  # an existing file keeps its permissions
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(self.temporary, mode)
         os.replace(self.temporary, self.path)
 
     def discard(self) -> None:

@@ -1,0 +1,106 @@
+"""An output never replaces an input or a special file, and keeps what it replaces' permissions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+
+import pytest
+
+from conftest import SAMPLES, derivcli_executable, read_csv
+from test_errors import assert_one_line_error
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "model.h5"
+    shutil.copy(SAMPLES / "shifted_square.h5", path)
+    return path
+
+
+def test_an_output_never_replaces_an_input(cli, tmp_path, model):
+    points = tmp_path / "points.csv"
+    points.write_text("x\n0.5\n")
+    shutil.copytree(SAMPLES / "square_tanh_savedmodel", tmp_path / "saved")
+    before = {path: path.read_bytes() for path in (model, points)}
+    cases = [
+        (("eval", model, "--at", "0.5", "-o", model), "is the model"),
+        (("grad", model, "--csv", points, "-o", points), "is the --csv"),
+        (("grad", tmp_path / "saved", "--at", "1", "-o", tmp_path / "saved" / "out.csv"), "is inside the model"),
+        (("grad", tmp_path / "saved", "--at", "1", "-o", tmp_path / "saved" / "variables" / "out.csv"),
+         "is inside the model"),
+        (("grad", SAMPLES / "bump.keras", "--custom-objects", tmp_path / "layer.py", "--at", "0.3",
+          "-o", tmp_path / "layer.py"), "is the --custom-objects"),
+    ]
+    shutil.copy(SAMPLES / "bump_layer.py", tmp_path / "layer.py")
+    for arguments, message in cases:
+        result = cli(*arguments)
+        assert_one_line_error(result, 2, message, "write the output to another file")
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted(
+        p.name for p in (SAMPLES / "square_tanh_savedmodel").iterdir())
+    shard = tmp_path / "part0.csv"
+    assert cli("grad", model, "--grid", "0:1:4", "--shard", "0/1", "-o", shard).exit_code == 0
+    kept = shard.read_bytes()
+    assert_one_line_error(cli("merge", shard, "-o", shard), 2, "is the shard")
+    assert shard.read_bytes() == kept
+
+
+def test_a_replaced_file_keeps_its_permissions(cli, tmp_path, model):
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    assert cli("grad", model, "--at", "0.5", "-o", target).exit_code == 0
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert read_csv(target.read_text())["x"][0] == 0.5
+
+
+def test_a_link_to_a_file_is_followed_not_replaced(cli, tmp_path, model):
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    assert cli("grad", model, "--at", "0.5", "-o", link).exit_code == 0
+    assert link.is_symlink() and read_csv(real.read_text())["x"][0] == 0.5
+
+
+@pytest.mark.parametrize("format_name", ["csv", "npz", "hdf5"])
+def test_a_fifo_is_written_into_not_replaced(cli, tmp_path, model, format_name):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = {}
+
+    def read() -> None:
+        with open(fifo, "rb") as handle:
+            received["bytes"] = handle.read()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    result = cli("grad", model, "--at", "0.5", "-o", fifo, "--format", format_name)
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert received["bytes"][:4] == {"csv": b"x,y,", "npz": b"PK\x03\x04", "hdf5": b"\x89HDF"}[format_name]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root (CI and the dev machines run as root)")
+def test_devices_are_written_into_and_a_full_device_is_one_line(tmp_path, model):
+    null, full = tmp_path / "null", tmp_path / "full"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    derivcli = derivcli_executable()
+    for format_name in ("csv", "npz", "hdf5"):
+        done = subprocess.run([derivcli, "grad", str(model), "--at", "0.5", "-o", str(null), "--format", format_name],
+                              capture_output=True, timeout=120)
+        assert done.returncode == 0 and done.stderr == b"", done.stderr
+        assert stat.S_ISCHR(null.stat().st_mode)
+    done = subprocess.run([derivcli, "grad", str(model), "--grid", "0:1:100000", "-o", str(full), "--format", "csv"],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(full) in lines[0]
+    assert stat.S_ISCHR(full.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
