@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import sys
 import threading
@@ -28,9 +29,11 @@ from derivcli.errors import RunError, UsageError
 from derivcli.models import LoadedModel
 from derivcli.points import PointBatch, PointSource
 from derivcli.specs import (
+    MAX_COLUMNS,
     Direction,
     MultiIndex,
     all_partials,
+    check_order,
     derivative_column,
     direction_column,
     laplacian_column,
@@ -145,6 +148,11 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     if request.hessian:
         partials += all_partials(2, wrt, len(inputs))
     if request.order is not None:
+        check_order(request.order, "--order", str(request.order))
+        count = math.comb(request.order + len(wrt) - 1, len(wrt) - 1) * len(outputs)
+        if count > MAX_COLUMNS:
+            raise UsageError(f"--order {request.order}: {count:,} partial derivatives over {len(wrt)} inputs is more "
+                             f"than {MAX_COLUMNS:,} columns; pick them with --partial or restrict --wrt")
         partials += all_partials(request.order, wrt, len(inputs))
     zero = (0,) * len(inputs)
     columns = [Column(m, zero) for m in outputs]
@@ -165,9 +173,17 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"column {duplicates[0]!r} is asked for twice")
+    clash = sorted(set(inputs) & set(names))
+    if clash:
+        raise UsageError(
+            f"{clash[0]!r} names both an input and a result column (outputs: {', '.join(model.output_names)}); "
+            "rename with --names or --output-names"
+        )
     orders = [c.order for c in columns]
     for expression in expressions:
-        orders += [sum(d.index) if isinstance(d, Derivative) else 2 for d in expression.derivatives]
+        derivative_orders = [sum(d.index) if isinstance(d, Derivative) else 2 for d in expression.derivatives]
+        check_order(max(derivative_orders, default=0), "--expr", expression.text)
+        orders += derivative_orders
     return Plan(
         columns, names,
         expression_combiner(expressions, wrt) if expressions else None,

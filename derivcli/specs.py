@@ -140,6 +140,20 @@ class Direction:
     text: str
 
 
+# The highest derivative order derivcli computes. Taylor series reach it in seconds (order 16 is
+# tested against closed forms); beyond it float64 round-off swamps a derivative of a network, and
+# a typo such as x^1000000000 must not run out of memory.
+MAX_ORDER = 32
+# The most columns one run may ask for (`--order 10` over 10 inputs alone would be 92,378).
+MAX_COLUMNS = 10_000
+
+
+def check_order(order: int, option: str, text: str) -> None:
+    """Raises UsageError when a derivative's order is above MAX_ORDER."""
+    if order > MAX_ORDER:
+        raise UsageError(f"{option} {text!r}: order {order:,} is above the highest derivcli computes, {MAX_ORDER}")
+
+
 def parse_direction(text: str) -> Direction:
     """Parses a `--direction` spec: a vector written as `--at` writes a point, then `^N` for order N.
 
@@ -154,6 +168,7 @@ def parse_direction(text: str) -> Direction:
         vector, power = text, "1"
     if not power.strip().isdigit() or int(power) < 1:
         raise UsageError(f"--direction {text!r}: the order {power.strip()!r} after ^ must be a positive whole number")
+    check_order(int(power), "--direction", text)
     return Direction(parse_at(vector, "--direction"), int(power), text)
 
 
@@ -222,6 +237,7 @@ def parse_partial(text: str) -> dict[str, int]:
                 )
             power = int(power_text)
         powers[name] = powers.get(name, 0) + power
+        check_order(sum(powers.values()), "--partial", text)
     return powers
 
 

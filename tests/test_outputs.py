@@ -104,3 +104,35 @@ def test_devices_are_written_into_and_a_full_device_is_one_line(tmp_path, model)
     assert len(lines) == 1 and "No space left on device" in lines[0] and str(full) in lines[0]
     assert stat.S_ISCHR(full.stat().st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+
+
+@pytest.mark.parametrize("arguments", [
+    ("deriv", "--partial", "x0^1000000000"),
+    ("deriv", "--partial", "x0^20,x1^13"),
+    ("deriv", "--order", "1000000000"),
+    ("deriv", "--direction", "1,1^99"),
+    ("op", "--expr", "D(y, x0^1000)"),
+])
+def test_a_derivative_order_above_the_maximum_is_one_line_at_once(cli, arguments):
+    command, *options = arguments
+    result = cli(command, SAMPLES / "softplus_2d.keras", "--at", "1,2", *options)
+    assert_one_line_error(result, 2, "is above the highest derivcli computes, 32")
+
+
+def test_too_many_columns_is_a_usage_error():
+    from derivcli.run import DerivativeRequest, plan
+
+    class Wide:
+        coordinate_names = [f"x{i}" for i in range(10)]
+        output_names = ["y"]
+
+    with pytest.raises(Exception, match="92,378 partial derivatives over 10 inputs"):
+        plan(Wide(), DerivativeRequest(order=10))
+
+
+def test_an_input_and_an_output_of_the_same_name_is_refused(cli):
+    """`--names x,y` on a model whose output is y wrote x,y,y,...: the input coordinate was lost in JSON."""
+    result = cli("grad", SAMPLES / "softplus_2d.keras", "--at", "1,2", "--names", "x,y")
+    assert_one_line_error(result, 2, "'y' names both an input and a result column", "--output-names")
+    assert cli("grad", SAMPLES / "softplus_2d.keras", "--at", "1,2", "--names", "x,y", "--output-names", "u",
+               "--format", "json").exit_code == 0
