@@ -29,6 +29,9 @@ from derivcli.specs import AtPoint, GridAxis
 MAX_GRID_POINTS = 10**10
 # Bytes per read of a CSV: Arrow parses blocks of this size in one call, without the GIL.
 READ_BLOCK = 1 << 20
+# The longest CSV line read: a row of coordinates and ids is short, and a file without line
+# breaks (`--csv /dev/zero`, a binary file) must not be held in memory whole.
+MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -256,10 +259,12 @@ class CsvSource(PointSource):
     def _read_header(self) -> list[str] | None:
         """The first non-blank row, read by the fast path when it is a plain line."""
         while True:
-            raw = self.binary.readline()
+            raw = self.binary.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return None
             self.lines_read += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise self._too_long(self.lines_read)
             if self.lines_read == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             if not _plain(raw):
@@ -273,6 +278,10 @@ class CsvSource(PointSource):
             row = next(csv.reader([self._decode(raw, self.lines_read)]), [])
             if "".join(row).strip():
                 return row
+
+    def _too_long(self, line: int) -> RunError:
+        return RunError(f"{self.label}, row {line}: a line longer than {MAX_LINE_BYTES >> 20} MiB; a CSV of points "
+                        "has short lines (is it a CSV file?)")
 
     def _decode(self, raw: bytes, line: int) -> str:
         try:
@@ -303,7 +312,8 @@ class CsvSource(PointSource):
                 rows.append(row)
                 lines.append(self.line_offset + reader.line_num)
         except csv.Error as error:
-            message = f"{self.label}, row {self.line_offset + reader.line_num}: {error}"
+            reason = f"a cell longer than {csv.field_size_limit() >> 10} KiB" if "field limit" in str(error) else error
+            message = f"{self.label}, row {self.line_offset + reader.line_num}: {reason}"
             self._parse(rows, lines)  # names an earlier bad row first
             raise RunError(message) from None
         return rows, lines
@@ -406,11 +416,16 @@ class CsvSource(PointSource):
         while self.reader is None and not (at_end and not pending):
             # Read until the block holds a batch's worth of lines (a pipe gives what it has).
             reads, newlines = [pending], 0
+            unbroken = len(pending)  # bytes since the last line break
             while not at_end and newlines < batch_size:
                 data = self.binary.read1(READ_BLOCK)
                 at_end = not data
                 reads.append(data)
                 newlines += data.count(b"\n")
+                last_break = data.rfind(b"\n")
+                unbroken = unbroken + len(data) if last_break < 0 else len(data) - last_break - 1
+                if unbroken > MAX_LINE_BYTES:
+                    raise self._too_long(self.lines_read + newlines + 1)
             pending = b"".join(reads)
             cut = len(pending) if at_end else pending.rfind(b"\n") + 1
             special = _first_special(pending, cut)  # a quote or a bare CR: the csv module's work

@@ -136,3 +136,23 @@ def test_an_input_and_an_output_of_the_same_name_is_refused(cli):
     assert_one_line_error(result, 2, "'y' names both an input and a result column", "--output-names")
     assert cli("grad", SAMPLES / "softplus_2d.keras", "--at", "1,2", "--names", "x,y", "--output-names", "u",
                "--format", "json").exit_code == 0
+
+
+def test_csv_without_line_breaks_or_with_huge_lines_is_one_line_in_bounded_memory(tmp_path):
+    """`--csv /dev/zero` grew past 16 GB; a million columns took 7 GB; a big cell said `field larger than field limit`."""
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(1_000_000)) + "\n")
+    big_cell = tmp_path / "cell.csv"
+    big_cell.write_text("x0,x1,id\n1,2,\"" + "a" * 200_000 + "\"\n")
+    long_row = tmp_path / "long.csv"
+    long_row.write_text("x0,x1\n1,2\n" + "1" * 3_000_000 + "\n")
+    cases = [("/dev/zero", "/dev/zero, row 1: a line longer than 1 MiB"), (wide, "row 1: a line longer than 1 MiB"),
+             (big_cell, "row 2: a cell longer than 128 KiB"), (long_row, "row 3: a line longer than 1 MiB")]
+    for source, message in cases:
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", derivcli_executable(), "grad",
+                               str(SAMPLES / "softplus_2d.keras"), "--csv", str(source)],
+                              capture_output=True, text=True, timeout=120)
+        *lines, peak_kilobytes = [line for line in done.stderr.strip().splitlines()
+                                  if not line.startswith("Command exited")]  # time's own line
+        assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
+        assert int(peak_kilobytes) < 2_000_000  # TensorFlow alone is about 0.5 GB

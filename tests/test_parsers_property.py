@@ -48,7 +48,7 @@ def test_at_points_round_trip(values):
 
 
 @settings(max_examples=200, deadline=None)
-@given(powers=st.dictionaries(st.sampled_from(["x", "y", "t", "x0"]), st.integers(1, 9), min_size=1))
+@given(powers=st.dictionaries(st.sampled_from(["x", "y", "t", "x0"]), st.integers(1, 8), min_size=1))  # order <= 32
 def test_partial_specs_round_trip(powers):
     text = ",".join(name if p == 1 else f"{name}^{p}" for name, p in powers.items())
     assert parse_partial(text) == powers
