@@ -14,6 +14,7 @@ import itertools
 import math
 import operator
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,7 +557,7 @@ class NpzSource(PointSource):
                     )
                 self.coordinates = np.stack(columns, axis=1)
             elif "x" in archive.files:
-                array = np.asarray(archive["x"], dtype=np.float64)
+                array = self._numbers(archive, path, "x")
                 if array.ndim == 1 and len(input_names) == 1:
                     array = array[:, None]
                 if array.ndim != 2 or array.shape[1] != len(input_names):
@@ -574,16 +575,34 @@ class NpzSource(PointSource):
         self.total = len(self.coordinates)
 
     @staticmethod
-    def _column(archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
-        array = np.asarray(archive[name])
+    def _numbers(archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
+        """Array `name` as float64; only integer and real float arrays are points.
+
+        Raises:
+            RunError: Python objects (never unpickled), text, records or complex numbers,
+                whose imaginary part a cast would silently drop.
+        """
+        try:
+            array = np.asarray(archive[name])
+        except ValueError:  # object arrays: loading them would unpickle, which derivcli never does
+            raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers") from None
+        except (OSError, zipfile.BadZipFile) as error:
+            raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
+        kinds = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
+                 "b": "booleans"}
+        if array.dtype.kind not in "iuf":
+            raise RunError(f"{path}: array {name!r} holds {kinds.get(array.dtype.kind, str(array.dtype))} "
+                           f"(dtype {array.dtype}); points are real numbers (integer or float arrays)")
+        return array.astype(np.float64)
+
+    @classmethod
+    def _column(cls, archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
+        array = cls._numbers(archive, path, name)
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
-            raise RunError(
-                f"{path}: array {name!r} has shape {array.shape} and dtype {array.dtype}, "
-                "expected a 1-D numeric array"
-            )
-        return array.astype(np.float64)
+        if array.ndim != 1:
+            raise RunError(f"{path}: array {name!r} has shape {array.shape}, expected a 1-D array")
+        return array
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         for start in range(0, self.total or 0, batch_size):

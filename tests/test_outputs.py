@@ -8,6 +8,7 @@ import stat
 import subprocess
 import threading
 
+import numpy as np
 import pytest
 
 from conftest import SAMPLES, derivcli_executable, read_csv
@@ -156,3 +157,18 @@ def test_csv_without_line_breaks_or_with_huge_lines_is_one_line_in_bounded_memor
                                   if not line.startswith("Command exited")]  # time's own line
         assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
         assert int(peak_kilobytes) < 2_000_000  # TensorFlow alone is about 0.5 GB
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"x": np.array([[1.0, {}]], dtype=object)}, "holds Python objects"),
+    ({"x0": np.array([1 + 2j]), "x1": np.array([1.0])}, "holds complex numbers"),
+    ({"x": np.array([["1", "2"]])}, "holds text"),
+    ({"x": np.zeros(2, dtype=[("a", "f8"), ("b", "f8")])}, "holds records"),
+])
+def test_npz_arrays_that_are_not_real_numbers_are_refused(cli, tmp_path, arrays, message):
+    """Complex values once lost their imaginary part silently; object arrays are never unpickled."""
+    path = tmp_path / "points.npz"
+    np.savez(path, **arrays)
+    result = cli("grad", SAMPLES / "softplus_2d.keras", "--npz", path)
+    assert_one_line_error(result, 1, message)
+    assert "allow_pickle" not in result.stderr
