@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
@@ -63,6 +64,9 @@ class DerivcliGroup(TyperGroup):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         from derivcli.run import PipeClosed
 
+        if sys.stderr is None:  # started with standard error closed (2>&-): messages go nowhere, the run goes on
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        warnings.simplefilter("ignore")  # no raw Python warning reaches standard error: derivcli says what matters
         arguments = list(sys.argv[1:] if args is None else args)
         show_traceback = "--traceback" in arguments
         extra.pop("standalone_mode", None)
@@ -288,7 +292,7 @@ def _choice(value: str, option: str, choices: Sequence[str]) -> str:
 def _batch_size(text: str | None) -> int | None:
     if text is None or text.strip().lower() == "auto":
         return None
-    if not text.strip().isdigit() or int(text) < 1:
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
         raise UsageError(f"--batch-size {text!r}: give a positive whole number or auto")
     return int(text)
 
@@ -322,7 +326,7 @@ def _common(
         csv=csv,
         columns=_names_or_none(columns, "--columns"),
         npz=npz,
-        format=choose_format(format, output, sys.stdout.isatty()),
+        format=choose_format(format, output, sys.stdout is not None and sys.stdout.isatty()),
         output=output,
         batch_size=_batch_size(batch_size),
         dtype=_choice(dtype, "--dtype", ("float32", "float64")),

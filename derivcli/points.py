@@ -481,6 +481,8 @@ def _stdin_binary() -> io.BufferedIOBase:
     that buffer's lock at exit and would abort. Closing this buffer leaves
     file descriptor 0 open.
     """
+    if sys.stdin is None:
+        raise RunError("--csv -: standard input is closed; give the points on a pipe or name a file")
     try:
         return open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
     except (AttributeError, OSError, ValueError):  # a replaced sys.stdin (tests)

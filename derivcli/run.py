@@ -372,7 +372,7 @@ def compute(
     writing = InOrder(write_and_summarize, depth=queue_depth(batch_size * (row_bytes + 8 * len(value_names))))
     try:
         for index, batch in enumerate(reading):
-            coordinates = batch.coordinates.astype(dtype)
+            coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names)
             if index == 0:
                 check_batch_independence(model, coordinates)
             values = run_in_halves(kernel, coordinates)
@@ -393,6 +393,22 @@ def compute(
         raise
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
+
+
+def points_in_dtype(coordinates: np.ndarray, dtype: np.dtype, names: Sequence[str]) -> np.ndarray:
+    """The points in the compute dtype.
+
+    Raises:
+        RunError: a finite coordinate beyond the dtype's range (1e308 is inf in float32).
+    """
+    with np.errstate(over="ignore"):
+        converted = coordinates.astype(dtype)
+    overflow = np.isinf(converted) & np.isfinite(coordinates)
+    if overflow.any():
+        row, column = np.argwhere(overflow)[0]
+        raise RunError(f"{names[column]}={coordinates[row, column]:g} is beyond the largest {np.dtype(dtype).name} "
+                       f"({np.finfo(dtype).max:.4g}); use --dtype float64")
+    return converted
 
 
 def queue_depth(batch_bytes: int) -> int:
@@ -590,6 +606,7 @@ def evaluate(
     names = planned.names
     kernel = make_kernel(model, planned, device, points=len(coordinates))
     dtype = np.dtype(model.dtype)
+    coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names).astype(np.float64)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
         kernel(coordinates[start : start + batch_size].astype(dtype))

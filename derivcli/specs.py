@@ -166,7 +166,7 @@ def parse_direction(text: str) -> Direction:
     vector, caret, power = text.rpartition("^")
     if not caret:
         vector, power = text, "1"
-    if not power.strip().isdigit() or int(power) < 1:
+    if not (power.strip().isascii() and power.strip().isdigit()) or int(power) < 1:
         raise UsageError(f"--direction {text!r}: the order {power.strip()!r} after ^ must be a positive whole number")
     check_order(int(power), "--direction", text)
     return Direction(parse_at(vector, "--direction"), int(power), text)
@@ -230,7 +230,7 @@ def parse_partial(text: str) -> dict[str, int]:
         _check_name(name, "--partial", text)
         power = 1
         if power_text:
-            if not power_text.strip().isdigit() or int(power_text) < 1:
+            if not (power_text.strip().isascii() and power_text.strip().isdigit()) or int(power_text) < 1:
                 raise UsageError(
                     f"--partial {text!r}: the power {power_text.strip()!r} of {name} "
                     "must be a positive whole number"

@@ -214,6 +214,8 @@ class AtomicFile:
                 prefix=f".{self.path.name}.", suffix=".part", dir=None if self.direct else self.path.parent or "."
             )
         except FileNotFoundError:
+            if self.path.parent.is_dir():  # a folder that takes no new files, such as /proc
+                raise RunError(f"-o {path}: cannot create a file in {str(self.path.parent)!r}") from None
             raise RunError(f"-o {path}: folder {str(self.path.parent)!r} does not exist") from None
         except OSError as error:
             raise RunError(f"-o {path}: cannot write there ({error.strerror})") from None
@@ -275,6 +277,8 @@ class TextWriter(Writer):
         if self.file is not None:
             self.stream: IO[str] = open(self.file.temporary, "w", encoding="utf-8", newline="")  # noqa: SIM115
         else:
+            if sys.stdout is None:
+                raise RunError("standard output is closed; write the output to a file with -o FILE")
             self.stream = sys.stdout
         self.started = False
 

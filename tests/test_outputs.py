@@ -172,3 +172,32 @@ def test_npz_arrays_that_are_not_real_numbers_are_refused(cli, tmp_path, arrays,
     result = cli("grad", SAMPLES / "softplus_2d.keras", "--npz", path)
     assert_one_line_error(result, 1, message)
     assert "allow_pickle" not in result.stderr
+
+
+@pytest.mark.parametrize(("arguments", "status", "message"), [
+    (("--at", "1e308,1"), 1, "x0=1e+308 is beyond the largest float32 (3.403e+38); use --dtype float64"),
+    (("--at", "1,2", "--batch-size", "²"), 2, "--batch-size '²': give a positive whole number"),
+    (("--at", "1,2", "-o", "/proc/out.csv"), 1, "cannot create a file in '/proc'"),
+])
+def test_bad_values_that_once_slipped_through(cli, arguments, status, message):
+    result = cli("grad", SAMPLES / "softplus_2d.keras", *arguments)
+    assert_one_line_error(result, status, message)
+    assert "Warning" not in result.stderr
+
+
+@pytest.mark.parametrize(("redirect", "status", "message"), [
+    ("2>&-", 0, None),
+    (">&-", 1, "standard output is closed; write the output to a file with -o FILE"),
+    ("<&-", 1, "--csv -: standard input is closed"),
+])
+def test_closed_standard_streams(redirect, status, message):
+    """With 2>&- every command once exited 1 silently."""
+    command = f"{derivcli_executable()} grad {SAMPLES / 'softplus_2d.keras'} " + (
+        "--csv - " if "<" in redirect else "--at 1,2 ") + redirect
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    if message is None:
+        assert done.stdout.splitlines()[0] == "x0,x1,y,dy/dx0,dy/dx1"
+    else:
+        assert done.stderr.strip() == f"derivcli: error: {message}" or message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
