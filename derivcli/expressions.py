@@ -119,6 +119,8 @@ class _Checker:
         elif isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.fail(node, "only numbers are allowed as constants")
+            if isinstance(node.value, int) and abs(node.value) > 1e308:
+                raise self.fail(node, "the number is beyond the float range (1.8e308)")
             self.leaves[id(node)] = float(node.value)
         elif isinstance(node, ast.Name):
             self.leaves[id(node)] = self.name(node)
@@ -205,6 +207,11 @@ class _Checker:
         return Derivative(output, tuple(index))
 
 
+# Limits that keep parsing and tracing bounded: a residual of a PDE is a few hundred characters.
+MAX_EXPRESSION_LENGTH = 4000
+MAX_EXPRESSION_DEPTH = 200
+
+
 def parse_expression(
     spec: str, inputs: Sequence[str], outputs: Sequence[str], default_name: str = "op"
 ) -> Expression:
@@ -235,6 +242,9 @@ def parse_expression(
     checker = _Checker(spec, stripped, offset, inputs, outputs)
     if not stripped:
         raise UsageError(f"--expr {spec!r}: the expression is empty")
+    if len(stripped) > MAX_EXPRESSION_LENGTH:
+        raise UsageError(f"--expr: an expression of {len(stripped):,} characters is longer than the "
+                         f"{MAX_EXPRESSION_LENGTH:,} allowed")
     try:
         tree = ast.parse(stripped, mode="eval").body
     except SyntaxError as error:
@@ -242,8 +252,21 @@ def parse_expression(
         column = error.offset if error.offset and 0 < error.offset <= len(stripped) else len(stripped) + 1
         detail = "" if error.msg == "invalid syntax" else f" ({error.msg})"
         raise UsageError(f"--expr {spec!r}: syntax error{detail} at position {offset + column}") from None
+    if _depth(tree) > MAX_EXPRESSION_DEPTH:
+        raise UsageError(f"--expr {spec!r}: nested more than {MAX_EXPRESSION_DEPTH} levels deep (a sum of many "
+                         "terms nests one level per term); split it into several --expr")
     checker.check(tree)
     return Expression(name, stripped, tree, checker.leaves)
+
+
+def _depth(tree: ast.AST) -> int:
+    """The depth of a syntax tree, found without recursion (the tree may be deeper than Python's stack)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def parse_expressions(specs: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]) -> list[Expression]:

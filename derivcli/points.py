@@ -172,7 +172,7 @@ class GridSource(PointSource):
         if self.total > MAX_GRID_POINTS:
             raise UsageError(
                 f"--grid: {self.total:,} points is more than {MAX_GRID_POINTS:,}; "
-                "use fewer points per axis, or split the run with --shard K/N"
+                "use fewer points per axis, or run the axes' ranges as several runs with narrower --grid"
             )
         self.passthrough_names = []
 

@@ -201,3 +201,15 @@ def test_closed_standard_streams(redirect, status, message):
     else:
         assert done.stderr.strip() == f"derivcli: error: {message}" or message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("(" * 2000 + "x" + ")" * 2000, "longer than the 4,000 allowed"),
+    ("+".join(["x"] * 1501), "nested more than 200 levels deep"),
+    ("1" * 401 + "*x", "beyond the float range"),
+    ("-" * 100_000 + "x", "longer than the 4,000 allowed"),
+])
+def test_expressions_beyond_the_limits_are_one_usage_line(cli, expression, message):
+    """Once a RecursionError, an OverflowError, and "out of memory; lower --batch-size" with exit 1."""
+    result = cli("op", SAMPLES / "square_tanh.keras", "--at", "0.5", "--expr", expression)
+    assert_one_line_error(result, 2, message)
