@@ -362,7 +362,8 @@ def compute(
     # the last one while the kernel runs; TensorFlow and Arrow release the GIL.
     # The kernel's thread does nothing else, the summary included.
     def write_and_summarize(coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        writer.write(coordinates, passthrough, values)
+        with writer.naming_write_errors():
+            writer.write(coordinates, passthrough, values)
         summary.update(coordinates, values)
 
     # Several batches may wait in each queue, to absorb jitter between the stages
@@ -380,7 +381,8 @@ def compute(
             if progress is not None:
                 progress(len(coordinates))
         writing.finish()
-        writer.close()
+        with writer.naming_write_errors():
+            writer.close()
     except BrokenPipeError:
         reading.stop()
         writing.stop()

@@ -9,7 +9,9 @@ file into place; `abort()` removes every trace.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import functools
 import json
 import math
@@ -19,7 +21,7 @@ import stat
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -259,6 +261,21 @@ class Writer:
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def naming_write_errors(self) -> Iterator[None]:
+        """Turns a failed write (a full disk, a file-size limit) into a RunError that names the output.
+
+        A closed pipe (BrokenPipeError) passes through: it ends the run quietly.
+        """
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            code = errno.errorcode.get(error.errno or 0, "")
+            target = f"-o {self.file.path}" if self.file is not None else "standard output"
+            raise RunError(f"{target}: cannot write: {error.strerror or error}{f' ({code})' if code else ''}") from None
 
     def close(self) -> None:
         if self.file is not None:

@@ -213,3 +213,13 @@ def test_expressions_beyond_the_limits_are_one_usage_line(cli, expression, messa
     """Once a RecursionError, an OverflowError, and "out of memory; lower --batch-size" with exit 1."""
     result = cli("op", SAMPLES / "square_tanh.keras", "--at", "0.5", "--expr", expression)
     assert_one_line_error(result, 2, message)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz", ".h5"])
+def test_a_file_size_limit_is_one_line_naming_the_output_and_leaves_nothing(tmp_path, suffix):
+    target = tmp_path / f"big{suffix}"
+    command = f"ulimit -f 100; {derivcli_executable()} grad {SAMPLES / 'softplus_2d.keras'} --grid -1:1:1000 -o {target}"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"derivcli: error: -o {target}: cannot write: File too large (EFBIG)"]
+    assert list(tmp_path.iterdir()) == []
