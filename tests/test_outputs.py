@@ -223,3 +223,27 @@ def test_a_file_size_limit_is_one_line_naming_the_output_and_leaves_nothing(tmp_
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"derivcli: error: -o {target}: cannot write: File too large (EFBIG)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_to_standard_output_is_written_through(tmp_path, model):
+    """`-o /dev/stdout` (a link to /proc/self/fd/1) once replaced the link with a regular file."""
+    link = tmp_path / "stdout.csv"
+    link.symlink_to("/proc/self/fd/1")
+    done = subprocess.run([derivcli_executable(), "grad", str(model), "--at", "0.5", "-o", str(link)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "x,y,dy/dx"
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+
+
+@pytest.mark.parametrize("arguments", [
+    ("deriv", "--partial", "x0,x1^2", "--order", "3"),
+    ("deriv", "--partial", "x0", "--partial", "x0"),
+    ("op", "--expr", "y=x0"),
+    ("op", "--expr", "x1=x0"),
+])
+def test_a_column_name_used_twice_is_refused(cli, arguments):
+    command, *options = arguments
+    result = cli(command, SAMPLES / "softplus_2d.keras", "--at", "1,2", *options)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "twice" in result.stderr or "names both an input and a result column" in result.stderr
