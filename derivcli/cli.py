@@ -39,8 +39,17 @@ from derivcli.specs import (
 )
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1: ESC sequences, line breaks) written as escapes.
+
+    Names from files (class names, layer names, CSV headers and cells) reach messages:
+    none of them may drive the terminal or break the one-line contract.
+    """
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _fail_line(message: str) -> None:
-    sys.stderr.write(f"derivcli: error: {message}\n")
+    sys.stderr.write(f"derivcli: error: {printable(message)}\n")
     sys.stderr.flush()
 
 
@@ -348,7 +357,7 @@ def format_point(names: Sequence[str], point: Any) -> str:
 
 def _warn(options: CommonOptions, message: str) -> None:
     if not options.quiet:
-        sys.stderr.write(f"derivcli: warning: {message}\n")
+        sys.stderr.write(f"derivcli: warning: {printable(message)}\n")
 
 
 def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:

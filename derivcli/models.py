@@ -246,8 +246,47 @@ def load_custom_objects(paths: Sequence[str]) -> dict[str, Any]:
     return objects
 
 
+# A .keras archive of a model derivcli can differentiate is small: its weights are read into
+# memory whole. Declared sizes above these are refused before anything is extracted.
+MAX_ARCHIVE_BYTES = 4 << 30
+MAX_CONFIG_BYTES = 64 << 20
+MAX_ARCHIVE_MEMBERS = 10_000
+
+
+def _check_archive(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuses a .keras zip whose members could escape, or whose declared sizes are absurd.
+
+    Raises:
+        RunError: an absolute, `..` or symbolic-link member; too many members; a declared
+            uncompressed size (or config.json size) beyond the limits above.
+    """
+    members = archive.infolist()
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise RunError(f"cannot load {path}: the archive has {len(members):,} members; a .keras model has a few")
+    total = 0
+    for member in members:
+        name = member.filename
+        if name.startswith(("/", "\\")) or ".." in Path(name).parts or (len(name) > 1 and name[1] == ":"):
+            raise RunError(f"cannot load {path}: archive member {name!r} points outside the archive")
+        if (member.external_attr >> 16) & 0o170000 == 0o120000:
+            raise RunError(f"cannot load {path}: archive member {name!r} is a symbolic link")
+        if name == "config.json" and member.file_size > MAX_CONFIG_BYTES:
+            raise RunError(f"cannot load {path}: config.json declares {member.file_size:,} bytes; a model's "
+                           f"configuration is far smaller (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        total += member.file_size
+    if total > MAX_ARCHIVE_BYTES:
+        raise RunError(f"cannot load {path}: the archive declares {total:,} bytes uncompressed, more than "
+                       f"{MAX_ARCHIVE_BYTES >> 30} GiB")
+
+
 def _sniff(path: Path) -> str:
-    """Tells the format of a model file or directory: keras, h5 or saved_model."""
+    """Tells the format of a model file or directory: keras, h5 or saved_model.
+
+    Only regular files and directories are opened: a FIFO would block for ever, a device
+    (/dev/zero) would be read without end.
+    """
+    if not (path.is_dir() or path.is_file()):
+        raise RunError(f"cannot load {path}: not a regular file or a directory; {LOAD_HINT}")
     if path.is_dir():
         if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
             return "saved_model"
@@ -257,6 +296,7 @@ def _sniff(path: Path) -> str:
     if magic.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as archive:
+                _check_archive(path, archive)
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
             raise RunError(f"cannot load {path}: a corrupt or truncated .keras file (its zip archive is unreadable)") from None

@@ -1,0 +1,94 @@
+"""Model paths and archives are inspected before TensorFlow or Keras opens them."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+
+import pytest
+
+from conftest import SAMPLES
+from test_errors import assert_one_line_error
+
+
+def test_a_model_path_that_is_not_a_regular_file_is_refused_before_opening(cli, tmp_path):
+    """A FIFO once blocked for ever; a device would be read without end."""
+    fifo = tmp_path / "model.keras"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        assert_one_line_error(cli("info", path), 1, "not a regular file or a directory")
+
+
+def rebuilt(tmp_path, extra: list[tuple[zipfile.ZipInfo | str, bytes]]):
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(SAMPLES / "square_tanh.keras") as source, zipfile.ZipFile(path, "w") as target:
+        for member in source.infolist():
+            target.writestr(member, source.read(member))
+        for info, data in extra:
+            target.writestr(info, data)
+    return path
+
+
+def declared_size(path, member: str, size: int) -> None:
+    """Rewrites the uncompressed size the central directory declares for `member`."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"PK\x01\x02")
+    while True:
+        name_length = struct.unpack_from("<H", data, start + 28)[0]
+        if data[start + 46 : start + 46 + name_length].decode() == member:
+            struct.pack_into("<I", data, start + 24, size)
+            break
+        extra, comment = struct.unpack_from("<HH", data, start + 30)
+        start = data.index(b"PK\x01\x02", start + 46 + name_length + extra + comment)
+    path.write_bytes(bytes(data))
+
+
+def link_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16)
+    return info
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([("../escape.txt", b"x")], "points outside the archive"),
+    ([("/etc/escape.txt", b"x")], "points outside the archive"),
+    ([(link_member("assets/link"), b"/etc/passwd")], "is a symbolic link"),
+    ([(f"assets/{i}", b"") for i in range(10_001)], "members; a .keras model has a few"),
+])
+def test_archives_that_could_escape_or_explode_are_refused(cli, tmp_path, extra, message):
+    path = rebuilt(tmp_path, extra)
+    assert_one_line_error(cli("info", path), 1, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+
+@pytest.mark.parametrize(("member", "size", "message"), [
+    ("model.weights.h5", 0xFFFFFFF0, "bytes uncompressed, more than 4 GiB"),
+    ("config.json", 2 << 30, "config.json declares"),
+])
+def test_absurd_declared_sizes_are_refused_before_extraction(cli, tmp_path, member, size, message):
+    """A 3.6 MB file declaring 3.5 GiB of weights once took 8 GB of memory."""
+    path = rebuilt(tmp_path, [])
+    declared_size(path, member, size)
+    assert_one_line_error(cli("info", path), 1, message)
+
+
+def test_control_characters_from_files_are_escaped_in_messages(cli, tmp_path):
+    """An ESC sequence in a CSV header once reached the terminal raw."""
+    points = tmp_path / "points.csv"
+    points.write_text("x0\x1b[2J\tz,x1\n1,2\n")
+    result = cli("grad", SAMPLES / "softplus_2d.keras", "--csv", points)
+    assert_one_line_error(result, 1, "x0\\x1b[2J\\tz")
+    assert "\x1b" not in result.stderr and "\t" not in result.stderr
+
+
+def test_the_installed_keras_has_every_published_safe_mode_fix():
+    """keras 3.13.2 fixes the last published safe-mode bypass (CVE-2026-1462, TFSMLayer)."""
+    import re
+    from importlib.metadata import version
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert '"keras>=3.13.2' in pyproject
+    installed = tuple(int(part) for part in re.findall(r"\d+", version("keras"))[:3])
+    assert installed >= (3, 13, 2)
