@@ -26,7 +26,7 @@ import typer
 from typer.core import TyperGroup
 
 from derivcli import __version__
-from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError
+from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable
 from derivcli.specs import (
     AtPoint,
     GridAxis,
@@ -37,15 +37,6 @@ from derivcli.specs import (
     parse_partial,
     parse_shard,
 )
-
-
-def printable(text: str) -> str:
-    """`text` with control characters (C0, DEL, C1: ESC sequences, line breaks) written as escapes.
-
-    Names from files (class names, layer names, CSV headers and cells) reach messages:
-    none of them may drive the terminal or break the one-line contract.
-    """
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _fail_line(message: str) -> None:

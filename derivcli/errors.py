@@ -54,3 +54,12 @@ class CheckFailed(DerivcliError):
 
 class Terminated(BaseException):
     """Raised from the SIGTERM handler so that cleanup runs as for Ctrl-C."""
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1: ESC sequences, line breaks) written as escapes.
+
+    Names from files (class names, layer names, CSV headers and cells) reach messages
+    and tables: none of them may drive the terminal or break the one-line contract.
+    """
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)

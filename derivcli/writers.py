@@ -28,7 +28,7 @@ from typing import IO
 
 import numpy as np
 
-from derivcli.errors import RunError, UsageError
+from derivcli.errors import RunError, UsageError, printable
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "npz", "hdf5")
 EXTENSIONS = {
@@ -452,13 +452,19 @@ class TableWriter(TextWriter):
     def finish(self) -> None:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        def plain(cell: str) -> Text:
+            # Cells and headers come from files: plain text, never Rich markup ("[/bold]" once crashed the
+            # table, "[x]" vanished), and control characters escaped so that a cell cannot drive the terminal.
+            return Text(printable(cell))
 
         table = Table(box=None, header_style="bold")
         for name in self.layout.header:
             numeric = name not in self.layout.passthrough_names
-            table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+            table.add_column(plain(name), justify="right" if numeric else "left", no_wrap=True)
         for row in self.rows:
-            table.add_row(*row)
+            table.add_row(*(plain(cell) for cell in row))
         # On a terminal the table fits its width; elsewhere (a file, a pipe) nothing is cropped.
         width = None if self.stream.isatty() else 100_000
         Console(file=self.stream, soft_wrap=True, width=width).print(table)

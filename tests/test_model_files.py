@@ -92,3 +92,14 @@ def test_the_installed_keras_has_every_published_safe_mode_fix():
     assert '"keras>=3.13.2' in pyproject
     installed = tuple(int(part) for part in re.findall(r"\d+", version("keras"))[:3])
     assert installed >= (3, 13, 2)
+
+
+def test_table_cells_and_headers_are_plain_text(cli, tmp_path):
+    """A CSV id `[/bold]` once crashed the table; `[x]` and `[b]old` were eaten as markup."""
+    points = tmp_path / "points.csv"
+    points.write_text("x0,x1,id\n1,2,[/bold]\n3,4,[x] \x1b[31mred\n5,6,[b]old\n")
+    result = cli("grad", SAMPLES / "softplus_2d.keras", "--csv", points, "--format", "table")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "[/bold]" in lines[1] and "[x] \\x1b[31mred" in lines[2] and "[b]old" in lines[3]
+    assert "\x1b" not in result.stdout
