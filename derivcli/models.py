@@ -470,10 +470,81 @@ def _rename(current: list[str], new: Sequence[str] | None, option: str, what: st
     return list(new)
 
 
+# Markers Keras 3 writes for data in a config, not classes to instantiate.
+CONFIG_DATA_MARKERS = {"__keras_tensor__", "__numpy__", "__tensor__", "__bytes__", "__typespec__", "__lambda__"}
+# Layers whose config carries code or a path to more code: they run only with --unsafe.
+CODE_LAYERS = {"Lambda", "TFSMLayer"}
+
+
+def model_config(path: Path, kind: str) -> Any:
+    """The model's config as JSON, read without Keras: `config.json` of a .keras zip, `model_config` of an
+    HDF5 file; None when an HDF5 file holds none (weights only: Keras then says so)."""
+    import json
+
+    if kind == "keras":
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        text = handle.attrs.get("model_config")
+    if text is None:
+        return None
+    return json.loads(text.decode() if isinstance(text, bytes) else text)
+
+
+def inspect_config(path: Path, config: Any, custom_objects: dict[str, Any], unsafe: bool) -> None:
+    """Refuses, before Keras reads the file, what would run code from it.
+
+    - `Lambda` and `TFSMLayer` layers, whatever their function (bytecode, or a named one), unless `--unsafe`;
+    - a class or function from a module other than Keras's own that no `--custom-objects` file provides.
+
+    Raises:
+        RunError: naming the class, the layer and the fix.
+    """
+    import keras
+
+    known = set(custom_objects) | {getattr(value, "__name__", "") for value in custom_objects.values()}
+    namespaces = (keras.layers, keras.initializers, keras.regularizers, keras.constraints, keras.activations,
+                  keras.dtype_policies, keras.models, keras.optimizers)
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        class_name = node.get("class_name")
+        if not isinstance(class_name, str) or class_name in CONFIG_DATA_MARKERS:
+            continue
+        layer = (node.get("config") or {}).get("name") if isinstance(node.get("config"), dict) else None
+        if class_name in CODE_LAYERS and not unsafe:
+            raise RunError(
+                f"cannot load {path}: it has a {class_name} layer{f' {layer!r}' if layer else ''}, which runs code "
+                "from the file; pass --unsafe if you trust the file"
+            )
+        module, registered = node.get("module"), node.get("registered_name")
+        own = module == "keras" or (isinstance(module, str) and module.startswith("keras.")) or (
+            module is None and (class_name in ("Functional", "Sequential", "Model")
+                                or any(hasattr(namespace, class_name) for namespace in namespaces)))
+        provided = class_name in known or (isinstance(registered, str) and (
+            registered in known or keras.saving.get_registered_object(registered) is not None))
+        if not (own or provided):
+            raise RunError(
+                f"cannot load {path}: unknown class {class_name!r}; pass the Python file "
+                "that defines it with --custom-objects FILE.py"
+            )
+
+
 def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, dtype: str) -> LoadedModel:
     import keras
 
     custom_objects = load_custom_objects(custom_objects_files)
+    config = model_config(path, _sniff(path))
+    if config is not None:
+        inspect_config(path, config, custom_objects, unsafe)
     try:
         model = keras.models.load_model(
             path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe

@@ -103,3 +103,48 @@ def test_table_cells_and_headers_are_plain_text(cli, tmp_path):
     lines = result.stdout.splitlines()
     assert "[/bold]" in lines[1] and "[x] \\x1b[31mred" in lines[2] and "[b]old" in lines[3]
     assert "\x1b" not in result.stdout
+
+
+def lambda_model(function, path):
+    import keras
+
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Lambda(function, output_shape=(1,))(inputs)))
+    model.save(path)
+    return path
+
+
+def test_lambda_layers_are_refused_whatever_their_function_and_run_with_unsafe(cli, tmp_path):
+    import json
+    import shutil
+
+    marker = tmp_path / "marker"
+    payload = eval(f"lambda x: (open({str(marker)!r}, 'w').write('ran'), x)[1]")  # noqa: S307 (the test's own code)
+    bytecode = lambda_model(payload, tmp_path / "bytecode.keras")
+    import keras
+
+    named = lambda_model(keras.ops.sin, tmp_path / "named.keras")
+    for path in (bytecode, named):
+        assert_one_line_error(cli("eval", path, "--at", "0.5"), 1, "Lambda layer", "--unsafe")
+    assert not marker.exists()
+    # A config naming a function outside Keras (os.system as an activation) is an unknown class.
+    folder = tmp_path / "unpacked"
+    with zipfile.ZipFile(SAMPLES / "square_tanh.keras") as archive:
+        archive.extractall(folder)
+    config = json.loads((folder / "config.json").read_text())
+    dense = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+    dense["config"]["activation"] = {"module": "os", "class_name": "function", "config": "system",
+                                     "registered_name": "function"}
+    (folder / "config.json").write_text(json.dumps(config))
+    hostile = shutil.make_archive(str(tmp_path / "os_system"), "zip", folder)
+    os.rename(hostile, tmp_path / "os_system.keras")
+    assert_one_line_error(cli("eval", tmp_path / "os_system.keras", "--at", "0.5"), 1, "unknown class 'function'")
+    # TFSMLayer loads a SavedModel from any path, whose load-time ops would run: refused like Lambda.
+    dense["config"]["activation"] = "tanh"
+    dense["class_name"] = "TFSMLayer"
+    (folder / "config.json").write_text(json.dumps(config))
+    os.rename(shutil.make_archive(str(tmp_path / "tfsm"), "zip", folder), tmp_path / "tfsm.keras")
+    assert_one_line_error(cli("eval", tmp_path / "tfsm.keras", "--at", "0.5"), 1, "TFSMLayer layer", "--unsafe")
+    # With --unsafe the harmless payload runs: the marker works.
+    assert cli("eval", bytecode, "--at", "0.5", "--unsafe").exit_code == 0
+    assert marker.read_text() == "ran"
