@@ -449,6 +449,10 @@ def load_model(
     kind = _sniff(model_path)
     tf = import_tensorflow()
     if kind == "saved_model":
+        if not unsafe:
+            from derivcli.safety import check_saved_model
+
+            check_saved_model(model_path)
         loaded = _load_saved_model(model_path, tf)
         if dtype == "float64":
             loaded = _widened(loaded)

@@ -148,3 +148,79 @@ def test_lambda_layers_are_refused_whatever_their_function_and_run_with_unsafe(c
     # With --unsafe the harmless payload runs: the marker works.
     assert cli("eval", bytecode, "--at", "0.5", "--unsafe").exit_code == 0
     assert marker.read_text() == "ran"
+
+
+def hostile_saved_models(folder, marker):
+    """SavedModels whose graphs write `marker` when loaded or evaluated, and one that calls Python."""
+    import tensorflow as tf
+
+    class WritesOnLoad(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant([0]), tf.constant([1])), default_value=0)
+            self.scale = tf.Variable(2.0)
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * self.scale}
+
+    class WritesOnCall(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
+        def serve(self, x):
+            tf.io.write_file(str(marker), "ran")
+            return {"y": x * 2.0}
+
+    class PrintsToFile(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
+        def serve(self, x):
+            tf.print("ran", output_stream=f"file://{marker}")
+            return {"y": x * 2.0}
+
+    class CallsPython(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.py_function(lambda v: v * 2.0, [x], tf.float32)}
+
+    made = {}
+    for name, module in [("writes_on_call", WritesOnCall()), ("prints_to_file", PrintsToFile()),
+                         ("calls_python", CallsPython()), ("lookup_table", WritesOnLoad())]:
+        path = folder / name
+        tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+        made[name] = path
+    return made
+
+
+def test_savedmodels_with_side_effects_are_refused_before_loading(cli, tmp_path):
+    marker = tmp_path / "marker"
+    made = hostile_saved_models(tmp_path, marker)
+    expected = {"writes_on_call": ("WriteFile",), "prints_to_file": ("PrintV2", "StringFormat"),
+                "calls_python": ("EagerPyFunc",), "lookup_table": ("HashTableV2", "LookupTableImportV2")}
+    for name, path in made.items():
+        result = cli("eval", path, "--at", "0.5")
+        assert_one_line_error(result, 1, "can touch files or run code", "--unsafe")
+        assert any(f"op {op} " in result.stderr for op in expected[name]), result.stderr
+        assert not marker.exists(), name
+    # With --unsafe the harmless payload runs: the marker works.
+    assert cli("eval", made["writes_on_call"], "--at", "0.5", "--unsafe").exit_code == 0
+    assert marker.read_text() == "ran"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+
+
+def test_every_savedmodel_keras_and_tensorflow_export_passes_the_allowlist(tmp_path):
+    """Dense, Conv, LSTM/GRU, attention and normalization models, exported both ways, and the sample."""
+    import tensorflow as tf
+
+    from derivcli.safety import check_saved_model
+
+    from zoo import ZOO
+
+    check_saved_model(SAMPLES / "square_tanh_savedmodel")
+    for entry in ZOO:
+        if entry.custom_objects:
+            continue
+        model = entry.build()
+        model.export(tmp_path / f"{entry.name}_export", verbose=False)
+        tf.saved_model.save(model, str(tmp_path / f"{entry.name}_tf"))
+        check_saved_model(tmp_path / f"{entry.name}_export")
+        check_saved_model(tmp_path / f"{entry.name}_tf")
