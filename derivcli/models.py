@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -546,15 +547,24 @@ def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, d
     import keras
 
     custom_objects = load_custom_objects(custom_objects_files)
-    config = model_config(path, _sniff(path))
+    kind = _sniff(path)
+    config = model_config(path, kind)
     if config is not None:
         inspect_config(path, config, custom_objects, unsafe)
-    try:
-        model = keras.models.load_model(
-            path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
-        )
-    except Exception as error:  # Keras raises many types for a bad file
-        raise _explain_keras_error(path, error) from None
+    # Keras picks its reader by the name's extension: a file is read by what its bytes are
+    # (an HDF5 file named .keras, a zip named .h5), through a link whose name says so.
+    suffixes = (".keras",) if kind == "keras" else (".h5", ".hdf5")
+    with tempfile.TemporaryDirectory(prefix="derivcli-") as folder:
+        readable = path
+        if path.suffix.lower() not in suffixes:
+            readable = Path(folder) / f"model{suffixes[0]}"
+            readable.symlink_to(path.resolve())
+        try:
+            model = keras.models.load_model(
+                readable, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
+            )
+        except Exception as error:  # Keras raises many types for a bad file
+            raise _explain_keras_error(path, error) from None
     if not isinstance(model, keras.Model):
         raise RunError(f"cannot load {path}: it holds a {type(model).__name__}, not a Keras model")
     inputs, outputs = _keras_inputs_outputs(model)

@@ -224,3 +224,27 @@ def test_every_savedmodel_keras_and_tensorflow_export_passes_the_allowlist(tmp_p
         tf.saved_model.save(model, str(tmp_path / f"{entry.name}_tf"))
         check_saved_model(tmp_path / f"{entry.name}_export")
         check_saved_model(tmp_path / f"{entry.name}_tf")
+
+
+@pytest.mark.parametrize(("sample", "name"), [("shifted_square.h5", "model.keras"), ("square_tanh.keras", "model.h5"),
+                                              ("square_tanh.keras", "model.bin")])
+def test_a_model_file_is_read_by_its_bytes_not_its_name(cli, tmp_path, sample, name):
+    """An HDF5 file named .keras once gave "File not found" for a file that exists."""
+    import shutil
+
+    shutil.copy(SAMPLES / sample, tmp_path / name)
+    renamed = cli("eval", tmp_path / name, "--at", "0.5")
+    assert renamed.exit_code == 0, renamed.stderr
+    assert renamed.stdout == cli("eval", SAMPLES / sample, "--at", "0.5").stdout
+
+
+def test_a_keras2_lambda_in_an_h5_file_is_refused(cli, tmp_path):
+    import tf_keras
+
+    marker = tmp_path / "marker"
+    payload = eval(f"lambda x: (open({str(marker)!r}, 'w').write('ran'), x)[1]")  # noqa: S307 (the test's own code)
+    model = tf_keras.Sequential([tf_keras.layers.Lambda(payload, input_shape=(1,)), tf_keras.layers.Dense(1)])
+    model.save(tmp_path / "keras2.h5")
+    marker.unlink(missing_ok=True)  # building the model here ran the payload once
+    assert_one_line_error(cli("eval", tmp_path / "keras2.h5", "--at", "0.5"), 1, "Lambda layer", "--unsafe")
+    assert not marker.exists()
