@@ -248,3 +248,21 @@ def test_a_keras2_lambda_in_an_h5_file_is_refused(cli, tmp_path):
     marker.unlink(missing_ok=True)  # building the model here ran the payload once
     assert_one_line_error(cli("eval", tmp_path / "keras2.h5", "--at", "0.5"), 1, "Lambda layer", "--unsafe")
     assert not marker.exists()
+
+
+def test_a_failed_load_leaves_nothing_in_the_temporary_folder(tmp_path):
+    import subprocess
+
+    from conftest import derivcli_executable
+
+    corrupt = tmp_path / "corrupt.keras"
+    with zipfile.ZipFile(SAMPLES / "square_tanh.keras") as source, zipfile.ZipFile(corrupt, "w") as target:
+        for member in source.infolist():
+            data = source.read(member)
+            target.writestr(member, data[: len(data) // 2] if member.filename.endswith(".h5") else data)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = subprocess.run([derivcli_executable(), "eval", str(corrupt), "--at", "0.5"], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(temporary)}, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert list(temporary.iterdir()) == []
