@@ -165,6 +165,25 @@ def hostile_saved_models(folder, marker):
         def serve(self, x):
             return {"y": x * self.scale}
 
+    class WritingResource(tf.saved_model.experimental.TrackableResource):
+        """A resource whose initializer, run when TensorFlow loads the SavedModel, writes the marker."""
+
+        def _create_resource(self):
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+        def _initialize(self):
+            tf.io.write_file(str(marker), "ran")
+            return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+    class InitializerWrites(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.resource = WritingResource()
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * tf.raw_ops.ReadVariableOp(resource=self.resource.resource_handle, dtype=tf.float32)}
+
     class WritesOnCall(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.float32, name="x")])
         def serve(self, x):
@@ -184,7 +203,8 @@ def hostile_saved_models(folder, marker):
 
     made = {}
     for name, module in [("writes_on_call", WritesOnCall()), ("prints_to_file", PrintsToFile()),
-                         ("calls_python", CallsPython()), ("lookup_table", WritesOnLoad())]:
+                         ("calls_python", CallsPython()), ("lookup_table", WritesOnLoad()),
+                         ("initializer_writes", InitializerWrites())]:
         path = folder / name
         tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
         made[name] = path
@@ -195,13 +215,18 @@ def test_savedmodels_with_side_effects_are_refused_before_loading(cli, tmp_path)
     marker = tmp_path / "marker"
     made = hostile_saved_models(tmp_path, marker)
     expected = {"writes_on_call": ("WriteFile",), "prints_to_file": ("PrintV2", "StringFormat"),
-                "calls_python": ("EagerPyFunc",), "lookup_table": ("HashTableV2", "LookupTableImportV2")}
+                "calls_python": ("EagerPyFunc",), "lookup_table": ("HashTableV2", "LookupTableImportV2"),
+                "initializer_writes": ("WriteFile",)}
     for name, path in made.items():
-        result = cli("eval", path, "--at", "0.5")
+        result = cli("info" if name == "initializer_writes" else "eval", path,
+                     *([] if name == "initializer_writes" else ["--at", "0.5"]))
         assert_one_line_error(result, 1, "can touch files or run code", "--unsafe")
         assert any(f"op {op} " in result.stderr for op in expected[name]), result.stderr
         assert not marker.exists(), name
-    # With --unsafe the harmless payload runs: the marker works.
+    # With --unsafe the harmless payloads run: the markers work, at load time and at call time.
+    assert cli("info", made["initializer_writes"], "--unsafe").exit_code == 0
+    assert marker.read_text() == "ran"
+    marker.unlink()
     assert cli("eval", made["writes_on_call"], "--at", "0.5", "--unsafe").exit_code == 0
     assert marker.read_text() == "ran"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
