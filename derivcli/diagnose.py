@@ -98,18 +98,9 @@ def _layer_names(model: Any) -> set[str]:
 
 
 def flat_graph_ops(model: Any) -> list[Any]:
-    """The ops of the model's traced graph, with function calls inlined."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    dimension = len(model.coordinate_names)
-    concrete = tf.function(model.call_flat).get_concrete_function(
-        tf.TensorSpec((None, dimension), tf.as_dtype(model.dtype))
-    )
-    frozen = convert_variables_to_constants_v2(concrete)
-    return list(frozen.graph.get_operations())
+    """The ops of the model's traced graph, with function calls inlined: the frozen graph the
+    engines differentiate (`LoadedModel.frozen`), made once per model."""
+    return model.frozen().operations()
 
 
 def smoothness_verdict(model: Any) -> Verdict:

@@ -458,7 +458,7 @@ def load_model(
         if dtype == "float64":
             loaded = _widened(loaded)
     else:
-        loaded = _load_keras(model_path, custom_objects_files, unsafe, dtype)
+        loaded = _load_keras(model_path, kind, custom_objects_files, unsafe, dtype)
     loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
     loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
     return loaded
@@ -543,11 +543,10 @@ def inspect_config(path: Path, config: Any, custom_objects: dict[str, Any], unsa
             )
 
 
-def _load_keras(path: Path, custom_objects_files: Sequence[str], unsafe: bool, dtype: str) -> LoadedModel:
+def _load_keras(path: Path, kind: str, custom_objects_files: Sequence[str], unsafe: bool, dtype: str) -> LoadedModel:
     import keras
 
     custom_objects = load_custom_objects(custom_objects_files)
-    kind = _sniff(path)
     config = model_config(path, kind)
     if config is not None:
         inspect_config(path, config, custom_objects, unsafe)

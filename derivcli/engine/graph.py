@@ -59,6 +59,13 @@ class FrozenFunction:
     rewritten: dict[str, int] = field(default_factory=dict)
     low_precision: list[str] = field(default_factory=list)
 
+    def operations(self) -> list[Any]:
+        """The graph's ops, imported into a graph of their own, in graph order (for reading, not running)."""
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.graph_util.import_graph_def(self.graph_def, name="")
+        return list(graph.get_operations())
+
     @tf.autograph.experimental.do_not_convert
     def __call__(self, coordinates: tf.Tensor) -> tf.Tensor:
         """Evaluates the graph on `coordinates`; traceable, and differentiable to any order."""

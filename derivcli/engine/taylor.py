@@ -121,11 +121,8 @@ class TaylorProgram:
     @classmethod
     def from_frozen(cls, frozen: FrozenFunction) -> TaylorProgram:
         """The program of a frozen model (`engine.graph.freeze`), whose gradient conventions are already gone."""
-        graph = tf.Graph()
-        with graph.as_default():
-            tf.graph_util.import_graph_def(frozen.graph_def, name="")
         source, target = frozen.source, frozen.target
-        ops = _ancestors(graph.get_operations(), target)
+        ops = _ancestors(frozen.operations(), target)
         varying = {source}
         for op in ops:
             if op.type == "Placeholder" or not any(t.name in varying for t in op.inputs):
