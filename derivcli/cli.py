@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from derivcli import __version__
 from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable
+from derivcli.shards import parse_shard_option
 from derivcli.specs import (
     AtPoint,
     GridAxis,
@@ -35,7 +36,6 @@ from derivcli.specs import (
     parse_grid,
     parse_names,
     parse_partial,
-    parse_shard,
 )
 
 
@@ -196,7 +196,8 @@ MaxAbsOption = Annotated[
 StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
 ShardOption = Annotated[
     str | None,
-    typer.Option("--shard", help="K/N: only the K-th of N slices of the points, for array jobs; join with merge.", show_default=False),
+    typer.Option("--shard", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
+                 "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False),
 ]
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
 TimingsOption = Annotated[
@@ -335,7 +336,7 @@ def _common(
         quiet=quiet,
         max_abs=max_abs,
         strict=strict,
-        shard=parse_shard(shard) if shard else None,
+        shard=parse_shard_option(shard) if shard else None,
         timings=timings,
     )
 
@@ -399,6 +400,9 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
         options.shard, batch_size,
     )
+    if options.shard and options.output in (None, "-"):
+        _warn(options, "--shard to standard output: merge checks a shard by the record written beside its file; "
+                       "write each shard with -o FILE")
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.total)
     writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
     advance_bar, stop = _progress(source.total, batch_size, options.quiet)

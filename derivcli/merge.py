@@ -1,8 +1,11 @@
 """`derivcli merge`: join the outputs of `--shard K/N` runs into the unsharded output.
 
-Text shards (csv, tsv, jsonl, json) are joined in the order given, the header
-once; npz/hdf5 shards carry their `shard` = [K, N] (and the grid's shape), so
-they are checked for a complete set and put back in order, grid reshaped.
+Every shard file carries a record (`shards.ShardRecord`: inside NPZ/HDF5
+files, in `FILE.shard` beside text files). Merge reads them all first and
+refuses a set that is incomplete, holds a shard twice, mixes runs, or holds a
+file changed since its run wrote it; then it joins the shards in K order,
+whatever the order given (a shell glob puts part10 before part2): text with
+the header once, NPZ/HDF5 with the grid's shape restored.
 """
 
 from __future__ import annotations
@@ -15,15 +18,74 @@ from typing import IO
 import numpy as np
 
 from derivcli.errors import RunError, UsageError
+from derivcli.shards import ShardRecord, file_sha256, record_path
 from derivcli.writers import (
     EXTENSIONS,
     GRID_SHAPE_KEY,
     SHARD_KEY,
+    SHARD_RECORD_KEY,
     AtomicFile,
     read_columns,
     write_hdf5,
     write_npz,
 )
+
+NO_RECORD = "write every shard with --shard K/N -o FILE"
+
+
+def text_record(path: str) -> ShardRecord:
+    """The record beside a text shard, checked against the file's bytes."""
+    beside = record_path(path)
+    if not beside.is_file():
+        raise RunError(f"merge: {path} has no shard record ({beside.name} is missing); {NO_RECORD}")
+    record = ShardRecord.from_json(beside.read_text(encoding="utf-8", errors="replace"), str(beside))
+    if record.sha256 != file_sha256(path):
+        raise RunError(f"merge: {path} is not the file shard {record.index}/{record.count} wrote (changed since; "
+                       f"{beside.name} does not match it): rerun that shard")
+    return record
+
+
+def binary_record(path: str, columns: dict[str, np.ndarray]) -> ShardRecord:
+    """The record inside an NPZ/HDF5 shard, checked against its arrays' lengths."""
+    if SHARD_RECORD_KEY not in columns:
+        raise RunError(f"merge: {path} has no shard record; {NO_RECORD}")
+    record = ShardRecord.from_json(str(np.ravel(columns[SHARD_RECORD_KEY])[0]), path)
+    lengths = {len(array) for name, array in columns.items()
+               if name not in (SHARD_KEY, GRID_SHAPE_KEY, SHARD_RECORD_KEY, "grid_axes")}
+    if lengths != {record.rows} and lengths:
+        raise RunError(f"merge: {path} holds {sorted(lengths)[0]} rows, its record says {record.rows}: rerun that shard")
+    return record
+
+
+def in_shard_order(paths: Sequence[str], records: Sequence[ShardRecord]) -> list[int]:
+    """The positions of `paths` in K order, once the records prove one whole run.
+
+    Raises:
+        RunError: shards of another run or count, a shard twice, a shard missing, or a
+            shard without the rows its slice holds.
+    """
+    first, first_path = records[0], paths[0]
+    for path, record in zip(paths, records):
+        if record.count != first.count:
+            raise RunError(f"merge: {path} is shard {record.index}/{record.count} and {first_path} is "
+                           f"{first.index}/{first.count}: the shards of one run share N")
+        if record.run != first.run or record.total_rows != first.total_rows:
+            raise RunError(f"merge: {path} is from another run than {first_path} (another model, points, "
+                           "columns or dtype); merge the shards of one run")
+        if record.rows != record.expected_rows:
+            raise RunError(f"merge: {path} holds {record.rows} rows; shard {record.index}/{record.count} of "
+                           f"{record.total_rows} points holds {record.expected_rows}: rerun it")
+    seen: dict[int, str] = {}
+    for path, record in zip(paths, records):
+        if record.index in seen:
+            raise RunError(f"merge: shard {record.index}/{first.count} is given twice ({seen[record.index]} and {path})")
+        seen[record.index] = path
+    missing = [k for k in range(first.count) if k not in seen]
+    if missing:
+        shown = ", ".join(f"{k}/{first.count}" for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise RunError(f"merge: {len(missing)} shard(s) missing ({shown}); give all of 0/{first.count} to "
+                       f"{first.count - 1}/{first.count}")
+    return sorted(range(len(paths)), key=lambda i: records[i].index)
 
 
 def shard_format(paths: Sequence[str]) -> str:
@@ -68,24 +130,14 @@ def merge_text(paths: Sequence[str], format_name: str, stream: IO[str]) -> None:
 
 
 def merge_binary(paths: Sequence[str], format_name: str, target: Path) -> None:
-    """Joins npz/hdf5 shards, checked for a complete set 0..N-1, in shard order."""
+    """Joins npz/hdf5 shards in K order, grid reshaped."""
     shards = [read_columns(path) for path in paths]
-    numbers = []
-    for path, columns in zip(paths, shards):
-        if SHARD_KEY not in columns:
-            raise RunError(f"merge: {path} has no shard metadata; write shards with --shard K/N")
-        numbers.append(tuple(int(v) for v in columns[SHARD_KEY]))
-    count = numbers[0][1]
-    if sorted(numbers) != [(k, count) for k in range(count)]:
-        raise RunError(
-            f"merge: the shards are {', '.join(f'{k}/{n}' for k, n in numbers)}; "
-            f"give all of 0/{count} to {count - 1}/{count}"
-        )
-    ordered = [columns for _, columns in sorted(zip(numbers, shards), key=lambda pair: pair[0])]
+    records = [binary_record(path, columns) for path, columns in zip(paths, shards)]
+    ordered = [shards[i] for i in in_shard_order(paths, records)]
     grid_shape = tuple(int(v) for v in ordered[0][GRID_SHAPE_KEY]) if GRID_SHAPE_KEY in ordered[0] else None
     arrays = []
     for name in ordered[0]:
-        if name in (SHARD_KEY, GRID_SHAPE_KEY):
+        if name in (SHARD_KEY, GRID_SHAPE_KEY, SHARD_RECORD_KEY):
             continue
         if name == "grid_axes":
             arrays.append((name, ordered[0][name]))
@@ -98,6 +150,9 @@ def merge_binary(paths: Sequence[str], format_name: str, target: Path) -> None:
 def merge(paths: Sequence[str], output: str | None) -> None:
     """Merges shard files into `output` (atomically), or to standard output for text."""
     format_name = shard_format(paths)
+    if format_name not in ("npz", "hdf5"):
+        records = [text_record(path) for path in paths]
+        paths = [paths[i] for i in in_shard_order(paths, records)]
     if output not in (None, "-") and EXTENSIONS.get(Path(output).suffix.lower()) != format_name:
         raise UsageError(f"merge: -o {output} must have the shards' format ({format_name})")
     if output in (None, "-"):

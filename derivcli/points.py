@@ -13,6 +13,8 @@ import io
 import itertools
 import math
 import operator
+import os
+import stat
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -62,30 +64,44 @@ class PointSource:
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         raise NotImplementedError
 
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        """Points [start, stop), cut where `batches(batch_size)` cuts them.
+
+        This one reads every batch before `start`; sources that can, start at `start` directly.
+        """
+        position = 0
+        for batch in self.batches(batch_size):
+            size = len(batch.coordinates)
+            low, high = max(start - position, 0), min(stop - position, size)
+            if low < high:
+                yield PointBatch(batch.coordinates[low:high], [column[low:high] for column in batch.passthrough])
+            position += size
+            if position >= stop:
+                return
+
+    def identity(self) -> list[object]:
+        """What tells these points from others, for a shard's record (see `shards.run_identity`)."""
+        return [type(self).__name__, self.total]
+
 
 class ShardSource(PointSource):
-    """The K-th of N contiguous slices of another source (`--shard K/N`).
+    """Shard K of N of another source (`--shard K/N`): its points [K M / N, (K+1) M / N).
 
-    Slices are whole batches: shard K holds batches [K nb / N, (K+1) nb / N)
-    of the nb batches of the whole run. Every batch is then the same batch
-    as in the unsharded run, so the shards' rows, concatenated in K order,
-    are the unsharded rows bit for bit (float32 results can move by an ulp
-    with the composition of a batch).
+    Batches are cut where the unsharded run cuts them (`shards.aligned_cuts`), so
+    that only a shard's first and last batch are smaller than the unsharded run's.
     """
 
     def __init__(self, source: PointSource, shard: tuple[int, int], batch_size: int) -> None:
+        from derivcli.shards import shard_range
+
         if source.total is None:
             raise UsageError("--shard needs a source whose size is known: a file, not standard input")
         self.source = source
         self.shard = shard
         self.batch_size = batch_size
-        index, count = shard
-        batches = -(-source.total // batch_size)
-        self.first_batch = index * batches // count
-        # The last shard takes whatever follows, so that no row can fall off the end.
-        self.end_batch = (index + 1) * batches // count if index < count - 1 else math.inf
-        end_row = source.total if index == count - 1 else min(int(self.end_batch) * batch_size, source.total)
-        self.total = max(0, end_row - self.first_batch * batch_size)
+        self.start, self.stop = shard_range(source.total, shard)
+        self.whole_total = source.total
+        self.total = self.stop - self.start
         self.passthrough_names = source.passthrough_names
         self.grid_shape = source.grid_shape
         self.grid_axes = source.grid_axes
@@ -93,11 +109,10 @@ class ShardSource(PointSource):
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         if batch_size != self.batch_size:
             raise ValueError("a shard is cut for one batch size")
-        for number, batch in enumerate(self.source.batches(batch_size)):
-            if number >= self.end_batch:
-                return
-            if number >= self.first_batch:
-                yield batch
+        return self.source.rows(self.start, self.stop, batch_size)
+
+    def identity(self) -> list[object]:
+        return self.source.identity()
 
 
 class AtSource(PointSource):
@@ -134,8 +149,16 @@ class AtSource(PointSource):
         self.total = len(rows)
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
-        for start in range(0, self.total or 0, batch_size):
-            yield PointBatch(self.coordinates[start : start + batch_size])
+        return self.rows(0, self.total or 0, batch_size)
+
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        from derivcli.shards import aligned_cuts
+
+        for low, high in aligned_cuts(start, stop, batch_size):
+            yield PointBatch(self.coordinates[low:high])
+
+    def identity(self) -> list[object]:
+        return ["at", self.coordinates.tolist()]
 
 
 class GridSource(PointSource):
@@ -177,10 +200,19 @@ class GridSource(PointSource):
         self.passthrough_names = []
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
-        for start in range(0, self.total or 0, batch_size):
-            flat = np.arange(start, min(start + batch_size, self.total or 0))
-            indices = np.unravel_index(flat, self.grid_shape)
+        return self.rows(0, self.total or 0, batch_size)
+
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        """Points by index arithmetic: a shard at the end of a grid starts there at once."""
+        from derivcli.shards import aligned_cuts
+
+        assert self.grid_shape is not None
+        for low, high in aligned_cuts(start, stop, batch_size):
+            indices = np.unravel_index(np.arange(low, high), self.grid_shape)
             yield PointBatch(np.stack([linspace_at(a, i) for a, i in zip(self.axes, indices)], axis=1))
+
+    def identity(self) -> list[object]:
+        return ["grid", [(a.start, a.stop, a.num) for a in self.axes]]
 
 
 def linspace_at(axis: GridAxis, indices: np.ndarray) -> np.ndarray:
@@ -229,6 +261,9 @@ class CsvSource(PointSource):
             except OSError as error:
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
         self.lines_read = 0  # raw lines taken from `binary` by the fast path
+        self.first_row = 0  # the data row `binary` starts at (a shard's first)
+        self.row_index: Any = None  # a `csv_scan.CsvRowIndex`, for a shard of a plain file
+        self.size = None if path == "-" else Path(path).stat().st_size if Path(path).is_file() else None
         self.reader: Any = None  # the csv module's reader, once the careful path has taken over
         header = self._read_header()
         if header is None:
@@ -405,10 +440,24 @@ class CsvSource(PointSource):
         """Batches of exactly `batch_size` rows (the last one shorter), whatever the blank lines
         and however the input arrives, so that a run's batches depend on its rows alone."""
         try:
-            yield from rebatch(self._blocks(batch_size), batch_size)
+            yield from rebatch(self._blocks(batch_size), batch_size, self.first_row)
         finally:
             if self.binary is not getattr(sys.stdin, "buffer", None):
                 self.binary.close()
+
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        """Rows [start, stop): from the row index's byte offsets when the file has one, else read from the start."""
+        if self.row_index is None or self.reader is not None:
+            yield from super().rows(start, stop, batch_size)
+            return
+        begin, end = self.row_index.mark(start), self.row_index.mark(stop)
+        self.binary.close()
+        self.binary = io.BufferedReader(_Window(self.row_index.path, begin.offset, end.offset))
+        self.lines_read, self.first_row = begin.lines, start
+        yield from self.batches(batch_size)
+
+    def identity(self) -> list[object]:
+        return ["csv", self.header, self.input_columns, self.total, self.size]
 
     def _blocks(self, batch_size: int) -> Iterator[PointBatch]:
         """Parsed rows in blocks of any size: whole plain blocks by Arrow, then the csv module's batches."""
@@ -452,25 +501,32 @@ class CsvSource(PointSource):
                 return
 
 
-def rebatch(blocks: Iterator[PointBatch], batch_size: int) -> Iterator[PointBatch]:
-    """The rows of `blocks`, of any sizes, in batches of exactly `batch_size` (the last one shorter)."""
+def rebatch(blocks: Iterator[PointBatch], batch_size: int, first_row: int = 0) -> Iterator[PointBatch]:
+    """The rows of `blocks`, of any sizes, cut at every multiple of `batch_size` counted from row 0.
+
+    `first_row` is the row the blocks start at (a shard's first): the first batch
+    then ends where the unsharded run's batch ends. The last batch may be shorter.
+    """
     parts: list[PointBatch] = []
     rows = 0
+    size = batch_size - first_row % batch_size
     for block in itertools.chain(blocks, [None]):
         if block is not None:
             parts.append(block)
             rows += len(block.coordinates)
-            if rows < batch_size:
+            if rows < size:
                 continue
         if not rows:
             return
         coordinates = np.concatenate([part.coordinates for part in parts])
         passthrough = [list(itertools.chain.from_iterable(column)) for column in zip(*(part.passthrough for part in parts))]
-        whole = rows - rows % batch_size if block is not None else rows
-        for start in range(0, whole, batch_size):
-            yield PointBatch(coordinates[start : start + batch_size], [c[start : start + batch_size] for c in passthrough])
-        parts = [PointBatch(coordinates[whole:], [c[whole:] for c in passthrough])]
-        rows -= whole
+        start = 0
+        while rows - start >= size or (block is None and start < rows):
+            end = min(start + size, rows)
+            yield PointBatch(coordinates[start:end], [c[start:end] for c in passthrough])
+            start, size = end, batch_size
+        parts = [PointBatch(coordinates[start:], [c[start:] for c in passthrough])]
+        rows -= start
 
 
 def _stdin_binary() -> io.BufferedIOBase:
@@ -536,79 +592,158 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+class _Window(io.RawIOBase):
+    """The bytes [begin, end) of a file: one shard's rows of a CSV."""
+
+    def __init__(self, path: str, begin: int, end: int) -> None:
+        self.handle = open(path, "rb")  # noqa: SIM115
+        self.handle.seek(begin)
+        self.left = end - begin
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.handle.read(min(len(buffer), self.left))
+        self.left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.handle.close()
+        super().close()
+
+
 class NpzSource(PointSource):
-    """Arrays of an `.npz` file: one per input name, or one `x` of shape (N, d)."""
+    """Arrays of an `.npz` file: one per input name, or one `x` of shape (N, d).
+
+    Only the arrays' headers are read when the file is opened; each batch reads
+    its own rows, so memory stays flat and a shard near the end starts there.
+    """
 
     def __init__(self, path: str, input_names: Sequence[str]) -> None:
+        self.path = path
         try:
-            archive = np.load(path, allow_pickle=False)
+            archive = zipfile.ZipFile(path)
         except FileNotFoundError:
             raise RunError(f"cannot read NPZ {path}: no such file") from None
-        except (OSError, ValueError) as error:
-            raise RunError(f"cannot read NPZ {path}: {error}") from None
-        if not hasattr(archive, "files"):
-            raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays")
-        with archive:
-            if all(name in archive.files for name in input_names):
-                columns = [self._column(archive, path, name) for name in input_names]
-                lengths = {len(c) for c in columns}
-                if len(lengths) > 1:
-                    raise RunError(
-                        f"{path}: the input arrays have different lengths "
-                        f"({', '.join(f'{n}: {len(c)}' for n, c in zip(input_names, columns))})"
-                    )
-                self.coordinates = np.stack(columns, axis=1)
-            elif "x" in archive.files:
-                array = self._numbers(archive, path, "x")
-                if array.ndim == 1 and len(input_names) == 1:
-                    array = array[:, None]
-                if array.ndim != 2 or array.shape[1] != len(input_names):
-                    raise RunError(
-                        f"{path}: array 'x' has shape {array.shape}, expected "
-                        f"(N, {len(input_names)}) for inputs {', '.join(input_names)}"
-                    )
-                self.coordinates = array
-            else:
+        except zipfile.BadZipFile:
+            if Path(path).is_file() and Path(path).read_bytes()[:6] == b"\x93NUMPY":
+                raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays") from None
+            raise RunError(f"cannot read NPZ {path}: not a zip archive (.npz files are written by numpy.savez)") from None
+        except OSError as error:
+            raise RunError(f"cannot read NPZ {path}: {error.strerror or error}") from None
+        self.archive = archive
+        files = [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+        if all(name in files for name in input_names):
+            self.arrays = [_NpyRows(archive, path, name, column=True) for name in input_names]
+            lengths = {a.length for a in self.arrays}
+            if len(lengths) > 1:
                 raise RunError(
-                    f"{path}: no arrays named {', '.join(input_names)} and no array 'x' "
-                    f"(arrays: {', '.join(archive.files) or 'none'})"
+                    f"{path}: the input arrays have different lengths "
+                    f"({', '.join(f'{n}: {a.length}' for n, a in zip(input_names, self.arrays))})"
                 )
+        elif "x" in files:
+            whole = _NpyRows(archive, path, "x", column=False)
+            width = whole.shape[1] if len(whole.shape) == 2 else None
+            if not (width == len(input_names) or (len(whole.shape) == 1 and len(input_names) == 1)):
+                raise RunError(
+                    f"{path}: array 'x' has shape {whole.shape}, expected "
+                    f"(N, {len(input_names)}) for inputs {', '.join(input_names)}"
+                )
+            self.arrays = [whole]
+        else:
+            raise RunError(
+                f"{path}: no arrays named {', '.join(input_names)} and no array 'x' "
+                f"(arrays: {', '.join(files) or 'none'})"
+            )
+        self.dimension = len(input_names)
         self.passthrough_names = []
-        self.total = len(self.coordinates)
-
-    @staticmethod
-    def _numbers(archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
-        """Array `name` as float64; only integer and real float arrays are points.
-
-        Raises:
-            RunError: Python objects (never unpickled), text, records or complex numbers,
-                whose imaginary part a cast would silently drop.
-        """
-        try:
-            array = np.asarray(archive[name])
-        except ValueError:  # object arrays: loading them would unpickle, which derivcli never does
-            raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers") from None
-        except (OSError, zipfile.BadZipFile) as error:
-            raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
-        kinds = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
-                 "b": "booleans"}
-        if array.dtype.kind not in "iuf":
-            raise RunError(f"{path}: array {name!r} holds {kinds.get(array.dtype.kind, str(array.dtype))} "
-                           f"(dtype {array.dtype}); points are real numbers (integer or float arrays)")
-        return array.astype(np.float64)
-
-    @classmethod
-    def _column(cls, archive: np.lib.npyio.NpzFile, path: str, name: str) -> np.ndarray:
-        array = cls._numbers(archive, path, name)
-        if array.ndim == 2 and array.shape[1] == 1:
-            array = array[:, 0]
-        if array.ndim != 1:
-            raise RunError(f"{path}: array {name!r} has shape {array.shape}, expected a 1-D array")
-        return array
+        self.total = self.arrays[0].length
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
-        for start in range(0, self.total or 0, batch_size):
-            yield PointBatch(self.coordinates[start : start + batch_size])
+        return self.rows(0, self.total or 0, batch_size)
+
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        from derivcli.shards import aligned_cuts
+
+        try:
+            for low, high in aligned_cuts(start, stop, batch_size):
+                parts = [array.read(low, high).reshape(high - low, -1) for array in self.arrays]
+                yield PointBatch(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+        finally:
+            self.archive.close()
+
+    def identity(self) -> list[object]:
+        return ["npz", [(a.name, a.shape, str(a.dtype)) for a in self.arrays], Path(self.path).stat().st_size]
+
+
+class _NpyRows:
+    """Rows of one array in an `.npz`, read by offset; validated from its header alone.
+
+    A stored (uncompressed, as `numpy.savez` writes) member is read at the rows'
+    byte offset; a compressed one is decompressed up to them, a fast scan.
+    """
+
+    KINDS = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
+             "b": "booleans", "O": "Python objects"}
+
+    def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool) -> None:
+        self.archive, self.path, self.name = archive, path, name
+        self.info = archive.getinfo(name + ".npy")
+        try:
+            with archive.open(self.info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, self.fortran, self.dtype = read_header(member)
+                self.data_start = member.tell()
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+            raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
+        if self.dtype.kind == "O":  # loading it would unpickle, which derivcli never does
+            raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers")
+        if self.dtype.kind not in "iuf":
+            raise RunError(f"{path}: array {name!r} holds {self.KINDS.get(self.dtype.kind, str(self.dtype))} "
+                           f"(dtype {self.dtype}); points are real numbers (integer or float arrays)")
+        if column and len(shape) == 2 and shape[1] == 1:
+            shape = (shape[0],)
+        if column and len(shape) != 1:
+            raise RunError(f"{path}: array {name!r} has shape {shape}, expected a 1-D array")
+        self.shape = tuple(shape)
+        self.length = shape[0] if shape else 0
+        self.width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        needed = self.data_start + math.prod(shape) * self.dtype.itemsize
+        if self.info.file_size < needed:
+            raise RunError(f"cannot read NPZ {path}: array {name!r} is truncated "
+                           f"({self.info.file_size} bytes, its header says {needed})")
+
+    def read(self, low: int, high: int) -> np.ndarray:
+        """Rows [low, high) as float64, of shape (high - low, width)."""
+        size = self.dtype.itemsize
+        if self.fortran and self.width > 1:  # column-major: each column's rows lie apart
+            columns = [self._bytes((j * self.length + low) * size, (high - low) * size) for j in range(self.width)]
+            return np.stack([np.frombuffer(c, self.dtype) for c in columns], axis=1).astype(np.float64)
+        raw = self._bytes(low * self.width * size, (high - low) * self.width * size)
+        return np.frombuffer(raw, self.dtype).reshape(high - low, self.width).astype(np.float64)
+
+    def _bytes(self, offset: int, count: int) -> bytes:
+        try:
+            if self.info.compress_type == zipfile.ZIP_STORED:
+                handle = self.archive.fp
+                assert handle is not None
+                handle.seek(self.info.header_offset)
+                local = handle.read(30)  # the member's local header: its name and extra field lengths
+                start = self.info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+                handle.seek(start + self.data_start + offset)
+                data = handle.read(count)
+            else:
+                with self.archive.open(self.info) as member:
+                    member.seek(self.data_start + offset)
+                    data = member.read(count)
+        except (OSError, zipfile.BadZipFile, EOFError) as error:
+            raise RunError(f"cannot read NPZ {self.path}: array {self.name!r}: {error}") from None
+        if len(data) != count:
+            raise RunError(f"cannot read NPZ {self.path}: array {self.name!r} is truncated")
+        return data
 
 
 def open_source(
@@ -627,20 +762,42 @@ def open_source(
         UsageError: no source, or more than one.
         RunError: the file cannot be read.
     """
+    if shard is not None:
+        refuse_unshardable("--csv", csv_path)
+        refuse_unshardable("--npz", npz_path)
     source = _open_one(input_names, at, grid, csv_path, npz_path, columns)
     if shard is None:
         return source
     if isinstance(source, CsvSource):
-        if csv_path == "-":
-            raise UsageError("--shard needs a file, not standard input: every shard reads all rows")
-        source.total = count_csv_rows(str(csv_path))
+        from derivcli.csv_scan import CsvRowIndex
+
+        try:
+            source.row_index = CsvRowIndex.scan(str(csv_path), MAX_LINE_BYTES)
+        except ValueError as error:
+            raise source._too_long(error.args[0]) from None
+        source.total = source.row_index.total if source.row_index else count_csv_rows(str(csv_path))
     assert batch_size is not None
     return ShardSource(source, shard, batch_size)
 
 
+def refuse_unshardable(option: str, path: str | None) -> None:
+    """`--shard` reads its file twice (once to count, once for its rows): a pipe or a terminal cannot be."""
+    if path is None:
+        return
+    if path == "-":
+        raise UsageError(f"--shard needs a file, not standard input: every shard counts all rows ({option} -)")
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return  # the source's own error names the missing file
+    if not regular:
+        raise UsageError(f"--shard needs a regular file: {option} {path} is a pipe or device, which can be read "
+                         "only once; save the points to a file first")
+
+
 def count_csv_rows(path: str) -> int:
-    """The data rows of a CSV file (blank lines not counted), read once quickly."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    """The data rows of a CSV file (blank lines not counted), read with the csv module (quoted files)."""
+    with open(path, encoding="utf-8-sig", newline="", errors="surrogateescape") as handle:
         rows = sum(1 for row in csv.reader(handle) if row and any(cell.strip() for cell in row))
     return max(0, rows - 1)
 

@@ -654,16 +654,23 @@ def read_all_points(source: PointSource, dimension: int, limit: int) -> np.ndarr
 
 
 def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[str]) -> Layout:
-    """The writer layout: coordinates, pass-through columns, values."""
+    """The writer layout: coordinates, pass-through columns, values; and a shard's record."""
+    from derivcli.shards import ShardRecord, run_identity
+
     clash = set(source.passthrough_names) & (set(model.coordinate_names) | set(value_names))
     if clash:
         raise UsageError(
             f"the CSV column {sorted(clash)[0]!r} has the name of an input or a result column; "
             "rename it, or rename the model's names with --names / --output-names"
         )
+    record = None
+    if source.shard is not None:
+        identity = run_identity(model.path, [
+            source.identity(), model.coordinate_names, source.passthrough_names, value_names, model.dtype])
+        record = ShardRecord(*source.shard, run=identity, total_rows=source.whole_total)  # type: ignore[attr-defined]
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
-        np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard,
+        np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record,
     )
 
 

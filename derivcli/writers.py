@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import functools
 import json
@@ -29,6 +30,7 @@ from typing import IO
 import numpy as np
 
 from derivcli.errors import RunError, UsageError, printable
+from derivcli.shards import ShardRecord, file_sha256, record_path
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "npz", "hdf5")
 EXTENSIONS = {
@@ -39,6 +41,7 @@ BINARY_FORMATS = ("npz", "hdf5")
 # Metadata arrays of a shard's npz/hdf5 file, removed by `derivcli merge`.
 SHARD_KEY = "shard"
 GRID_SHAPE_KEY = "grid_shape"
+SHARD_RECORD_KEY = "shard_record"  # `shards.ShardRecord` as JSON
 
 
 def choose_format(format_name: str | None, output: str | None, stdout_is_tty: bool) -> str:
@@ -81,6 +84,7 @@ class Layout:
     grid_shape: tuple[int, ...] | None = None
     grid_axes: list[str] | None = None
     shard: tuple[int, int] | None = None
+    shard_record: ShardRecord | None = None  # written beside text shards, inside NPZ/HDF5 ones
 
     @property
     def float_names(self) -> list[str]:
@@ -298,6 +302,7 @@ class TextWriter(Writer):
                 raise RunError("standard output is closed; write the output to a file with -o FILE")
             self.stream = sys.stdout
         self.started = False
+        self.row_count = 0
 
     def _start_once(self) -> None:
         # Deferred to the first batch, so that an error in reading the first
@@ -318,7 +323,21 @@ class TextWriter(Writer):
         self.stream.flush()
         if self.file is not None:
             self.stream.close()
+        record = self.layout.shard_record
+        if self.file is None or record is None:
+            super().close()
+            return
+        # The record that lets merge check this shard: written after the shard, so that a
+        # record never vouches for a file that is not there.
+        sealed = dataclasses.replace(record, rows=self.row_count, sha256=file_sha256(self.file.temporary))
         super().close()
+        beside = AtomicFile(str(record_path(self.file.path)))
+        try:
+            beside.temporary.write_text(sealed.to_json() + "\n", encoding="utf-8")
+            beside.commit()
+        except BaseException:
+            beside.discard()
+            raise
 
     def abort(self) -> None:
         if self.file is not None:
@@ -332,6 +351,11 @@ class TextWriter(Writer):
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self._start_once()
+        self.row_count += len(coordinates)
+        self.write_formatted(coordinates, passthrough, values)
+
+    def write_formatted(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        """Formats and writes one batch."""
         columns = format_floats(self.float_block(coordinates, values))
         d = len(self.layout.coordinate_names)
         self.write_columns(columns[:d] + passthrough + columns[d:])
@@ -352,13 +376,12 @@ class DelimitedWriter(TextWriter):
         self.csv = csv.writer(self.stream, delimiter=self.delimiter, lineterminator="\n")
         self.csv.writerow(self.layout.header)
 
-    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+    def write_formatted(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         """Formats the batch in bulk: by orjson where it can, else by Arrow's C++ CSV writer,
         else (a text cell that needs quotes) by the csv module."""
         import pyarrow as pa
         import pyarrow.csv as arrow_csv
 
-        self._start_once()
         dtype = self.layout.dtype
         if not passthrough:
             rows = ryu_rows(self.float_block(coordinates, values), self.delimiter)
@@ -376,7 +399,7 @@ class DelimitedWriter(TextWriter):
         try:
             arrow_csv.write_csv(batch, text, write_options=options)
         except pa.ArrowInvalid:  # a pass-through cell holds the delimiter, a quote or a line break
-            super().write(coordinates, passthrough, values)
+            super().write_formatted(coordinates, passthrough, values)
             return
         self.write_bytes(text.getvalue())
 
@@ -525,6 +548,9 @@ class ColumnSpoolWriter(Writer):
             arrays.append(("grid_axes", np.array(self.layout.grid_axes, dtype=str)))
         if self.layout.shard is not None:
             arrays.append((SHARD_KEY, np.array(self.layout.shard, dtype=np.int64)))
+            if self.layout.shard_record is not None:
+                sealed = dataclasses.replace(self.layout.shard_record, rows=self.rows)
+                arrays.append((SHARD_RECORD_KEY, np.array([sealed.to_json()], dtype=str)))
             if self.layout.grid_shape:
                 arrays.append((GRID_SHAPE_KEY, np.array(self.layout.grid_shape, dtype=np.int64)))
         return arrays

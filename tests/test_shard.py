@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
+from derivcli.errors import RunError
 from derivcli.writers import read_columns
 
+from conftest import read_csv
 from test_errors import assert_one_line_error
 
 MODEL = "sample_models/softplus_2d.keras"
 
 
-def run_sharded(cli, tmp_path, suffix, source_args, shards=3):
+GRID = ["--grid", "x0=-1:1:5", "--grid", "x1=0:1:11"]  # 55 points
+
+
+def run_sharded(cli, tmp_path, suffix, source_args, shards=3, batch_size=7, command="hessian"):
     whole = tmp_path / f"whole{suffix}"
-    base = ["hessian", MODEL, *source_args, "--batch-size", "7"]
+    base = [command, MODEL, *source_args, "--batch-size", batch_size]
     assert cli(*base, "-o", whole).exit_code == 0
     parts = []
     for k in range(shards):
@@ -23,28 +30,56 @@ def run_sharded(cli, tmp_path, suffix, source_args, shards=3):
         assert result.exit_code == 0, result.stderr
         parts.append(part)
     merged = tmp_path / f"merged{suffix}"
-    result = cli("merge", *parts, "-o", merged)
+    result = cli("merge", *reversed(parts), "-o", merged)  # any order: merge puts them in K order
     assert result.exit_code == 0, result.stderr
-    return whole, merged
+    return whole, merged, parts
+
+
+def points_csv(tmp_path, rows=40):
+    data = tmp_path / "points.csv"
+    # Blank lines too: they must neither shift nor drop rows between shards.
+    data.write_text("id,x0,x1\n" + "".join(f"r{i},{i / 10},{-i / 7}\n" + "\n" * (i % 9 == 0) for i in range(rows)))
+    return data
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
 @pytest.mark.parametrize("source", ["grid", "csv"])
-def test_merged_text_shards_are_byte_identical(cli, tmp_path, suffix, source):
+def test_merged_text_shards_are_byte_identical_when_batches_align(cli, tmp_path, suffix, source):
+    # Every shard boundary K*M/N is a multiple of the batch size: each batch is the unsharded run's.
     if source == "grid":
-        args = ["--grid", "x0=-1:1:5", "--grid", "x1=0:1:11"]
+        args, shards, batch = GRID, 5, 11  # boundaries 0, 11, 22, 33, 44
     else:
-        data = tmp_path / "points.csv"
-        # Blank lines too: they must neither shift nor drop rows between shards.
-        data.write_text("id,x0,x1\n" + "".join(f"r{i},{i / 10},{-i / 7}\n" + "\n" * (i % 9 == 0) for i in range(40)))
-        args = ["--csv", data]
-    whole, merged = run_sharded(cli, tmp_path, suffix, args)
+        args, shards, batch = ["--csv", points_csv(tmp_path)], 4, 10  # 0, 10, 20, 30
+    whole, merged, _ = run_sharded(cli, tmp_path, suffix, args, shards, batch)
     assert merged.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("source", ["grid", "csv", "npz"])
+def test_merged_shards_equal_the_whole_run_to_round_off_when_batches_do_not_align(cli, tmp_path, source):
+    """A shard's first and last batch are smaller than the unsharded run's (here a batch of one point),
+    and BLAS may sum in another order for another batch size. Both are float32 evaluations of the same
+    function: they differ by a few float32 ulps times the column's conditioning (measured: 1.7e-6 relative
+    on one Hessian entry); rtol 1e-5 is 80 ulps."""
+    if source == "grid":
+        args = GRID
+    elif source == "csv":
+        args = ["--csv", points_csv(tmp_path)]
+    else:
+        np.savez(tmp_path / "points.npz", x=np.random.default_rng(0).uniform(-1, 1, (55, 2)))
+        args = ["--npz", tmp_path / "points.npz"]
+    whole, merged, _ = run_sharded(cli, tmp_path, ".csv", args, shards=3, batch_size=7)
+    expected, actual = read_csv(whole.read_text()), read_csv(merged.read_text())
+    assert list(actual) == list(expected)
+    for name, column in expected.items():
+        if name in ("x0", "x1", "id"):  # the points and pass-through cells are the same exactly
+            assert list(actual[name]) == list(column)
+        else:
+            np.testing.assert_allclose(actual[name], column, rtol=1e-5, atol=1e-6 * np.abs(column).max())
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".h5"])
 def test_merged_binary_shards_equal_the_grid_output(cli, tmp_path, suffix):
-    whole, merged = run_sharded(cli, tmp_path, suffix, ["--grid", "x0=-1:1:5", "--grid", "x1=0:1:11"], shards=4)
+    whole, merged, _ = run_sharded(cli, tmp_path, suffix, GRID, shards=5, batch_size=11)
     expected, actual = read_columns(str(whole)), read_columns(str(merged))
     assert list(actual) == list(expected)
     for name, array in expected.items():
@@ -52,22 +87,278 @@ def test_merged_binary_shards_equal_the_grid_output(cli, tmp_path, suffix):
         np.testing.assert_array_equal(actual[name], array)
 
 
-def test_more_shards_than_batches_gives_empty_shards(cli, tmp_path):
-    whole, merged = run_sharded(cli, tmp_path, ".csv", ["--at", "1,2", "--at", "3,4"], shards=3)
+@pytest.mark.parametrize(("total", "count"), [(m, n) for m in (0, 1, 2, 7, 49, 55, 2001, 4097) for n in (1, 2, 3, 8, 50, 64)])
+def test_shards_are_balanced_and_cover_every_point_once(total, count):
+    from derivcli.points import AtSource, ShardSource
+    from derivcli.specs import AtPoint
+
+    source = AtSource([AtPoint((float(i), 0.0), None) for i in range(total)], ["x0", "x1"])
+    seen = []
+    for k in range(count):
+        shard = ShardSource(source, (k, count), 4)
+        rows = np.concatenate([b.coordinates[:, 0] for b in shard.batches(4)] or [np.zeros(0)])
+        assert len(rows) == shard.total in (total // count, -(-total // count))
+        seen.extend(rows)
+    assert seen == list(range(total))
+
+
+def test_the_readme_example_gives_every_shard_its_share(cli, tmp_path):
+    # The README's own: 2001 points in 8 shards used to give all of them to shard 7.
+    sizes = []
+    for k in range(3):
+        result = cli("eval", MODEL, "--grid", "x0=-3:3:49", "--grid", "x1=0:0:1", "--shard", f"{k}/3", "-o", tmp_path / f"p{k}.csv")
+        assert result.exit_code == 0, result.stderr
+        sizes.append(len((tmp_path / f"p{k}.csv").read_text().splitlines()) - 1)
+    assert sizes == [16, 16, 17]
+
+
+def test_more_shards_than_points_gives_empty_shards(cli, tmp_path):
+    whole, merged, parts = run_sharded(cli, tmp_path, ".csv", ["--at", "1,2", "--at", "3,4"], shards=3, batch_size=1)
     assert merged.read_bytes() == whole.read_bytes()
+    assert [len(p.read_text().splitlines()) - 1 for p in parts] == [0, 1, 1]
+
+
+def test_a_shard_of_a_grid_starts_at_its_points(monkeypatch):
+    """Index arithmetic: the last shard of 10^10 points never makes the points before it."""
+    from derivcli.points import GridSource, ShardSource
+    from derivcli.specs import parse_grid
+
+    def refuse(*args):
+        raise AssertionError("a shard iterated the whole grid")
+
+    monkeypatch.setattr(GridSource, "batches", refuse)
+    grid = GridSource([parse_grid("-1:1:100000")], ["x0", "x1"])
+    shard = ShardSource(grid, (999, 1000), 4096)
+    first = next(iter(shard.batches(4096)))
+    start = 999 * 10**10 // 1000
+    assert len(first.coordinates) == 4096 - start % 4096  # ends where the unsharded run's batch ends
+    np.testing.assert_array_equal(first.coordinates[0], [np.linspace(-1, 1, 100000)[start // 100000],
+                                                         np.linspace(-1, 1, 100000)[start % 100000]])
+
+
+def test_a_shard_of_an_npz_reads_only_its_rows(tmp_path):
+    from derivcli.points import NpzSource, ShardSource
+
+    points = np.random.default_rng(1).uniform(-1, 1, (200_000, 2))
+    np.savez(tmp_path / "p.npz", x=points)
+    source = NpzSource(str(tmp_path / "p.npz"), ["x0", "x1"])
+    read = []
+    handle = source.archive.fp
+    original = handle.read
+
+    def counting(size=-1):
+        data = original(size)
+        read.append(len(data))
+        return data
+
+    handle.read = counting
+    shard = ShardSource(source, (9, 10), 4096)
+    rows = np.concatenate([b.coordinates for b in shard.batches(4096)])
+    np.testing.assert_array_equal(rows, points[180_000:])
+    assert sum(read) <= 20_000 * 16 + 30 * len(read)  # its rows, and a zip header per read
+
+
+def test_a_shard_of_an_npz_of_columns_and_of_compressed_or_fortran_arrays(tmp_path):
+    from derivcli.points import NpzSource, ShardSource
+
+    points = np.random.default_rng(2).uniform(-1, 1, (1000, 2))
+    np.savez_compressed(tmp_path / "c.npz", x0=points[:, 0].astype(np.float32), x1=points[:, 1])
+    np.savez(tmp_path / "f.npz", x=np.asfortranarray(points))
+    for name, expected in (("c.npz", np.stack([points[:, 0].astype(np.float32), points[:, 1]], 1)), ("f.npz", points)):
+        shard = ShardSource(NpzSource(str(tmp_path / name), ["x0", "x1"]), (2, 3), 100)
+        np.testing.assert_array_equal(np.concatenate([b.coordinates for b in shard.batches(100)]), expected[666:])
+
+
+def test_a_shard_of_a_csv_parses_only_its_rows(tmp_path, monkeypatch):
+    """One byte scan finds the shard's first row; only its rows are parsed, and errors name the
+    file's real line numbers. A bad row in another shard is not this shard's business."""
+    from derivcli.points import CsvSource, open_source
+
+    path = tmp_path / "p.csv"
+    lines = ["x0,x1"] + [f"{i},{-i}" for i in range(30_000)]
+    lines[20_001] = "oops,1"  # data row 20000, in shard 2 of 3 (line 20002 of the file)
+    lines.insert(5, "")  # a blank line and a line of blank cells move the lines, not the rows
+    lines.insert(9, " , ")
+    path.write_text("\n".join(lines) + "\n")
+    parsed = []
+    original = CsvSource._parse_plain
+
+    def counting(self, chunk, first_line, count):
+        batch = original(self, chunk, first_line, count)
+        parsed.append(0 if batch is None else len(batch.coordinates))
+        return batch
+
+    monkeypatch.setattr(CsvSource, "_parse_plain", counting)
+    shard = open_source(["x0", "x1"], csv_path=str(path), shard=(1, 3), batch_size=4096)
+    rows = np.concatenate([b.coordinates for b in shard.batches(4096)])
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10_000, 20_000))
+    assert sum(parsed) == 10_000
+    shard = open_source(["x0", "x1"], csv_path=str(path), shard=(2, 3), batch_size=4096)
+    with pytest.raises(RunError, match=r"row 20004, column 'x0': 'oops' is not a number"):
+        list(shard.batches(4096))
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+def test_a_shard_of_a_quoted_or_odd_csv_falls_back_to_reading_from_the_start(tmp_path, shards):
+    from derivcli.points import open_source
+
+    path = tmp_path / "q.csv"
+    # A quoted cell with a line break, non-ASCII blanks, CRLF line ends and a BOM.
+    body = ["\ufeffid,x0,x1", '"a\nb",1,2'] + [f"r{i},{i},{i}" for i in range(2, 40)] + ["\u00a0,\u2028,", "z,40,40"]
+    path.write_bytes("\r\n".join(body).encode())
+    seen = []
+    for k in range(shards):
+        source = open_source(["x0", "x1"], csv_path=str(path), shard=(k, shards), batch_size=4)
+        seen += [cell for b in source.batches(4) for cell in b.passthrough[0]]
+    assert seen == ["a\nb"] + [f"r{i}" for i in range(2, 40)] + ["z"]
+    plain = tmp_path / "n.csv"
+    plain.write_bytes("\r\n".join(b.replace('"a\nb"', "a") for b in body).encode())
+    for k in range(shards):
+        source = open_source(["x0", "x1"], csv_path=str(plain), shard=(k, shards), batch_size=4)
+        assert source.source.row_index is not None  # no quotes: the byte scan
+        seen[k:k] = []
+    got = [cell for k in range(shards)
+           for b in open_source(["x0", "x1"], csv_path=str(plain), shard=(k, shards), batch_size=4).batches(4)
+           for cell in b.passthrough[0]]
+    assert got == ["a"] + [f"r{i}" for i in range(2, 40)] + ["z"]
+
+
+def test_shard_of_a_pipe_is_refused(cli, tmp_path):
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    assert_one_line_error(cli("grad", MODEL, "--csv", fifo, "--shard", "1/4"), 2, "regular file", "pipe")
+
+
+@pytest.mark.parametrize(("environment", "given", "expected"), [
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}, "auto", (3, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_MAX": "17"}, "auto", (2, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "12",
+      "SLURM_ARRAY_TASK_STEP": "4"}, "auto", (2, 4)),
+    ({"JOB_COMPLETION_INDEX": "5"}, "auto/6", (5, 6)),
+    ({"JOB_COMPLETION_INDEX": "5", "DERIVCLI_SHARD_COUNT": "6"}, "auto", (5, 6)),
+    ({"AWS_BATCH_JOB_ARRAY_INDEX": "0", "AWS_BATCH_JOB_ARRAY_SIZE": "2"}, "auto", (0, 2)),
+    ({"AWS_BATCH_JOB_ARRAY_INDEX": "1"}, "AUTO/2", (1, 2)),
+])
+def test_shard_auto_reads_the_scheduler(environment, given, expected):
+    from derivcli.shards import parse_shard_option
+
+    assert parse_shard_option(given, environment) == expected
+
+
+@pytest.mark.parametrize(("environment", "given", "fragment"), [
+    ({}, "auto", "not in an array job"),
+    ({"JOB_COMPLETION_INDEX": "5"}, "auto", "gives K but not N"),
+    ({"JOB_COMPLETION_INDEX": "5"}, "auto/5", "not below the 5 tasks"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}, "auto/4", "runs 8 tasks"),
+    ({"SLURM_ARRAY_TASK_ID": "x"}, "auto", "not a whole number"),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MAX": "12", "SLURM_ARRAY_TASK_STEP": "4"}, "auto", "not on the array's range"),
+    ({}, "auto/0", "auto/N with N >= 1"),
+])
+def test_shard_auto_errors(environment, given, fragment):
+    from derivcli.errors import UsageError
+    from derivcli.shards import parse_shard_option
+
+    with pytest.raises(UsageError, match=fragment):
+        parse_shard_option(given, environment)
+
+
+def test_shard_auto_on_the_command_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    result = cli("eval", MODEL, "--grid", "-1:1:3", "--shard", "auto", "-o", tmp_path / "p1.csv")
+    assert result.exit_code == 0, result.stderr
+    assert len((tmp_path / "p1.csv").read_text().splitlines()) == 1 + 3
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(name)
+    assert_one_line_error(cli("eval", MODEL, "--grid", "-1:1:3", "--shard", "auto"), 2, "SLURM_ARRAY_TASK_ID")
+
+
+SUFFIXES = [".csv", ".tsv", ".json", ".jsonl", ".npz", ".h5"]
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory):
+    """Shards 0-3 of 4 in every format, and shard 1/4 of another run."""
+    from typer.testing import CliRunner
+
+    from derivcli.cli import app
+
+    folder = tmp_path_factory.mktemp("shards")
+    runner = CliRunner()
+    for suffix in SUFFIXES:
+        for k in range(4):
+            # 25 points: shard boundaries 0, 6, 12, 18 fall on batch boundaries, so shards merge bit for bit.
+            result = runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:5", "--batch-size", "6", "--shard", f"{k}/4",
+                                         "-o", str(folder / f"part{k}{suffix}")])
+            assert result.exit_code == 0, result.stderr
+        runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:6", "--shard", "1/4", "-o", str(folder / f"other1{suffix}")])
+        runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:5", "--shard", "1/5", "-o", str(folder / f"five1{suffix}")])
+    return folder
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize(("names", "fragments"), [
+    (["part0", "part1", "part3"], ["1 shard(s) missing (2/4)", "give all of 0/4 to 3/4"]),
+    (["part0"], ["3 shard(s) missing (1/4, 2/4, 3/4)"]),
+    (["part0", "part1", "part1", "part2", "part3"], ["shard 1/4 is given twice"]),
+    (["part0", "other1", "part2", "part3"], ["from another run"]),
+    (["part0", "five1", "part2", "part3"], ["share N"]),
+])
+def test_merge_refuses_a_bad_set_in_every_format(cli, shard_sets, tmp_path, suffix, names, fragments):
+    paths = [shard_sets / f"{name}{suffix}" for name in names]
+    target = tmp_path / f"merged{suffix}"
+    assert_one_line_error(cli("merge", *paths, "-o", target), 1, *fragments)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_merge_orders_the_shards_itself(cli, shard_sets, tmp_path, suffix):
+    whole = tmp_path / f"whole{suffix}"
+    assert cli("grad", MODEL, "--grid", "-1:1:5", "--batch-size", "6", "-o", whole).exit_code == 0
+    merged = tmp_path / f"merged{suffix}"
+    parts = [shard_sets / f"part{k}{suffix}" for k in (2, 0, 3, 1)]
+    assert cli("merge", *parts, "-o", merged).exit_code == 0
+    if suffix in (".npz", ".h5"):
+        expected, actual = read_columns(str(whole)), read_columns(str(merged))
+        assert list(actual) == list(expected)
+        for name in expected:
+            np.testing.assert_array_equal(actual[name], expected[name])
+    else:
+        assert merged.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
+def test_merge_refuses_a_text_shard_without_its_record_or_changed_since(cli, shard_sets, tmp_path, suffix):
+    import shutil
+
+    for k in range(4):
+        shutil.copy(shard_sets / f"part{k}{suffix}", tmp_path / f"part{k}{suffix}")
+        shutil.copy(shard_sets / f"part{k}{suffix}.shard", tmp_path / f"part{k}{suffix}.shard")
+    parts = [tmp_path / f"part{k}{suffix}" for k in range(4)]
+    with open(parts[2], "a") as handle:
+        handle.write(handle.name and "\n")
+    assert_one_line_error(cli("merge", *parts), 1, f"part2{suffix} is not the file shard 2/4 wrote")
+    (tmp_path / f"part2{suffix}.shard").unlink()
+    assert_one_line_error(cli("merge", *parts), 1, f"part2{suffix}.shard is missing")
+
+
+def test_merge_of_shards_globbed_past_ten(cli, tmp_path):
+    """A shell glob puts part10 before part2; merge restores K order."""
+    for k in range(12):
+        assert cli("eval", MODEL, "--grid", "-1:1:5", "--shard", f"{k}/12", "-o", tmp_path / f"part{k}.csv").exit_code == 0
+    globbed = sorted(tmp_path.glob("part*.csv"))
+    assert globbed[2].name == "part10.csv"
+    merged = cli("merge", *globbed)
+    whole = cli("eval", MODEL, "--grid", "-1:1:5", "--format", "csv")
+    assert [line.split(",")[:2] for line in merged.stdout.splitlines()] == [line.split(",")[:2] for line in whole.stdout.splitlines()]
 
 
 def test_shard_errors(cli, tmp_path):
     assert_one_line_error(cli("grad", MODEL, "--at", "1,2", "--shard", "3/3"), 2, "0 <= K < N")
     assert_one_line_error(cli("grad", MODEL, "--csv", "-", "--shard", "0/2", input="x0,x1\n1,2\n"), 2, "not standard input")
-    parts = []
-    for k in (0, 2):
-        part = tmp_path / f"p{k}.npz"
-        cli("grad", MODEL, "--grid", "-1:1:9", "--batch-size", "10", "--shard", f"{k}/3", "-o", part)
-        parts.append(part)
-    assert_one_line_error(cli("merge", *parts, "-o", tmp_path / "m.npz"), 1, "give all of 0/3 to 2/3")
-    assert not (tmp_path / "m.npz").exists()
-    assert_one_line_error(cli("merge", parts[0], tmp_path / "x.csv"), 2, "share one extension")
+    assert_one_line_error(cli("merge", tmp_path / "p.npz", tmp_path / "x.csv"), 2, "share one extension")
+    result = cli("grad", MODEL, "--at", "1,2", "--shard", "0/2", "--format", "csv")
+    assert result.exit_code == 0 and "write each shard with -o FILE" in result.stderr
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_not_lost():
