@@ -15,22 +15,19 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from derivcli import __version__
+from derivcli.command import RunOptions
 from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable
 from derivcli.shards import parse_shard_option
 from derivcli.specs import (
-    AtPoint,
-    GridAxis,
     parse_at,
     parse_direction,
     parse_grid,
@@ -200,36 +197,28 @@ ShardOption = Annotated[
                  "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False),
 ]
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
+PlotOption = Annotated[
+    str | None,
+    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run: FILE.png, "
+                 ".svg or .pdf, or - for the terminal (curves on 1-D grids, heatmaps on 2-D grids).", show_default=False),
+]
+PlotAxesOption = Annotated[
+    str | None,
+    typer.Option("--plot-axes", metavar="A[,B]", help="The grid axes to draw (one: curves, two: heatmaps) when the grid "
+                 "varies along more than two.", show_default=False),
+]
+PlotAtOption = Annotated[
+    list[str] | None,
+    typer.Option("--plot-at", metavar="NAME=VALUE", help="Where the axes not drawn are taken (the nearest grid value) "
+                 "[default: their first value]; repeatable.", show_default=False),
+]
 TimingsOption = Annotated[
     bool, typer.Option("--timings", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
 ]
 
 
-@dataclass
-class CommonOptions:
-    """The validated options every computing command shares."""
-
-    model: str
-    custom_objects: list[str]
-    unsafe: bool
-    names: list[str] | None
-    output_names: list[str] | None
-    at: list[AtPoint]
-    grid: list[GridAxis]
-    csv: str | None
-    columns: list[str] | None
-    npz: str | None
-    format: str
-    output: str | None
-    batch_size: int | None  # None: auto
-    dtype: str
-    device: str
-    engine: str
-    quiet: bool
-    max_abs: float | None
-    strict: bool
-    shard: tuple[int, int] | None
-    timings: bool = False
+# The validated options every computing command shares: the library's `RunOptions`.
+CommonOptions = RunOptions
 
 
 # (name, annotation, default) of the options shared by every computing command,
@@ -255,6 +244,9 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
     ("timings", TimingsOption, False),
+    ("plot", PlotOption, None),
+    ("plot_axes", PlotAxesOption, None),
+    ("plot_at", PlotAtOption, None),
     ("traceback", TracebackOption, False),
 ]
 
@@ -307,7 +299,8 @@ def _common(
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
     columns: str | None, npz: str | None, format: str | None, output: str | None,
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
-    max_abs: float | None, strict: bool, timings: bool = False,
+    max_abs: float | None, strict: bool, timings: bool = False, plot: str | None = None,
+    plot_axes: str | None = None, plot_at: list[str] | None = None,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -338,6 +331,9 @@ def _common(
         strict=strict,
         shard=parse_shard_option(shard) if shard else None,
         timings=timings,
+        plot=plot,
+        plot_axes=_names_or_none(plot_axes, "--plot-axes"),
+        plot_at=[parse_at(a) for a in plot_at or []],
     )
 
 
@@ -367,120 +363,30 @@ def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable
 
 
 def _run_request(options: CommonOptions, request: Any) -> Any:
-    """Loads, plans, computes and writes one derivative command; applies the gates."""
-    from derivcli.models import load_model
-    from derivcli.points import open_source
-    from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
-    from derivcli.writers import open_writer
+    """Runs one computing command through the library, presenting its warnings, progress and timings."""
+    from derivcli.command import run_command
 
-    started = time.perf_counter()
-    model = load_model(
-        options.model, options.custom_objects, options.unsafe, options.dtype,
-        options.names, options.output_names,
+    summary = run_command(
+        options, request, warn=lambda message: _warn(options, message),
+        progress=lambda total, batch_size: _progress(total, batch_size, options.quiet),
+        terminal_plot=_terminal_plot(options),
     )
-    loaded = time.perf_counter()
-    planned = plan(model, request)
-    if planned.highest_order >= 2 and not options.quiet:
-        from derivcli.diagnose import smoothness_verdict
-
-        verdict = smoothness_verdict(model)
-        if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
-            _warn(options, f"derivatives of order >= {verdict.zero_from_order} are 0 wherever the lower orders "
-                           f"are finite: {verdict.reason}")
-    if model.dtype == "float64" and planned.highest_order >= 1 and not options.quiet:
-        narrow = model.frozen().low_precision
-        if narrow:
-            _warn(options, f"--dtype float64: {len(narrow)} op(s) of the model compute in float32 or hold "
-                           f"float32-rounded constants (first: {narrow[0]}); their rounding (about 1e-8 "
-                           "relative) stays in the results")
-    # Shards must cut the points identically on every machine, so they never size batches from memory.
-    batch_size = options.batch_size or (
-        DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
-    source = open_source(
-        model.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
-        options.shard, batch_size,
-    )
-    if options.shard and options.output in (None, "-"):
-        _warn(options, "--shard to standard output: merge checks a shard by the record written beside its file; "
-                       "write each shard with -o FILE")
-    kernel = make_kernel(model, planned, options.device, options.engine, points=source.total)
-    writer = open_writer(options.format, layout_for(model, source, planned.names), options.output)
-    advance_bar, stop = _progress(source.total, batch_size, options.quiet)
-    first_batch: list[tuple[float, int]] = []  # when the first batch was computed, and its points
-
-    def advance(points: int) -> None:
-        if not first_batch:
-            first_batch.append((time.perf_counter(), points))
-        if advance_bar is not None:
-            advance_bar(points)
-
-    computing = time.perf_counter()
-    try:
-        summary = compute(model, source, kernel, planned.names, writer, batch_size, advance)
-    finally:
-        stop()
     if options.timings:
-        _print_timings(loaded - started, computing, first_batch, time.perf_counter(), summary.rows)
-    _report(options, model, summary)
-    _gate(options, model, summary, planned.first_gated)
+        sys.stderr.write(f"derivcli: timings: {summary.timings.line()}\n")
     return summary
 
 
-def _print_timings(load: float, computing: float, first_batch: list[tuple[float, int]], finished: float,
-                   rows: int) -> None:
-    """`--timings`: one line on standard error that tells start-up from the streaming rate.
+def _terminal_plot(options: CommonOptions) -> Callable[[Any], None]:
+    """`--plot -`: the figure in Unicode, on standard error when standard output carries the data."""
 
-    Args:
-        load: seconds to load the model, TensorFlow's import included.
-        computing: when the points started to flow.
-        first_batch: when the first batch was computed, and its points (empty: no points).
-        finished: when the last row was written.
-        rows: the points computed.
-    """
-    parts = [f"model loaded in {load:.2f} s (TensorFlow import included)"]
-    if first_batch:
-        first_done, first_points = first_batch[0]
-        parts.append(f"first batch of {first_points:,} point(s) in {first_done - computing:.2f} s (tracing included)")
-        rest, seconds = rows - first_points, finished - first_done
-        if rest:
-            parts.append(f"the other {rest:,} in {seconds:.2f} s ({rest / max(seconds, 1e-9):,.0f} points/s)")
-    sys.stderr.write("derivcli: timings: " + "; ".join(parts) + "\n")
+    def draw(data: Any) -> None:
+        from derivcli.plots import render_terminal
 
+        stream = sys.stdout if options.output not in (None, "-") else sys.stderr
+        stream.write(render_terminal(data, stream))
+        stream.flush()
 
-def _report(options: CommonOptions, model: Any, summary: Any) -> None:
-    """Warnings about NaN/Inf in the results, on standard error."""
-    total = int(summary.nonfinite.sum())
-    if total:
-        where = ", ".join(f"{n}: {int(c)}" for n, c in zip(summary.value_names, summary.nonfinite) if c)
-        _warn(
-            options,
-            f"{total} NaN/Inf value(s) ({where}); first at {format_point(model.coordinate_names, summary.first_nonfinite)}",
-        )
-    if summary.written_as_null:
-        _warn(options, f"{summary.written_as_null} NaN/Inf value(s) written as JSON null")
-
-
-def _gate(options: CommonOptions, model: Any, summary: Any, first_gated: int) -> None:
-    """`--strict` and `--max-abs`: exit status 3 with a one-line summary when they fail.
-
-    The output is complete and kept either way: the gate judges the numbers,
-    it does not withhold them.
-    """
-    gated = range(first_gated, len(summary.value_names))
-    nonfinite = int(summary.nonfinite[first_gated:].sum())
-    if nonfinite and (options.strict or options.max_abs is not None):
-        raise CheckFailed(
-            f"{nonfinite} NaN/Inf value(s); first at "
-            f"{format_point(model.coordinate_names, summary.first_nonfinite)}"
-        )
-    if options.max_abs is None or not len(gated) or summary.rows == 0:
-        return
-    worst = max(gated, key=lambda j: summary.max_abs[j])
-    name, value = summary.value_names[worst], summary.max_abs[worst]
-    point = format_point(model.coordinate_names, summary.worst_point[worst])
-    if value > options.max_abs:
-        raise CheckFailed(f"max |{name}| = {value:.6g} at {point} exceeds --max-abs {options.max_abs:g}")
-    _warn(options, f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
+    return draw
 
 
 @app.command("info")
@@ -644,6 +550,9 @@ def check_command(
     from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, read_all_points
     from derivcli.writers import open_writer
 
+    if options.plot is not None:
+        raise UsageError("--plot draws eval, grad, hessian, laplacian, deriv and op results; check writes a table "
+                         "of errors per column")
     request = DerivativeRequest(
         partials=[parse_partial(p) for p in partial or []], order=order,
         jacobian=not partial and order is None, hessian=not partial and order is None,
@@ -740,3 +649,35 @@ def merge_command(
 
     refuse_overwriting_inputs(output, [("shard", shard) for shard in shards])
     merge(shards, output)
+
+
+@app.command("plot")
+def plot_command(
+    results: Annotated[list[str], typer.Argument(metavar="RESULT...", help="Grid results saved as .npz or .h5; "
+                                                 "several are drawn side by side.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="FILE.png, .svg or .pdf, or - to draw "
+                                        "in the terminal.", show_default=False)],
+    columns: Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="The columns to draw "
+                                                "[default: every value column].", show_default=False)] = None,
+    plot_axes: PlotAxesOption = None,
+    plot_at: PlotAtOption = None,
+    mark_max: Annotated[bool, typer.Option("--mark-max", help="Mark each column's largest |value| and give it in the "
+                                           "panel's title.")] = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """Pictures of saved grid results: curves on 1-D grids, heatmaps on 2-D grids.
+
+    Example: derivcli deriv sample_models/square_relu.keras --grid -1:1:201 -p x -p x^2 -o relu.npz,
+    then derivcli plot relu.npz -o relu.png (or -o - for the terminal).
+    """
+    from derivcli.plots import check_plot_path, plot_results, render_terminal
+
+    check_plot_path(output, "-o")
+    from derivcli.writers import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(output, [("RESULT", path) for path in results])
+    chosen = [name.strip() for name in columns.split(",") if name.strip()] if columns else None  # d2y/dx^2 is no identifier
+    drawn = plot_results(results, output, chosen,
+                         _names_or_none(plot_axes, "--plot-axes"), [parse_at(a) for a in plot_at or []], mark_max)
+    if output == "-":
+        sys.stdout.write(render_terminal(drawn, sys.stdout))

@@ -162,3 +162,46 @@ def save_custom_model(folder: Path, source_text: str, class_name: str, dense_fir
     path = folder / f"{class_name}.keras"
     keras.Model(inputs, getattr(module, class_name)(name=class_name.lower())(hidden)).save(path)
     return path, source
+
+
+def run_in_pty(*args: str, columns: int = 80, lines: int = 24, stdout_pipe: bool = False,
+               env: dict[str, str] | None = None, timeout: int = 180) -> tuple[int, str, str]:
+    """Runs the installed command with a pseudo-terminal of `columns` x `lines` as its terminal.
+
+    Standard error, and standard output unless `stdout_pipe`, are the terminal, as a person's shell
+    gives them. Returns (status, what the terminal showed, standard output when piped).
+    """
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    process = subprocess.Popen(
+        [derivcli_executable(), *args], stdin=subprocess.DEVNULL, stderr=follower,
+        stdout=subprocess.PIPE if stdout_pipe else follower, cwd=ROOT,
+        env={**os.environ, "TERM": "xterm-256color", **(env or {})},
+    )
+    os.close(follower)
+    shown = bytearray()
+    piped = bytearray()
+    streams = [leader] + ([process.stdout.fileno()] if stdout_pipe else [])
+    while streams:
+        ready, _, _ = select.select(streams, [], [], timeout)
+        if not ready:
+            process.kill()
+            raise TimeoutError(f"derivcli {' '.join(args)} ran over {timeout} s")
+        for stream in ready:
+            try:
+                data = os.read(stream, 1 << 16)
+            except OSError:  # the terminal's other end closed (Linux: EIO)
+                data = b""
+            if not data:
+                streams.remove(stream)
+            elif stream == leader:
+                shown += data
+            else:
+                piped += data
+    os.close(leader)
+    return process.wait(), shown.decode("utf-8", "replace"), piped.decode("utf-8", "replace")

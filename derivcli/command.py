@@ -1,0 +1,220 @@
+"""One computing command, start to end: what `derivcli grad|hessian|laplacian|deriv|op|eval` does.
+
+`run_command` loads the model, plans the columns, warns where the numbers
+need a word (a piecewise-linear net, float32 ops under --dtype float64),
+opens the points and the writer (and the plot), streams the batches through
+the compiled kernel, and applies the gates (`--strict`, `--max-abs`). The
+command line only parses options into `RunOptions` and presents: warnings,
+the progress bar and `--timings` reach it through callbacks. From Python:
+
+    >>> from derivcli.command import RunOptions, run_command
+    >>> from derivcli.run import DerivativeRequest
+    >>> from derivcli.specs import parse_grid
+    >>> run_command(RunOptions("sample_models/square_tanh.keras", grid=[parse_grid("-1:1:5")],
+    ...                        output="d.csv"), DerivativeRequest(jacobian=True))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from derivcli.errors import CheckFailed
+from derivcli.specs import AtPoint, GridAxis
+
+
+@dataclass
+class RunOptions:
+    """Everything a computing command is told besides its request, validated."""
+
+    model: str
+    custom_objects: list[str] = field(default_factory=list)
+    unsafe: bool = False
+    names: list[str] | None = None
+    output_names: list[str] | None = None
+    at: list[AtPoint] = field(default_factory=list)
+    grid: list[GridAxis] = field(default_factory=list)
+    csv: str | None = None
+    columns: list[str] | None = None
+    npz: str | None = None
+    format: str = "csv"
+    output: str | None = None
+    batch_size: int | None = None  # None: auto
+    dtype: str = "float32"
+    device: str = "auto"
+    engine: str = "auto"
+    quiet: bool = False
+    max_abs: float | None = None
+    strict: bool = False
+    shard: tuple[int, int] | None = None
+    timings: bool = False
+    plot: str | None = None  # a .png/.svg/.pdf file, or "-" for the terminal
+    plot_axes: list[str] | None = None
+    plot_at: list[AtPoint] = field(default_factory=list)
+
+
+@dataclass
+class Timings:
+    """Where a run's time went (`--timings`)."""
+
+    load: float  # seconds to load the model, TensorFlow's import included
+    first_batch: float | None  # seconds to the first batch's results, tracing included
+    first_points: int
+    rest: float  # seconds for the other points
+    rows: int
+
+    def line(self) -> str:
+        parts = [f"model loaded in {self.load:.2f} s (TensorFlow import included)"]
+        if self.first_batch is not None:
+            parts.append(f"first batch of {self.first_points:,} point(s) in {self.first_batch:.2f} s (tracing included)")
+            rest = self.rows - self.first_points
+            if rest:
+                parts.append(f"the other {rest:,} in {self.rest:.2f} s ({rest / max(self.rest, 1e-9):,.0f} points/s)")
+        return "; ".join(parts)
+
+
+Warn = Callable[[str], None]
+# Given the points (None: unknown) and the batch size: a callback per batch's points, and one to stop.
+ProgressFactory = Callable[[int | None, int], tuple[Callable[[int], None] | None, Callable[[], None]]]
+
+
+def _no_progress(total: int | None, batch_size: int) -> tuple[None, Callable[[], None]]:
+    return None, lambda: None
+
+
+def run_command(
+    options: RunOptions, request: Any, warn: Warn = lambda message: None,
+    progress: ProgressFactory = _no_progress, terminal_plot: Callable[[Any], None] | None = None,
+) -> Any:
+    """Loads, plans, computes and writes one derivative command; applies the gates.
+
+    Args:
+        options: the validated options.
+        request: a `run.DerivativeRequest`.
+        warn: receives each warning (the command line prints them unless --quiet).
+        progress: makes the progress bar (the command line's shows on a terminal).
+        terminal_plot: draws `--plot -` figures (given the plot's data); None leaves them out.
+
+    Returns:
+        The run's `RunSummary`, with `timings` set.
+
+    Raises:
+        CheckFailed: a gate failed (after the output is complete and kept).
+    """
+    from derivcli.models import load_model
+    from derivcli.points import open_source
+    from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
+    from derivcli.writers import open_writer
+
+    started = time.perf_counter()
+    if options.plot is not None:
+        from derivcli.plots import check_plot_request
+
+        check_plot_request(options)
+    model = load_model(options.model, options.custom_objects, options.unsafe, options.dtype,
+                       options.names, options.output_names)
+    loaded = time.perf_counter()
+    planned = plan(model, request)
+    for message in numerical_warnings(model, planned):
+        warn(message)
+    # Shards must cut the points identically on every machine, so they never size batches from memory.
+    batch_size = options.batch_size or (
+        DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
+    source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
+                         options.columns, options.shard, batch_size)
+    if options.shard and options.output in (None, "-"):
+        warn("--shard to standard output: merge checks a shard by the record written beside its file; "
+             "write each shard with -o FILE")
+    layout = layout_for(model, source, planned.names)
+    kernel = make_kernel(model, planned, options.device, options.engine, points=source.total)
+    if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
+        from derivcli.plots import PlotWriter, Tee
+
+        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot)
+    writer = open_writer(options.format, layout, options.output)
+    if options.plot is not None:
+        writer = Tee(writer, picture)
+    advance_bar, stop = progress(source.total, batch_size)
+    first_batch: list[tuple[float, int]] = []  # when the first batch was computed, and its points
+
+    def advance(points: int) -> None:
+        if not first_batch:
+            first_batch.append((time.perf_counter(), points))
+        if advance_bar is not None:
+            advance_bar(points)
+
+    computing = time.perf_counter()
+    try:
+        summary = compute(model, source, kernel, planned.names, writer, batch_size, advance)
+    finally:
+        stop()
+    finished = time.perf_counter()
+    summary.timings = Timings(
+        loaded - started, first_batch[0][0] - computing if first_batch else None,
+        first_batch[0][1] if first_batch else 0, finished - first_batch[0][0] if first_batch else 0.0, summary.rows)
+    for message in result_warnings(model, summary):
+        warn(message)
+    gate(options, model.coordinate_names, summary, planned.first_gated, warn)
+    return summary
+
+
+def numerical_warnings(model: Any, planned: Any) -> list[str]:
+    """What the user must know before trusting the columns: zero higher orders, float32 inside float64."""
+    messages = []
+    if planned.highest_order >= 2:
+        from derivcli.diagnose import smoothness_verdict
+
+        verdict = smoothness_verdict(model)
+        if verdict.zero_from_order is not None and planned.highest_order >= verdict.zero_from_order:
+            messages.append(f"derivatives of order >= {verdict.zero_from_order} are 0 wherever the lower orders "
+                            f"are finite: {verdict.reason}")
+    if model.dtype == "float64" and planned.highest_order >= 1:
+        narrow = model.frozen().low_precision
+        if narrow:
+            messages.append(f"--dtype float64: {len(narrow)} op(s) of the model compute in float32 or hold "
+                            f"float32-rounded constants (first: {narrow[0]}); their rounding (about 1e-8 "
+                            "relative) stays in the results")
+    return messages
+
+
+def result_warnings(model: Any, summary: Any) -> list[str]:
+    """NaN/Inf in the results, and NaN/Inf written as JSON null."""
+    from derivcli.run import format_point
+
+    messages = []
+    total = int(summary.nonfinite.sum())
+    if total:
+        where = ", ".join(f"{n}: {int(c)}" for n, c in zip(summary.value_names, summary.nonfinite) if c)
+        messages.append(f"{total} NaN/Inf value(s) ({where}); first at "
+                        f"{format_point(model.coordinate_names, summary.first_nonfinite)}")
+    if summary.written_as_null:
+        messages.append(f"{summary.written_as_null} NaN/Inf value(s) written as JSON null")
+    return messages
+
+
+def gate(options: RunOptions, coordinate_names: Sequence[str], summary: Any, first_gated: int, warn: Warn) -> None:
+    """`--strict` and `--max-abs`: CheckFailed (exit status 3) with a one-line summary when they fail.
+
+    The output is complete and kept either way: the gate judges the numbers,
+    it does not withhold them.
+    """
+    from derivcli.run import format_point
+
+    gated = range(first_gated, len(summary.value_names))
+    nonfinite = int(summary.nonfinite[first_gated:].sum())
+    if nonfinite and (options.strict or options.max_abs is not None):
+        raise CheckFailed(f"{nonfinite} NaN/Inf value(s); first at "
+                          f"{format_point(coordinate_names, summary.first_nonfinite)}")
+    if options.max_abs is None or not len(gated) or summary.rows == 0:
+        return
+    worst = max(gated, key=lambda j: summary.max_abs[j])
+    name, value = summary.value_names[worst], summary.max_abs[worst]
+    point = format_point(coordinate_names, summary.worst_point[worst])
+    if value > options.max_abs:
+        raise CheckFailed(f"max |{name}| = {value:.6g} at {point} exceeds --max-abs {options.max_abs:g}")
+    warn(f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
+
+
+__all__ = ["RunOptions", "Timings", "gate", "run_command"]

@@ -1,0 +1,459 @@
+"""Pictures of grid results: curves on 1-D grids, heatmaps on 2-D grids, as files or in the terminal.
+
+`PlotData` holds one result on its grid; `choose_view` picks the one or two
+axes drawn (`--plot-axes`, the others pinned by `--plot-at` or at their first
+value); `build_figure` makes the matplotlib figure (Agg, imported only here),
+and `render_terminal` draws the same panels with Unicode characters: Braille
+dots for curves, shade blocks for heatmaps. `PlotWriter` collects a run's
+values for `--plot`; `plot_results` serves `derivcli plot`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from derivcli.errors import RunError, UsageError
+from derivcli.specs import AtPoint
+from derivcli.writers import AtomicFile, Layout, Writer
+
+PICTURE_FORMATS = (".png", ".svg", ".pdf")
+# --plot holds every value of the grid in memory: at most this many numbers (400 MB).
+MAX_PLOT_CELLS = 50_000_000
+# Pixels per inch of PNG files; panels are 4 x 2.2 inches (curves) or 4 x 3.2 (heatmaps).
+DPI = 100
+
+
+@dataclass
+class PlotData:
+    """One result on its grid.
+
+    Attributes:
+        label: what the result is (a file name), shown above its column of panels; "" for one result.
+        axes: the grid's inputs, in order, and the values along each.
+        values: each plotted column, as an array of the grid's shape, in column order.
+        marked: the columns whose largest |value| is marked (gated by --max-abs, or --mark-max).
+    """
+
+    axes: list[tuple[str, np.ndarray]]
+    values: dict[str, np.ndarray]
+    marked: list[str] = field(default_factory=list)
+    label: str = ""
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, np.ndarray], grid_axes: Sequence[str], value_names: Sequence[str],
+                     marked: Sequence[str] = (), label: str = "") -> PlotData:
+        """From arrays of the grid's shape: the inputs' coordinates (named by `grid_axes`) and the values."""
+        axes = []
+        for position, name in enumerate(grid_axes):
+            coordinates = np.asarray(columns[name])
+            index = tuple(slice(None) if i == position else 0 for i in range(coordinates.ndim))
+            axes.append((name, np.asarray(coordinates[index], dtype=np.float64)))
+        return cls(axes, {name: np.asarray(columns[name]) for name in value_names}, list(marked), label)
+
+
+@dataclass
+class View:
+    """What is drawn: one or two axes (their positions in the grid), the others pinned at an index."""
+
+    drawn: list[int]
+    pinned: dict[int, int]
+    note: str  # the pinned axes' values, for the title
+
+    def slice(self, array: np.ndarray) -> np.ndarray:
+        """The drawn part of a grid-shaped array, its axes in the drawn order."""
+        index = tuple(self.pinned.get(i, slice(None)) for i in range(array.ndim))
+        part = array[index]
+        kept = [i for i in range(array.ndim) if i not in self.pinned]
+        return np.transpose(part, [kept.index(i) for i in self.drawn])
+
+
+def choose_view(data: PlotData, axes: Sequence[str] | None, at: Sequence[AtPoint]) -> View:
+    """The drawn axes: `axes` (one or two names), else the grid's axes of more than one point.
+
+    Raises:
+        UsageError: an unknown or repeated name, more than two axes to draw, or nothing to draw.
+    """
+    names = [name for name, _ in data.axes]
+    sizes = [len(values) for _, values in data.axes]
+    if axes:
+        unknown = [a for a in axes if a not in names]
+        if unknown or len(set(axes)) != len(axes) or len(axes) > 2:
+            problem = f"{unknown[0]!r} is not a grid axis" if unknown else "give one or two different axes"
+            raise UsageError(f"--plot-axes {','.join(axes)}: {problem} (grid axes: {', '.join(names)})")
+        drawn = [names.index(a) for a in axes]
+    else:
+        drawn = [i for i, size in enumerate(sizes) if size > 1]
+        if len(drawn) > 2:
+            raise UsageError(
+                f"the grid varies along {len(drawn)} axes ({', '.join(names[i] for i in drawn)}): choose one or two "
+                "with --plot-axes A,B (the others are taken at --plot-at NAME=VALUE, or at their first value)")
+        if not drawn:
+            raise UsageError("the grid is a single point: nothing to plot; give an axis of more than one point")
+    given: dict[str, float] = {}
+    for point in at:
+        if point.names is None:
+            raise UsageError("--plot-at: give NAME=VALUE, for example --plot-at t=0.5")
+        given.update(zip(point.names, point.values))
+    for name in given:
+        if name not in names:
+            raise UsageError(f"--plot-at {name}=...: {name!r} is not a grid axis (grid axes: {', '.join(names)})")
+        if names.index(name) in drawn:
+            raise UsageError(f"--plot-at {name}=...: {name} is drawn; pin only the other axes")
+    pinned, notes = {}, []
+    for i, (name, values) in enumerate(data.axes):
+        if i in drawn:
+            continue
+        if name in given:
+            pinned[i] = int(np.argmin(np.abs(values - given[name])))
+            notes.append(f"{name}={values[pinned[i]]:.6g}")
+        else:
+            pinned[i] = 0
+            if len(values) > 1:
+                notes.append(f"{name}={values[0]:.6g} (its first value)")
+            else:
+                notes.append(f"{name}={values[0]:.6g}")
+    return View(drawn, pinned, ", ".join(notes))
+
+
+def worst(values: np.ndarray) -> tuple[int, ...] | None:
+    """Where |value| is largest (a NaN/Inf first), or None on an empty array."""
+    if not values.size:
+        return None
+    bad = ~np.isfinite(values)
+    flat = int(np.argmax(bad)) if bad.any() else int(np.nanargmax(np.abs(values)))
+    return tuple(int(i) for i in np.unravel_index(flat, values.shape))
+
+
+def _title(name: str, values: np.ndarray, position: tuple[int, ...] | None, coordinates: list[np.ndarray],
+           axis_names: list[str]) -> str:
+    if position is None:
+        return name
+    where = ", ".join(f"{a}={c[i]:.4g}" for a, c, i in zip(axis_names, coordinates, position))
+    return f"{name}\nmax |{name}| = {abs(float(values[position])):.4g} at {where}"
+
+
+def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
+    """The matplotlib figure: per result a column of panels, one per value column.
+
+    1-D views: curves against the drawn axis, x shared down the column.
+    2-D views: `pcolormesh` heatmaps on the grid's coordinates, with axis names and a
+    colorbar named by the column. Marked columns show their largest |value| (a red x,
+    and the value and point in the panel's title).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    heatmap = any(len(view.drawn) == 2 for view in views)
+    count = max(len(result.values) for result in results)
+    # One result's heatmaps lie side by side, three to a row; curves and several results stack by column.
+    across = min(count, 3) if heatmap and len(results) == 1 else len(results)
+    rows = -(-count // across) if heatmap and len(results) == 1 else count
+    figure = Figure(figsize=((5.0 if heatmap else 4.2) * across, (3.6 if heatmap else 2.3) * rows + 0.4), dpi=DPI,
+                    layout="constrained")
+    grid = figure.subplots(rows, across, squeeze=False, sharex="col" if not heatmap else False)
+    if heatmap and len(results) == 1:
+        for unused in range(count, rows * across):
+            grid[unused // across][unused % across].set_visible(False)
+    for column, (result, view) in enumerate(zip(results, views)):
+        axis_names = [result.axes[i][0] for i in view.drawn]
+        coordinates = [result.axes[i][1] for i in view.drawn]
+        last_row = len(result.values) - 1
+        for row in range(count if len(results) > 1 or not heatmap else len(result.values)):
+            panel = grid[row // across][row % across] if heatmap and len(results) == 1 else grid[row][column]
+            if row > last_row:
+                panel.set_visible(False)
+                continue
+            name, array = list(result.values.items())[row]
+            values = view.slice(np.asarray(array, dtype=np.float64))
+            mark = worst(values) if name in result.marked else None
+            if len(view.drawn) == 1:
+                panel.plot(coordinates[0], values, linewidth=1.2)
+                if mark is not None:
+                    panel.plot([coordinates[0][mark[0]]], [values[mark]], "x", color="red", markersize=8)
+                panel.grid(alpha=0.3)
+                if row == last_row:
+                    panel.set_xlabel(axis_names[0])
+            else:
+                mesh = panel.pcolormesh(coordinates[0], coordinates[1], values.T, shading="nearest", cmap="viridis")
+                figure.colorbar(mesh, ax=panel, label=name)
+                panel.set_xlabel(axis_names[0])
+                panel.set_ylabel(axis_names[1])
+                if mark is not None:
+                    panel.plot([coordinates[0][mark[0]]], [coordinates[1][mark[1]]], "x", color="red", markersize=10,
+                               markeredgewidth=2)
+            title = _title(name, values, mark, coordinates, axis_names)
+            panel.set_title(f"{result.label}\n{title}" if result.label and row == 0 else title, fontsize=9)
+    notes = [f"{result.label + ' ' if result.label else ''}at {view.note}" for result, view in zip(results, views) if view.note]
+    if notes:
+        figure.suptitle("    ".join(notes), fontsize=9)
+    return figure
+
+
+def save_figure(figure: Any, path: str) -> None:
+    """Writes the figure atomically, with no timestamp or random id in the file (same data, same bytes)."""
+    import matplotlib
+
+    suffix = Path(path).suffix.lower()
+    metadata = {".png": {"Software": None}, ".svg": {"Date": None}, ".pdf": {"CreationDate": None}}[suffix]
+    target = AtomicFile(path)
+    try:
+        with matplotlib.rc_context({"svg.hashsalt": "derivcli", "pdf.compression": 6}):
+            figure.savefig(target.temporary, format=suffix[1:], metadata=metadata)
+        target.commit()
+    except BaseException:
+        target.discard()
+        raise
+
+
+def check_plot_path(path: str, option: str = "--plot") -> None:
+    if path != "-" and Path(path).suffix.lower() not in PICTURE_FORMATS:
+        raise UsageError(f"{option} {path}: name a .png, .svg or .pdf file, or - for the terminal")
+
+
+def check_plot_request(options: Any) -> None:
+    """`--plot` is for `--grid` points, unsharded, into a picture file or the terminal."""
+    from derivcli.writers import refuse_overwriting_inputs
+
+    check_plot_path(options.plot)
+    if not options.grid:
+        raise UsageError("--plot draws results on a --grid; for --at, --csv or --npz points, write a file "
+                         "(-o FILE.csv) and plot its columns with your own tool")
+    if options.shard:
+        raise UsageError("--plot with --shard: merge the shard files (-o merged.npz), then derivcli plot merged.npz")
+    if options.plot != "-":
+        if options.output not in (None, "-") and Path(options.output).resolve() == Path(options.plot).resolve():
+            raise UsageError(f"--plot {options.plot} is also -o: give the picture its own file")
+        refuse_overwriting_inputs(options.plot, [("model", options.model),
+                                                 *(("--custom-objects", p) for p in options.custom_objects)])
+
+
+class PlotWriter(Writer):
+    """Collects a grid run's coordinates and values; at `close()`, draws them.
+
+    `--plot FILE` writes the picture (atomically); `--plot -` hands the data to
+    `terminal` (the command line draws it on the terminal).
+    """
+
+    def __init__(self, layout: Layout, options: Any, first_gated: int,
+                 terminal: Callable[[PlotData], None] | None) -> None:
+        super().__init__(layout, None)
+        assert layout.grid_shape is not None and layout.grid_axes is not None
+        total = math.prod(layout.grid_shape)
+        cells = total * (len(layout.coordinate_names) + len(layout.value_names))
+        if cells > MAX_PLOT_CELLS:
+            raise UsageError(f"--plot holds the grid in memory: {total:,} points x {len(layout.value_names)} column(s) "
+                             f"is more than {MAX_PLOT_CELLS:,} numbers; draw a coarser grid")
+        self.options, self.terminal = options, terminal
+        self.marked = list(layout.value_names[first_gated:]) if options.max_abs is not None else []
+        self.block = np.empty((total, len(layout.coordinate_names) + len(layout.value_names)), np.float64)
+        self.rows = 0
+        # The view is checked before any work: a bad --plot-axes is a usage error, not a lost run.
+        self.view = choose_view(self._data(), options.plot_axes, options.plot_at)
+
+    def _data(self) -> PlotData:
+        shape = self.layout.grid_shape
+        names = self.layout.coordinate_names + self.layout.value_names
+        if self.rows == 0:  # before the run: the axes from the grid's definition
+            axes = {a.name: a for a in self.options.grid}
+            default = next((a for a in self.options.grid if a.name is None), None)
+            columns = {}
+            for position, name in enumerate(self.layout.grid_axes):
+                axis = axes.get(name, default)
+                values = np.linspace(axis.start, axis.stop, axis.num)
+                columns[name] = values.reshape([-1 if i == position else 1 for i in range(len(shape))])
+            return PlotData([(n, np.ravel(columns[n])) for n in self.layout.grid_axes], {}, [])
+        columns = {name: self.block[:, j].reshape(shape) for j, name in enumerate(names)}
+        return PlotData.from_columns(columns, self.layout.grid_axes, self.layout.value_names, self.marked)
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        rows = len(coordinates)
+        self.block[self.rows:self.rows + rows, :coordinates.shape[1]] = coordinates
+        self.block[self.rows:self.rows + rows, coordinates.shape[1]:] = values
+        self.rows += rows
+
+    def close(self) -> None:
+        data = self._data()
+        if self.options.plot == "-":
+            if self.terminal is not None:
+                self.terminal(data)
+            return
+        save_figure(build_figure([data], [self.view]), self.options.plot)
+
+    def abort(self) -> None:
+        self.block = np.empty((0, 0))
+
+
+class Tee(Writer):
+    """The output writer and the plot, fed the same batches; the plot is drawn after the output is complete."""
+
+    def __init__(self, main: Writer, plot: PlotWriter) -> None:
+        self.main, self.plot = main, plot
+        self.layout, self.file = main.layout, main.file
+
+    @property
+    def nonfinite_written_as_null(self) -> int:  # type: ignore[override]
+        return self.main.nonfinite_written_as_null
+
+    def naming_write_errors(self) -> Any:
+        return self.main.naming_write_errors()
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        self.main.write(coordinates, passthrough, values)
+        self.plot.write(coordinates, passthrough, values)
+
+    def close(self) -> None:
+        self.main.close()
+        self.plot.close()
+
+    def abort(self) -> None:
+        self.main.abort()
+        self.plot.abort()
+
+
+def load_result(path: str, columns: Sequence[str] | None, mark: bool) -> PlotData:
+    """A grid result saved by derivcli (NPZ/HDF5), with the columns to plot.
+
+    Raises:
+        RunError: not a grid result, or not readable.
+        UsageError: an unknown column in `columns`.
+    """
+    from derivcli.writers import GRID_SHAPE_KEY, SHARD_KEY, SHARD_RECORD_KEY, read_columns
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".npz", ".h5", ".hdf5"):
+        raise UsageError(f"plot {path}: give a result saved as .npz or .h5 (-o FILE.npz keeps the grid's shape)")
+    if not Path(path).is_file():
+        raise RunError(f"plot: cannot read {path}: no such file")
+    try:
+        arrays = read_columns(path)
+    except Exception as error:  # a damaged archive: zip, HDF5 and NumPy each raise their own
+        raise RunError(f"plot: cannot read {path}: {type(error).__name__}: {error}") from None
+    if SHARD_KEY in arrays or SHARD_RECORD_KEY in arrays:
+        raise RunError(f"plot: {path} is one shard of a run: merge the shards first (derivcli merge ... -o merged.npz)")
+    if "grid_axes" not in arrays:
+        raise RunError(f"plot: {path} holds no grid (it was computed on --at, --csv or --npz points); "
+                       "pictures are drawn from --grid results")
+    grid_axes = [str(name) for name in np.ravel(arrays["grid_axes"])]
+    shape = np.asarray(arrays[grid_axes[0]]).shape if grid_axes and grid_axes[0] in arrays else None
+    numeric = [name for name, array in arrays.items()
+               if name not in (*grid_axes, "grid_axes", GRID_SHAPE_KEY) and np.asarray(array).dtype.kind in "fiu"
+               and np.asarray(array).shape == shape]
+    if columns:
+        unknown = [c for c in columns if c not in numeric]
+        if unknown:
+            raise UsageError(f"--columns {','.join(columns)}: {unknown[0]!r} is not a column of {path} "
+                             f"(columns: {', '.join(numeric)})")
+        numeric = list(columns)
+    if not numeric:
+        raise RunError(f"plot: {path} holds no value columns")
+    return PlotData.from_columns(arrays, grid_axes, numeric, numeric if mark else [], label="")
+
+
+def plot_results(paths: Sequence[str], output: str, columns: Sequence[str] | None, axes: Sequence[str] | None,
+                 at: Sequence[AtPoint], mark: bool) -> list[tuple[PlotData, View]]:
+    """`derivcli plot`: the figure of one or more saved grid results, side by side; written unless `output` is -."""
+    results = [load_result(path, columns, mark) for path in paths]
+    if len(results) > 1:
+        for result, path in zip(results, paths):
+            result.label = Path(path).name
+    views = [choose_view(result, axes, at) for result in results]
+    if output != "-":
+        save_figure(build_figure(results, views), output)
+    return list(zip(results, views))
+
+
+# Terminal pictures ------------------------------------------------------------------------
+
+SHADES = " ░▒▓█"
+BRAILLE_BASE = 0x2800
+# The dot of each (column, row) within a Braille cell of 2 x 4 dots.
+BRAILLE_DOTS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+
+
+def terminal_size(stream: IO[str] | None) -> tuple[int, int]:
+    """Columns and lines of the terminal behind `stream`, else COLUMNS/LINES, else 80 x 24."""
+    try:
+        size = os.get_terminal_size(stream.fileno())  # type: ignore[union-attr]
+        return size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        import shutil
+
+        size = shutil.get_terminal_size((80, 24))
+        return size.columns, size.lines
+
+
+def render_terminal(data: PlotData | Sequence[tuple[PlotData, View]], stream: IO[str] | None,
+                    view: View | None = None, size: tuple[int, int] | None = None) -> str:
+    """The panels drawn with Unicode characters, sized to the terminal (`size`: columns, lines)."""
+    pairs = [(data, view or choose_view(data, None, []))] if isinstance(data, PlotData) else list(data)
+    columns, lines = size or terminal_size(stream)
+    panels = sum(len(result.values) for result, _ in pairs)
+    # Each panel: a title line, its plot rows, an axis line; the whole fits the terminal's height.
+    height = max(3, (lines - 1) // max(panels, 1) - 2)
+    out: list[str] = []
+    for result, chosen in pairs:
+        axis_names = [result.axes[i][0] for i in chosen.drawn]
+        coordinates = [result.axes[i][1] for i in chosen.drawn]
+        for name, array in result.values.items():
+            values = chosen.slice(np.asarray(array, dtype=np.float64))
+            title = " ".join(filter(None, [result.label, name, f"at {chosen.note}" if chosen.note else ""]))
+            finite = values[np.isfinite(values)]
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            out.append(f"{title}: {low:.4g} to {high:.4g}"[:columns])
+            label_width = 10
+            width = max(8, columns - label_width - 1)
+            if len(chosen.drawn) == 1:
+                canvas = _braille_curve(values, width, height, low, high)
+            else:
+                canvas = _shade_map(values, width, height, low, high)
+            for row, text in enumerate(canvas):
+                label = f"{high:.3g}" if row == 0 else f"{low:.3g}" if row == len(canvas) - 1 else ""
+                out.append(f"{label:>{label_width}} {text}")
+            ends = f"{axis_names[0]} {coordinates[0][0]:.4g} .. {coordinates[0][-1]:.4g}"
+            if len(chosen.drawn) == 2:
+                ends += f"   {axis_names[1]} {coordinates[1][0]:.4g} .. {coordinates[1][-1]:.4g} (up)"
+            out.append(f"{'':>{label_width}} {ends}"[:columns])
+    return "\n".join(out) + "\n"
+
+
+def _braille_curve(values: np.ndarray, width: int, height: int, low: float, high: float) -> list[str]:
+    """A curve on a `width` x `height` grid of Braille cells (2 x 4 dots each), x resampled to the dots."""
+    dots_x, dots_y = 2 * width, 4 * height
+    cells = np.zeros((height, width), dtype=np.int64)
+    if values.size == 0:
+        return [chr(BRAILLE_BASE) * width] * height
+    samples = values[np.linspace(0, len(values) - 1, dots_x).round().astype(int)]
+    span = high - low if high > low else 1.0
+    level = np.where(np.isfinite(samples), np.round((samples - low) / span * (dots_y - 1)), -1).astype(int)
+    previous = None
+    for x, y in enumerate(level):
+        if y < 0:
+            previous = None
+            continue
+        low_y, high_y = (y, y) if previous is None else (min(y, previous), max(y, previous))
+        for dot in range(low_y, high_y + 1):  # a vertical run joins the curve's steps
+            row = height - 1 - dot // 4
+            cells[row, x // 2] |= BRAILLE_DOTS[x % 2][3 - dot % 4]
+        previous = y
+    return ["".join(chr(BRAILLE_BASE + int(c)) for c in row) for row in cells]
+
+
+def _shade_map(values: np.ndarray, width: int, height: int, low: float, high: float) -> list[str]:
+    """A heatmap of shade blocks: first axis across, second axis up."""
+    nx, ny = values.shape
+    xs = np.linspace(0, nx - 1, width).round().astype(int)
+    ys = np.linspace(ny - 1, 0, height).round().astype(int)
+    sampled = values[np.ix_(xs, ys)].T  # rows: the second axis, top row its largest value
+    span = high - low if high > low else 1.0
+    levels = np.clip(np.round((sampled - low) / span * (len(SHADES) - 1)), 0, len(SHADES) - 1)
+    return ["".join("?" if not np.isfinite(v) else SHADES[int(level)] for v, level in zip(row_values, row))
+            for row_values, row in zip(sampled, levels)]

@@ -1,0 +1,182 @@
+"""`--plot` and `derivcli plot`: picture files, the data they draw, usage errors, terminal pictures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from derivcli.writers import read_columns
+
+from conftest import ROOT, SAMPLES, read_csv, run_in_pty
+from test_errors import assert_one_line_error
+
+TANH = SAMPLES / "square_tanh.keras"
+SOFTPLUS = SAMPLES / "softplus_2d.keras"
+PINN = SAMPLES / "heat_pinn.keras"
+MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".svg": b"<?xml", ".pdf": b"%PDF-"}
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
+def test_each_format_is_a_valid_reproducible_file_beside_the_normal_output(cli, tmp_path, suffix):
+    pictures = []
+    for attempt in range(2):
+        picture = tmp_path / f"p{attempt}{suffix}"
+        result = cli("deriv", TANH, "--grid", "-1:1:41", "-p", "x", "-p", "x^2", "--plot", picture, "--format", "csv")
+        assert result.exit_code == 0, result.stderr
+        assert len(read_csv(result.stdout)["d2y/dx^2"]) == 41  # the table still goes to standard output
+        pictures.append(picture.read_bytes())
+    assert pictures[0].startswith(MAGIC[suffix])
+    assert 5_000 < len(pictures[0]) < 500_000
+    assert pictures[0] == pictures[1]  # no timestamps, no random ids
+    if suffix == ".svg":
+        assert b"</svg>" in pictures[0] and b"d2y/dx^2" in pictures[0]
+    assert not list(tmp_path.glob(".*part"))  # written atomically: no temporary left
+
+
+def test_curves_hold_the_computed_columns(cli, tmp_path):
+    from derivcli.plots import PlotData, build_figure, choose_view
+
+    result = tmp_path / "r.npz"
+    assert cli("deriv", TANH, "--grid", "-1:1:41", "-p", "x", "-p", "x^2", "-o", result).exit_code == 0
+    columns = read_columns(str(result))
+    data = PlotData.from_columns(columns, ["x"], ["y", "dy/dx", "d2y/dx^2"])
+    figure = build_figure([data], [choose_view(data, None, [])])
+    panels = [axis for axis in figure.axes if axis.get_visible()]
+    assert [p.get_title() for p in panels] == ["y", "dy/dx", "d2y/dx^2"]
+    for panel, name in zip(panels, ["y", "dy/dx", "d2y/dx^2"]):
+        line = panel.get_lines()[0]
+        np.testing.assert_array_equal(line.get_xdata(), columns["x"])
+        np.testing.assert_array_equal(line.get_ydata(), columns[name].astype(np.float64))
+    assert panels[-1].get_xlabel() == "x"
+
+
+def test_heatmaps_hold_the_grid_with_axes_colorbars_and_the_worst_point(tmp_path, cli):
+    from derivcli.plots import PlotData, build_figure, choose_view
+
+    result = tmp_path / "r.npz"
+    run = cli("op", PINN, "--output-names", "u", "--grid", "t=0:1:11", "--grid", "x=-1:1:21",
+              "--expr", "res=u_t - 0.1*u_xx", "--max-abs", "1", "-o", result)
+    assert run.exit_code == 0, run.stderr
+    columns = read_columns(str(result))
+    data = PlotData.from_columns(columns, ["t", "x"], ["u", "res"], marked=["res"])
+    figure = build_figure([data], [choose_view(data, None, [])])
+    panels = [axis for axis in figure.axes if axis.get_label() != "<colorbar>" and axis.get_visible()]
+    colorbars = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+    assert [c.get_ylabel() for c in colorbars] == ["u", "res"]
+    for panel, name in zip(panels, ["u", "res"]):
+        assert (panel.get_xlabel(), panel.get_ylabel()) == ("t", "x")
+        mesh = panel.collections[0]
+        np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(21, 11), columns[name].T)
+    worst = np.unravel_index(np.argmax(np.abs(columns["res"])), (11, 21))
+    marker = panels[1].get_lines()[0]
+    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (columns["t"][worst], columns["x"][worst])
+    assert f"max |res| = {np.abs(columns['res']).max():.4g}" in panels[1].get_title()
+    assert not panels[0].get_lines()  # u is not gated: not marked
+
+
+def test_three_axes_need_plot_axes_and_pin_the_others(cli, tmp_path, model_factory):
+    _, path = model_factory("tanh", 3, 1)
+    grid = ["--grid", "x0=-1:1:5", "--grid", "x1=0:1:4", "--grid", "x2=2:3:3"]
+    assert_one_line_error(cli("eval", path, *grid, "--plot", tmp_path / "p.png"), 2, "varies along 3 axes", "--plot-axes")
+    assert not (tmp_path / "p.png").exists()
+    assert_one_line_error(cli("eval", path, *grid, "--plot", tmp_path / "p.png", "--plot-axes", "x0,q"), 2,
+                          "'q' is not a grid axis")
+    assert_one_line_error(cli("eval", path, *grid, "--plot", tmp_path / "p.png", "--plot-axes", "x0",
+                              "--plot-at", "x0=1"), 2, "x0 is drawn")
+    from derivcli.plots import PlotData, choose_view
+    from derivcli.specs import parse_at
+
+    result = tmp_path / "r.npz"
+    assert cli("eval", path, *grid, "-o", result, "--plot", tmp_path / "p.png", "--plot-axes", "x0,x2",
+               "--plot-at", "x1=0.7").exit_code == 0
+    assert (tmp_path / "p.png").read_bytes().startswith(MAGIC[".png"])
+    columns = read_columns(str(result))
+    data = PlotData.from_columns(columns, ["x0", "x1", "x2"], ["y"])
+    view = choose_view(data, ["x0", "x2"], [parse_at("x1=0.7")])
+    assert view.note == "x1=0.666667"  # the nearest grid value
+    np.testing.assert_array_equal(view.slice(columns["y"]), columns["y"][:, 2, :])
+    assert choose_view(data, ["x2", "x0"], []).note == "x1=0 (its first value)"
+    np.testing.assert_array_equal(choose_view(data, ["x2", "x0"], []).slice(columns["y"]), columns["y"][:, 0, :].T)
+
+
+@pytest.mark.parametrize(("args", "status", "fragment"), [
+    (["--at", "0.5", "--plot", "p.png"], 2, "--plot draws results on a --grid"),
+    (["--grid", "-1:1:5", "--plot", "p.txt"], 2, "name a .png, .svg or .pdf file"),
+    (["--grid", "-1:1:5", "--plot", "p.png", "--shard", "0/2", "-o", "s.csv"], 2, "merge the shard files"),
+    (["--grid", "0:0:1", "--plot", "p.png"], 2, "single point: nothing to plot"),
+    (["--grid", "-1:1:5", "--plot", "p.png", "--plot-at", "0.5"], 2, "give NAME=VALUE"),
+])
+def test_plot_usage_errors(cli, tmp_path, monkeypatch, args, status, fragment):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli("grad", TANH, *args), status, fragment)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the table's file
+
+
+def test_plot_command_draws_saved_results_side_by_side(cli, tmp_path):
+    from derivcli.plots import plot_results
+
+    for name, model in (("relu", SAMPLES / "square_relu.keras"), ("tanh", TANH)):
+        assert cli("deriv", model, "--grid", "-1:1:21", "-p", "x^2", "-q", "-o", tmp_path / f"{name}.npz").exit_code == 0
+    picture = tmp_path / "both.svg"
+    result = cli("plot", tmp_path / "relu.npz", tmp_path / "tanh.npz", "-o", picture, "--columns", "d2y/dx^2")
+    assert result.exit_code == 0, result.stderr
+    assert picture.read_bytes().startswith(MAGIC[".svg"])
+    drawn = plot_results([str(tmp_path / "relu.npz"), str(tmp_path / "tanh.npz")], "-", ["d2y/dx^2"], None, [], False)
+    assert [d.label for d, _ in drawn] == ["relu.npz", "tanh.npz"]
+    np.testing.assert_array_equal(drawn[0][0].values["d2y/dx^2"], np.zeros(21, np.float32))  # ReLU: flat
+
+
+def test_plot_command_errors(cli, tmp_path):
+    assert cli("grad", TANH, "--at", "0.5", "-o", tmp_path / "points.npz").exit_code == 0
+    assert_one_line_error(cli("plot", tmp_path / "points.npz", "-o", tmp_path / "p.png"), 1, "holds no grid")
+    assert cli("grad", TANH, "--grid", "-1:1:5", "--shard", "0/2", "-o", tmp_path / "s.npz").exit_code == 0
+    assert_one_line_error(cli("plot", tmp_path / "s.npz", "-o", tmp_path / "p.png"), 1, "merge the shards first")
+    assert cli("grad", TANH, "--grid", "-1:1:5", "-o", tmp_path / "g.npz").exit_code == 0
+    assert_one_line_error(cli("plot", tmp_path / "g.npz", "-o", tmp_path / "p.png", "--columns", "dy/dq"), 2,
+                          "'dy/dq' is not a column", "dy/dx")
+    assert_one_line_error(cli("plot", tmp_path / "g.csv", "-o", tmp_path / "p.png"), 2, "saved as .npz or .h5")
+    assert_one_line_error(cli("plot", tmp_path / "missing.npz", "-o", tmp_path / "p.png"), 1, "no such file")
+    assert_one_line_error(cli("plot", tmp_path / "g.npz", "-o", tmp_path / "g.npz"), 2, "name a .png, .svg or .pdf")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_terminal_plot_fits_the_terminal_on_standard_error(tmp_path):
+    """`--plot -` with the table on a pipe: the picture goes to the terminal (standard error)."""
+    status, shown, piped = run_in_pty("deriv", str(TANH), "--grid", "-1:1:101", "-p", "x^2", "--plot", "-",
+                                      "--format", "csv", columns=60, lines=20, stdout_pipe=True)
+    assert status == 0, shown
+    assert len(read_csv(piped)["d2y/dx^2"]) == 101
+    rows = [line for line in shown.replace("\r", "").split("\n") if line]
+    assert rows[0].startswith("y: ") and any(line.startswith("d2y/dx^2: ") for line in rows)
+    assert max(len(line) for line in rows) <= 60
+    assert len(rows) <= 20
+    assert any(ch in "".join(rows) for ch in "⠁⠂⠄⡀⣀⠉")  # Braille dots draw the curves
+
+
+def test_terminal_plot_of_a_heatmap_on_standard_output_with_o(tmp_path):
+    status, shown, _ = run_in_pty("op", str(PINN), "--output-names", "u", "--grid", "t=0:1:11", "--grid", "x=-1:1:21",
+                                  "--expr", "res=u_t - 0.1*u_xx", "-o", str(tmp_path / "r.csv"), "--plot", "-",
+                                  columns=50, lines=30)
+    assert status == 0, shown
+    rows = [line for line in shown.replace("\r", "").split("\n") if line]
+    assert max(len(line) for line in rows) <= 50 and len(rows) <= 30
+    assert any(set(line[11:]) <= set(" ░▒▓█") and line[11:].strip() for line in rows)
+    assert "t 0 .. 1   x -1 .. 1 (up)" in shown
+
+
+def test_plot_command_to_the_terminal(cli, tmp_path):
+    assert cli("eval", SOFTPLUS, "--grid", "x0=-1:1:5", "--grid", "x1=0:1:4", "-o", tmp_path / "g.h5").exit_code == 0
+    result = cli("plot", tmp_path / "g.h5", "-o", "-")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("y: ") and "x0 -1 .. 1   x1 0 .. 1 (up)" in result.stdout
+
+
+def test_matplotlib_is_imported_only_to_draw(tmp_path):
+    code = ("import sys; from typer.testing import CliRunner; from derivcli.cli import app; "
+            f"r = CliRunner().invoke(app, ['grad', {str(TANH)!r}, '--grid', '-1:1:5']); "
+            "print(r.exit_code, 'matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.split() == ["0", "False"], result.stderr
