@@ -1,6 +1,6 @@
 """`python -m derivcli` is the same program as `derivcli`."""
 
-from derivcli.cli import app
+from derivcli.cli import run
 
 if __name__ == "__main__":
-    app(prog_name="derivcli")
+    run()

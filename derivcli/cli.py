@@ -8,6 +8,7 @@ exit status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -21,11 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from derivcli import __version__
 from derivcli.command import RunOptions
-from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable
+from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable, styled
 from derivcli.shards import parse_shard_option
 from derivcli.specs import (
     parse_at,
@@ -37,7 +37,7 @@ from derivcli.specs import (
 
 
 def _fail_line(message: str) -> None:
-    sys.stderr.write(f"derivcli: error: {printable(message)}\n")
+    sys.stderr.write(f"{styled('derivcli: error:', 'error', sys.stderr)} {printable(message)}\n")
     sys.stderr.flush()
 
 
@@ -58,6 +58,13 @@ def _silence_stdout() -> None:
 class DerivcliGroup(TyperGroup):
     """The command group; its `main` maps every exception to one line and a status."""
 
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with its whole first sentence, not cut at 45 characters."""
+        rows = [(name, (command.help or "").strip().split("\n")[0]) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         from derivcli.run import PipeClosed
 
@@ -74,7 +81,7 @@ class DerivcliGroup(TyperGroup):
             previous = None
         try:
             status = super().main(
-                args=arguments, prog_name=prog_name or "derivcli", standalone_mode=False, **extra
+                args=arguments, prog_name="derivcli", standalone_mode=False, **extra
             )
             if status == ExitStatus.INTERRUPTED:
                 _fail_line("interrupted")
@@ -85,10 +92,16 @@ class DerivcliGroup(TyperGroup):
             _fail_line(error.message)
             status = error.status
         except typer.TyperException as error:
-            command = arguments[0] if arguments and not arguments[0].startswith("-") else ""
-            hint = f" (see 'derivcli {command} --help')".replace("  ", " ")
-            _fail_line(error.format_message().replace("\n", " ") + hint)
-            status = getattr(error, "exit_code", ExitStatus.USAGE)
+            if type(error).__name__ == "NoArgsIsHelpError":  # bare `derivcli`: the help is the answer
+                sys.stdout.write(error.ctx.get_help() + "\n")
+                status = ExitStatus.SUCCESS
+            else:
+                # The help of the command whose line was wrong: the group's for an unknown command.
+                context = getattr(error, "ctx", None)
+                named = arguments[0] if arguments and arguments[0] in self.commands else None
+                where = context.command_path if context is not None else f"derivcli {named}" if named else "derivcli"
+                _fail_line(f"{error.format_message()} (see '{where} --help')".replace("\n", " "))
+                status = getattr(error, "exit_code", ExitStatus.USAGE)
         except (typer.Abort, KeyboardInterrupt):
             _fail_line("interrupted")
             status = ExitStatus.INTERRUPTED
@@ -122,26 +135,87 @@ class DerivcliGroup(TyperGroup):
         sys.exit(int(status))
 
 
+class DerivcliCommand(TyperCommand):
+    """A command whose help names arguments plainly (MODEL, SHARD...) and ends with examples."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments = [(p.metavar or p.name.upper(), p.help or "") for p in self.get_params(ctx)
+                     if p.param_type_name == "argument"]
+        options = [r for p in self.get_params(ctx) if p.param_type_name == "option" and (r := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def examples(*lines: str) -> str:
+    """An "Examples" epilog: commands that run as they are, on the shipped sample models."""
+    return "Examples (from the project folder, on its sample models):\n\n\b\n" + "\n".join(f"  $ {line}" for line in lines)
+
+
 app = typer.Typer(
     cls=DerivcliGroup,
     help="Derivatives of saved Keras models, from the shell.",
-    add_completion=False,
+    epilog=examples("derivcli grad sample_models/shifted_square.h5 --at 0.5",
+                    "derivcli deriv sample_models/square_tanh.keras --grid -1:1:5 -p x -p x^2",
+                    "derivcli COMMAND --help   (each command's options and examples)"),
+    add_completion=True,
+    rich_markup_mode=None,  # plain help: option text such as [default: ...] is shown as written
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+
+
+# The examples at the end of each command's --help; a test runs every one of them.
+EXAMPLES = {
+    "info": examples("derivcli info sample_models/square_relu.keras",
+                     "derivcli info sample_models/heat_pinn.keras --format json"),
+    "eval": examples("derivcli eval sample_models/square_tanh.keras --grid -2:2:5",
+                     "derivcli eval sample_models/softplus_2d.keras --at 0.3,0.7 --format json"),
+    "grad": examples("derivcli grad sample_models/shifted_square.h5 --at 0.5",
+                     "derivcli grad sample_models/softplus_2d.keras --grid -1:1:101 -o grad.npz"),
+    "hessian": examples("derivcli hessian sample_models/softplus_2d.keras --at 0.3,0.7",
+                        "derivcli hessian sample_models/softplus_2d.keras --at 0.3,0.7 --dtype float64"),
+    "laplacian": examples("derivcli laplacian sample_models/heat_pinn.keras --grid t=0:1:3 --grid x=-1:1:5 --wrt x"),
+    "deriv": examples("derivcli deriv sample_models/square_tanh.keras --grid -1:1:5 -p x -p x^2",
+                      "derivcli deriv sample_models/softplus_2d.keras --at 0.3,0.7 --order 3",
+                      "derivcli deriv sample_models/softplus_2d.keras --at 0.3,0.7 --direction 1,1^2"),
+    "op": examples('derivcli op sample_models/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 '
+                   '--expr "res=u_t - 0.1*u_xx" --max-abs 0.2 -o residual.npz'),
+    "check": examples("derivcli check sample_models/softplus_2d.keras --grid -1:1:5",
+                      "derivcli check sample_models/square_tanh.keras --at 0.5 -p x^3"),
+    "doctor": examples("derivcli doctor sample_models/square_relu.keras",
+                       "derivcli doctor sample_models/heat_pinn.keras --grid t=0:1:5 --grid x=-1:1:5"),
+    "merge": examples("derivcli grad sample_models/softplus_2d.keras --grid -1:1:101 --shard 0/2 -o part0.csv",
+                      "derivcli grad sample_models/softplus_2d.keras --grid -1:1:101 --shard 1/2 -o part1.csv",
+                      "derivcli merge part0.csv part1.csv -o grad.csv"),
+    "plot": examples("derivcli deriv sample_models/square_relu.keras --grid -1:1:201 -p x -p x^2 -o relu.npz",
+                     "derivcli plot relu.npz -o relu.png",
+                     "derivcli plot relu.npz -o -"),
+}
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"derivcli {__version__}")
+        from derivcli.system import versions
+
+        typer.echo("\n".join(versions()))
         raise typer.Exit()
 
 
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the versions of derivcli, Python, TensorFlow, Keras and NumPy, and exit (derivcli version --devices adds the devices TensorFlow sees).")
     ] = False,
 ) -> None:
     """Derivatives of saved Keras models, from the shell.
@@ -156,47 +230,51 @@ def main(
 ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
 CustomObjectsOption = Annotated[
     list[str] | None,
-    typer.Option("--custom-objects", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
+    typer.Option("--custom-objects", metavar="FILE.py", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
 ]
-UnsafeOption = Annotated[bool, typer.Option("--unsafe", help="Allow Lambda layers (runs the file's Python code).")]
-NamesOption = Annotated[str | None, typer.Option("--names", help="Rename the inputs: a,b,... (count must match).", show_default=False)]
-OutputNamesOption = Annotated[str | None, typer.Option("--output-names", help="Rename the outputs: u,v,...", show_default=False)]
-AtOption = Annotated[list[str] | None, typer.Option("--at", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False)]
+UnsafeOption = Annotated[bool, typer.Option("--unsafe", metavar="", help="Allow Lambda layers (runs the file's Python code).")]
+NamesOption = Annotated[str | None, typer.Option("--names", metavar="NAME[,NAME...]", help="Rename the inputs: a,b,... (count must match).", show_default=False)]
+OutputNamesOption = Annotated[str | None, typer.Option("--output-names", metavar="NAME[,NAME...]", help="Rename the outputs: u,v,...", show_default=False)]
+AtOption = Annotated[list[str] | None, typer.Option("--at", metavar="POINT", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False)]
 GridOption = Annotated[
     list[str] | None,
-    typer.Option("--grid", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False),
+    typer.Option("--grid", metavar="[NAME=]START:STOP:NUM", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False),
 ]
-CsvOption = Annotated[str | None, typer.Option("--csv", help="A CSV file with a header row; - reads standard input.", show_default=False)]
-ColumnsOption = Annotated[str | None, typer.Option("--columns", help="CSV columns to take as the inputs, in order.", show_default=False)]
-NpzOption = Annotated[str | None, typer.Option("--npz", help="An .npz with one array per input, or one array x of shape (N, d).", show_default=False)]
+CsvOption = Annotated[str | None, typer.Option("--csv", metavar="FILE", help="A CSV file with a header row; - reads standard input.", show_default=False)]
+ColumnsOption = Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="CSV columns to take as the inputs, in order.", show_default=False)]
+DelimiterOption = Annotated[
+    str, typer.Option("--delimiter", metavar="CHAR", help="The --csv file's delimiter: one character, or tab "
+                      "(for a ;-separated file: --delimiter ';').")
+]
+NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input, or one array x of shape (N, d).", show_default=False)]
 FormatOption = Annotated[
     str | None,
-    typer.Option("--format", "-f", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
+    typer.Option("--format", "-f", metavar="FORMAT", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
 ]
-OutputOption = Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
 BatchSizeOption = Annotated[
     str | None,
-    typer.Option("--batch-size", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False),
+    typer.Option("--batch-size", metavar="N|auto", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False),
 ]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, or float64 to evaluate in double precision.")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or gpu.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="float32, or float64 to evaluate in double precision.")]
+DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", help="auto, cpu or gpu.")]
 EngineOption = Annotated[
-    str, typer.Option("--engine", help="auto (Taylor series where the model's ops are covered: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
+    str, typer.Option("--engine", metavar="auto|taylor|tape", help="auto (Taylor series where the model's ops are covered: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
 ]
-WrtOption = Annotated[str | None, typer.Option("--wrt", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
-OutputsOption = Annotated[str | None, typer.Option("--outputs", help="Report these outputs only: y0,y2.", show_default=False)]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Silence warnings.")]
+WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
+OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.")]
 MaxAbsOption = Annotated[
-    float | None,
-    typer.Option("--max-abs", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
+    str | None,
+    typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
 ]
-StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
+StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
 ShardOption = Annotated[
     str | None,
-    typer.Option("--shard", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
+    typer.Option("--shard", metavar="K/N|auto[/N]", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
                  "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False),
 ]
-TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of an error.")]
+TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.")]
 PlotOption = Annotated[
     str | None,
     typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run: FILE.png, "
@@ -213,7 +291,7 @@ PlotAtOption = Annotated[
                  "[default: their first value]; repeatable.", show_default=False),
 ]
 TimingsOption = Annotated[
-    bool, typer.Option("--timings", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
+    bool, typer.Option("--timings", metavar="", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
 ]
 
 
@@ -228,6 +306,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("grid", GridOption, None),
     ("csv", CsvOption, None),
     ("columns", ColumnsOption, None),
+    ("delimiter", DelimiterOption, ","),
     ("npz", NpzOption, None),
     ("format", FormatOption, None),
     ("output", OutputOption, None),
@@ -290,6 +369,27 @@ def _batch_size(text: str | None) -> int | None:
     return int(text)
 
 
+def _delimiter(text: str) -> str:
+    """`--delimiter`: one character; `tab` or a typed \\t for a tab."""
+    chosen = "\t" if text.lower() in ("tab", "\\t") else text
+    if len(chosen) != 1 or chosen in ('"', "\n", "\r"):
+        raise UsageError(f"--delimiter {text!r}: give one character (for example ';' or tab), not a quote or line break")
+    return chosen
+
+
+def _number(text: str | None, option: str, example: str) -> float | None:
+    """A number option (--max-abs, --rtol, --atol), refused in the one-line style of every usage error."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give a number, for example {option} {example}") from None
+    if not value >= 0:
+        raise UsageError(f"{option} {text!r}: give a number of at least 0, for example {option} {example}")
+    return value
+
+
 def _names_or_none(text: str | None, option: str) -> list[str] | None:
     return parse_names(text, option) if text else None
 
@@ -297,9 +397,9 @@ def _names_or_none(text: str | None, option: str) -> list[str] | None:
 def _common(
     model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
     output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
-    columns: str | None, npz: str | None, format: str | None, output: str | None,
+    columns: str | None, delimiter: str, npz: str | None, format: str | None, output: str | None,
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
-    max_abs: float | None, strict: bool, timings: bool = False, plot: str | None = None,
+    max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
@@ -319,6 +419,7 @@ def _common(
         grid=[parse_grid(g) for g in grid or []],
         csv=csv,
         columns=_names_or_none(columns, "--columns"),
+        delimiter=_delimiter(delimiter),
         npz=npz,
         format=choose_format(format, output, sys.stdout is not None and sys.stdout.isatty()),
         output=output,
@@ -327,7 +428,7 @@ def _common(
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
         quiet=quiet,
-        max_abs=max_abs,
+        max_abs=_number(max_abs, "--max-abs", "0.01"),
         strict=strict,
         shard=parse_shard_option(shard) if shard else None,
         timings=timings,
@@ -345,7 +446,7 @@ def format_point(names: Sequence[str], point: Any) -> str:
 
 def _warn(options: CommonOptions, message: str) -> None:
     if not options.quiet:
-        sys.stderr.write(f"derivcli: warning: {printable(message)}\n")
+        sys.stderr.write(f"{styled('derivcli: warning:', 'warning', sys.stderr)} {printable(message)}\n")
 
 
 def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
@@ -368,12 +469,21 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
 
     summary = run_command(
         options, request, warn=lambda message: _warn(options, message),
-        progress=lambda total, batch_size: _progress(total, batch_size, options.quiet),
+        # Rows streaming onto the terminal are the progress; a bar would tear them.
+        progress=lambda total, batch_size: _progress(
+            total, batch_size, options.quiet or (options.output in (None, "-") and _stdout_is_terminal())),
         terminal_plot=_terminal_plot(options),
     )
     if options.timings:
         sys.stderr.write(f"derivcli: timings: {summary.timings.line()}\n")
     return summary
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except ValueError:
+        return False
 
 
 def _terminal_plot(options: CommonOptions) -> Callable[[Any], None]:
@@ -389,10 +499,10 @@ def _terminal_plot(options: CommonOptions) -> Callable[[Any], None]:
     return draw
 
 
-@app.command("info")
+@app.command("info", cls=DerivcliCommand, epilog=EXAMPLES["info"])
 def info_command(
     model: ModelArgument,
-    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="table or json.")] = "table",
     names: NamesOption = None,
     output_names: OutputNamesOption = None,
     custom_objects: CustomObjectsOption = None,
@@ -415,7 +525,7 @@ def info_command(
         render_info(description)
 
 
-@app.command("eval")
+@app.command("eval", cls=DerivcliCommand, epilog=EXAMPLES["eval"])
 @with_shared_options
 def eval_command(model: ModelArgument, outputs: OutputsOption = None, *, options: CommonOptions) -> None:
     """The model's outputs at the points."""
@@ -437,7 +547,7 @@ def _register_whole_derivative_command(name: str, summary: str, request_flag: st
 
     command.__doc__ = summary
     command.__name__ = command.__qualname__ = f"{name}_command"
-    app.command(name)(with_shared_options(command))
+    app.command(name, cls=DerivcliCommand, epilog=EXAMPLES[name])(with_shared_options(command))
 
 
 _register_whole_derivative_command(
@@ -450,23 +560,23 @@ _register_whole_derivative_command(
 
 PartialOption = Annotated[
     list[str] | None,
-    typer.Option("--partial", "-p", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
+    typer.Option("--partial", "-p", metavar="SPEC", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
 ]
 DirectionOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--direction", "-v",
+        "--direction", "-v", metavar="V[^N]",
         help="A derivative along a vector: 1,1 (d/dv, v in input order), x=1,t=2 (others 0), 1,1^3 (order 3); "
              "repeatable.",
         show_default=False,
     ),
 ]
 OrderOption = Annotated[
-    int | None, typer.Option("--order", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
+    int | None, typer.Option("--order", metavar="N", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
 ]
 
 
-@app.command("deriv")
+@app.command("deriv", cls=DerivcliCommand, epilog=EXAMPLES["deriv"])
 @with_shared_options
 def deriv_command(
     model: ModelArgument,
@@ -492,14 +602,14 @@ def deriv_command(
 ExprOption = Annotated[
     list[str],
     typer.Option(
-        "--expr", "-e",
+        "--expr", "-e", metavar="[NAME=]EXPR",
         help="[NAME=]EXPR, e.g. \"res=u_t + u*u_x - 0.01/pi*u_xx\" or \"D(y, x0) + D(y, x1^2)\"; repeatable.",
         show_default=False,
     ),
 ]
 
 
-@app.command("op")
+@app.command("op", cls=DerivcliCommand, epilog=EXAMPLES["op"])
 @with_shared_options
 def op_command(
     model: ModelArgument, expr: ExprOption, wrt: WrtOption = None, *, options: CommonOptions
@@ -516,17 +626,17 @@ def op_command(
 
 
 RtolOption = Annotated[
-    float | None, typer.Option("--rtol", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False)
+    str | None, typer.Option("--rtol", metavar="R", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False)
 ]
 AtolOption = Annotated[
-    float | None, typer.Option("--atol", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
+    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
 ]
 
 # check and doctor hold all points in memory; they are for samples, not sweeps.
 MAX_CHECK_POINTS = 100_000
 
 
-@app.command("check")
+@app.command("check", cls=DerivcliCommand, epilog=EXAMPLES["check"])
 @with_shared_options
 def check_command(
     model: ModelArgument,
@@ -560,9 +670,11 @@ def check_command(
     )
     loaded, double = load_with_float64(
         options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
-    source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns)
+    source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
+                         delimiter=options.delimiter)
     points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
-    report = check_model(loaded, double or loaded, points, request, rtol, atol,
+    report = check_model(loaded, double or loaded, points, request, _number(rtol, "--rtol", "1e-4"),
+                         _number(atol, "--atol", "1e-6"),
                          options.batch_size or DEFAULT_BATCH_SIZE, options.device)
     layout, text, values = report_rows(report)
     writer = open_writer(options.format, layout, options.output)
@@ -585,16 +697,17 @@ def check_command(
         )
 
 
-@app.command("doctor")
+@app.command("doctor", cls=DerivcliCommand, epilog=EXAMPLES["doctor"])
 def doctor_command(
     model: ModelArgument,
     at: AtOption = None,
     grid: GridOption = None,
     csv: CsvOption = None,
     columns: ColumnsOption = None,
+    delimiter: DelimiterOption = ",",
     npz: NpzOption = None,
-    order: Annotated[int, typer.Option("--order", min=1, max=8, help="Highest order compared in float32 and float64.")] = 4,
-    format: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",
+    order: Annotated[int, typer.Option("--order", metavar="N", min=1, max=8, help="Highest order compared in float32 and float64.")] = 4,
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="text or json.")] = "text",
     names: NamesOption = None,
     output_names: OutputNamesOption = None,
     custom_objects: CustomObjectsOption = None,
@@ -618,7 +731,8 @@ def doctor_command(
         _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names"))
     dimension = len(loaded.coordinate_names)
     if given:
-        source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"))
+        source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"),
+                             delimiter=_delimiter(delimiter))
         points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:
@@ -637,13 +751,29 @@ def doctor_command(
         raise CheckFailed(f"doctor found {len(errors)} error(s); first: {errors[0].check}: {errors[0].message}")
 
 
-@app.command("merge")
+@app.command("version", cls=DerivcliCommand, epilog=examples("derivcli version", "derivcli version --devices"))
+def version_command(
+    devices: Annotated[bool, typer.Option("--devices", metavar="", help="Also the devices TensorFlow sees and its "
+                                          "CUDA build (imports TensorFlow: a few seconds).")] = False,
+) -> None:
+    """Versions of derivcli, Python and its packages, for bug reports; with --devices, what TensorFlow sees."""
+    from derivcli import system
+
+    sys.stdout.write("\n".join(system.versions() + (system.devices() if devices else [])) + "\n")
+
+
+@app.command("merge", cls=DerivcliCommand, epilog=EXAMPLES["merge"])
 def merge_command(
-    shards: Annotated[list[str], typer.Argument(metavar="SHARD...", help="The shard files, K = 0 to N-1.", show_default=False)],
+    shards: Annotated[list[str], typer.Argument(metavar="SHARD...", help="The shard files of one run, all N of them, in any order (merge orders them by K).", show_default=False)],
     output: OutputOption = None,
     traceback: TracebackOption = False,
 ) -> None:
-    """Join the outputs of --shard K/N runs into exactly what the unsharded run writes."""
+    """Join the outputs of --shard K/N runs into exactly what the unsharded run writes.
+
+    Each shard file's record (inside NPZ/HDF5, in FILE.shard beside text files) is checked first:
+    a missing or doubled shard, a shard of another run, or a text shard changed since it was
+    written is refused.
+    """
     from derivcli.merge import merge
     from derivcli.writers import refuse_overwriting_inputs
 
@@ -651,7 +781,7 @@ def merge_command(
     merge(shards, output)
 
 
-@app.command("plot")
+@app.command("plot", cls=DerivcliCommand, epilog=EXAMPLES["plot"])
 def plot_command(
     results: Annotated[list[str], typer.Argument(metavar="RESULT...", help="Grid results saved as .npz or .h5; "
                                                  "several are drawn side by side.", show_default=False)],
@@ -661,15 +791,11 @@ def plot_command(
                                                 "[default: every value column].", show_default=False)] = None,
     plot_axes: PlotAxesOption = None,
     plot_at: PlotAtOption = None,
-    mark_max: Annotated[bool, typer.Option("--mark-max", help="Mark each column's largest |value| and give it in the "
+    mark_max: Annotated[bool, typer.Option("--mark-max", metavar="", help="Mark each column's largest |value| and give it in the "
                                            "panel's title.")] = False,
     traceback: TracebackOption = False,
 ) -> None:
-    """Pictures of saved grid results: curves on 1-D grids, heatmaps on 2-D grids.
-
-    Example: derivcli deriv sample_models/square_relu.keras --grid -1:1:201 -p x -p x^2 -o relu.npz,
-    then derivcli plot relu.npz -o relu.png (or -o - for the terminal).
-    """
+    """Pictures of saved grid results: curves on 1-D grids, heatmaps on 2-D grids."""
     from derivcli.plots import check_plot_path, plot_results, render_terminal
 
     check_plot_path(output, "-o")
@@ -681,3 +807,24 @@ def plot_command(
                          _names_or_none(plot_axes, "--plot-axes"), [parse_at(a) for a in plot_at or []], mark_max)
     if output == "-":
         sys.stdout.write(render_terminal(drawn, sys.stdout))
+
+
+def run() -> None:
+    """The installed command (and `python -m derivcli`): `app`, then an immediate exit once TensorFlow is loaded.
+
+    Tearing down the interpreter after TensorFlow takes a second (its threads,
+    modules and atexit hooks) after the answer is out. Every output is complete
+    by then: files are committed, standard output and error are flushed here,
+    so the process ends at once with the run's status.
+    """
+    try:
+        app()
+    except SystemExit as done:
+        if "tensorflow" not in sys.modules:
+            raise
+        code = done.code
+        status = code if isinstance(code, int) else 0 if code is None else ExitStatus.ERROR
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe: nothing more to say
+                stream.flush()
+        os._exit(int(status))

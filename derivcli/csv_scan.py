@@ -17,9 +17,8 @@ import numpy as np
 
 # Bytes per scanned block: small enough that the per-block arrays stay a few MiB.
 SCAN_BLOCK = 1 << 22
-# What str.strip() removes among ASCII bytes, and the delimiter: a line of only these is blank.
-_BLANK_BYTES = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f,"
-_NOT_BLANK_OR_NEWLINE = bytes(b for b in _BLANK_BYTES if b != 0x0A)
+# What str.strip() removes among ASCII bytes: with the delimiter, a line of only these is blank.
+_BLANK_BYTES = b" \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
 @dataclass
@@ -38,14 +37,15 @@ class CsvRowIndex:
         total: the data rows (the header and blank lines not counted).
     """
 
-    def __init__(self, path: str, checkpoints: list[RowMark], end: RowMark) -> None:
+    def __init__(self, path: str, checkpoints: list[RowMark], end: RowMark, delimiter: str = ",") -> None:
         self.path = path
+        self.delimiter = delimiter
         self.checkpoints = checkpoints  # where each scanned block starts; `rows` is -1 before the header
         self.end = end
         self.total = max(end.rows, 0)
 
     @classmethod
-    def scan(cls, path: str, max_line_bytes: int) -> CsvRowIndex | None:
+    def scan(cls, path: str, max_line_bytes: int, delimiter: str = ",") -> CsvRowIndex | None:
         """Counts the rows of `path`; None when the file has a quote or a bare carriage return.
 
         Raises:
@@ -68,7 +68,7 @@ class CsvRowIndex:
                     continue
                 body, pending = block[:cut], block[cut:]
                 if body:
-                    nonblank = _nonblank_lines(_as_read(body, offset))
+                    nonblank = _nonblank_lines(_as_read(body, offset), delimiter)
                     if nonblank is None:
                         return None
                     checkpoints.append(RowMark(offset, lines, rows))
@@ -77,7 +77,7 @@ class CsvRowIndex:
                     offset += len(body)
                 if not data:
                     break
-        return cls(path, checkpoints, RowMark(offset, lines, rows))
+        return cls(path, checkpoints, RowMark(offset, lines, rows), delimiter)
 
     def mark(self, row: int) -> RowMark:
         """Where data row `row` starts: right after the line of row `row - 1` (of the header for row 0)."""
@@ -90,7 +90,7 @@ class CsvRowIndex:
         with open(self.path, "rb") as handle:
             handle.seek(start.offset)
             body = _as_read(handle.read(stop - start.offset), start.offset)
-        nonblank = _nonblank_lines(body)
+        nonblank = _nonblank_lines(body, self.delimiter)
         assert nonblank is not None  # the scan read the same bytes
         counted = np.cumsum(nonblank) + start.rows
         line = int(np.searchsorted(counted, row, side="left"))
@@ -105,15 +105,16 @@ def _as_read(body: bytes, offset: int) -> bytes:
     return body if not body or body.endswith(b"\n") else body + b"\n"
 
 
-def _nonblank_lines(body: bytes) -> np.ndarray | None:
+def _nonblank_lines(body: bytes, delimiter: str = ",") -> np.ndarray | None:
     """For each line of `body` (which ends with a line break), whether it holds a row; None on quotes or bare CRs."""
     if b'"' in body or (b"\r" in body and body.count(b"\r") != body.count(b"\r\n")):
         return None
     if not body.isascii():
         # Non-ASCII whitespace (U+00A0, U+2028...) also makes a blank cell: decide such lines as Python does.
-        return np.array([bool(line.decode("utf-8", "surrogateescape").replace(",", "").strip())
+        return np.array([bool(line.decode("utf-8", "surrogateescape").replace(delimiter, "").strip())
                          for line in body.split(b"\n")[:-1]], dtype=bool)
-    kept = np.frombuffer(body.translate(None, _NOT_BLANK_OR_NEWLINE), np.uint8)
+    blank = _BLANK_BYTES + delimiter.encode() if delimiter.isascii() else _BLANK_BYTES
+    kept = np.frombuffer(body.translate(None, blank), np.uint8)
     breaks = np.flatnonzero(kept == 0x0A)
     # With blanks deleted, a blank line is a line break right after the previous one.
     return np.diff(breaks, prepend=-1) > 1

@@ -75,15 +75,54 @@ class Verdict:
         }
 
 
-def _layer_of(op_name: str, layer_names: set[str]) -> str:
+# How a user knows each piecewise-linear op: the activation or operation they wrote.
+KINK_NAMES = {
+    "Relu": "relu", "Relu6": "relu6", "LeakyRelu": "leaky_relu", "Maximum": "maximum", "Minimum": "minimum",
+    "Abs": "abs", "ClipByValue": "clip", "Select": "a where/branch", "SelectV2": "a where/branch", "Sign": "sign",
+    "Floor": "floor", "Ceil": "ceil", "Round": "round", "Rint": "round", "MaxPool": "max pooling",
+    "MaxPoolV2": "max pooling", "MaxPool3D": "max pooling", "TopKV2": "top-k",
+}
+
+
+def _scope_parts(op_name: str) -> list[str]:
+    return [p for p in op_name.split("/") if p and "PartitionedCall" not in p]
+
+
+def layer_scopes(ops: list[Any], model: Any) -> dict[str, str]:
+    """The traced name scope of each layer of a Keras model: {scope: layer name}.
+
+    Tracing makes a layer's scope unique by a suffix (`dense` runs in `dense_1`,
+    `dense_1` in `dense_1_2`), so a scope can also be another layer's name.
+    The model's layers run in order, so the top-level scopes, in the order the
+    ops first use them, are paired with the layers in order, each pair checked to
+    be the layer's name with or without a suffix. Where the pairing fails
+    (shared layers, a layer with no ops), it is empty and names are matched one by one.
+    """
+    if model.kind != "keras":
+        return {}
+    layers = [layer.name for layer in model.keras_model.layers if type(layer).__name__ != "InputLayer"]
+    scopes: dict[str, None] = {}
+    for op in ops:
+        parts = _scope_parts(op.name)
+        if len(parts) >= 3:
+            scopes[parts[1]] = None
+    if len(scopes) != len(layers) or not all(
+            re.fullmatch(re.escape(layer) + r"(_\d+)?", scope) for layer, scope in zip(layers, scopes)):
+        return {}
+    return dict(zip(scopes, layers))
+
+
+def _layer_of(op_name: str, layer_names: set[str], scopes: dict[str, str] | None = None) -> str:
     """The layer an op belongs to, from its name scope (`model_1/dense_1/Relu` -> `dense`).
 
-    Tracing appends `_1` to scopes that were used before; a scope is matched
-    to a layer of the model with and without that suffix.
+    `scopes` (from `layer_scopes`) decides where it can; else a scope is matched
+    to a layer of the model without the suffix tracing adds, then as it is.
     """
-    parts = [p for p in op_name.split("/") if p and "PartitionedCall" not in p]
+    parts = _scope_parts(op_name)
+    if scopes and len(parts) >= 3 and parts[1] in scopes:
+        return scopes[parts[1]]
     for part in reversed(parts[:-1]):
-        for candidate in (part, re.sub(r"_\d+$", "", part)):
+        for candidate in (re.sub(r"_\d+$", "", part), part):
             if candidate in layer_names:
                 return candidate
     return parts[-2] if len(parts) >= 2 else op_name
@@ -111,8 +150,10 @@ def smoothness_verdict(model: Any) -> Verdict:
     """
     ops = flat_graph_ops(model)
     layer_names = _layer_names(model)
+    scopes = layer_scopes(ops, model)
     varying: set[str] = set()
     kinks: dict[str, None] = {}
+    kink_kinds: dict[str, None] = {}
     smooth: dict[str, None] = {}
     unknown: dict[str, None] = {}
     for op in ops:
@@ -123,9 +164,10 @@ def smoothness_verdict(model: Any) -> Verdict:
         if not varying_inputs:
             continue
         varying.update(t.name for t in op.outputs)
-        layer = _layer_of(op.name, layer_names)
+        layer = _layer_of(op.name, layer_names, scopes)
         if op.type in PIECEWISE_LINEAR_OPS:
             kinks[layer] = None
+            kink_kinds[KINK_NAMES.get(op.type, op.type)] = None
         elif op.type in SMOOTH_OPS:
             smooth[layer] = None
         elif op.type in BILINEAR_OPS:
@@ -140,17 +182,21 @@ def smoothness_verdict(model: Any) -> Verdict:
             "`derivcli doctor` checks the orders numerically",
             list(kinks), list(smooth), list(unknown),
         )
+    what = " and ".join(kink_kinds)
+    plural = "s" if len(kinks) > 1 else ""
     if smooth:
-        reason = "smooth: derivatives of every order are defined and in general non-zero"
+        reason = "smooth: derivatives of every order are in general non-zero"
         if kinks:
-            reason += f" (piecewise definitions, kinks or branches, at layers {', '.join(kinks)})"
+            reason += (f" wherever they are defined; layer{plural} {', '.join(kinks)} use{'' if plural else 's'} "
+                       f"{what}: derivatives may jump where {'their' if plural else 'its'} pieces meet")
         return Verdict(None, reason, list(kinks), list(smooth))
     if kinks:
         return Verdict(
             2,
             "piecewise linear: derivatives of order 2 and higher are zero almost everywhere "
-            f"(layers {', '.join(kinks)} are piecewise linear and no layer is smooth); "
-            "use a smooth activation such as tanh, softplus or gelu for non-zero higher derivatives",
+            f"(layer{plural} {', '.join(kinks)} use{'' if plural else 's'} {what}, which is piecewise linear, "
+            "and no layer is smooth); use a smooth activation such as tanh, softplus or gelu for non-zero "
+            "higher derivatives",
             list(kinks), [],
         )
     return Verdict(
@@ -218,10 +264,11 @@ class DisconnectedWeight:
     layer: str
     weight: str
     reason: str
+    kind: str = "unused"  # unread, comparison or unused: what the fix is
 
 
-def _weight_reason(model: Any, variable: Any) -> str:
-    """Why a weight gets no gradient, read off the traced graph."""
+def _weight_reason(model: Any, variable: Any) -> tuple[str, str]:
+    """Why a weight gets no gradient, read off the traced graph: (kind, reason)."""
     import tensorflow as tf
 
     dimension = len(model.coordinate_names)
@@ -230,7 +277,7 @@ def _weight_reason(model: Any, variable: Any) -> str:
     )
     handles = [internal for external, internal in concrete.graph.captures if external is variable.handle]
     if not handles:
-        return "the layer's call never reads it"
+        return "unread", "the layer's call never reads it"
     frontier = [op for op in concrete.graph.get_operations() if any(t is handles[0] for t in op.inputs)]
     seen: set[str] = set()
     comparisons = 0
@@ -245,8 +292,8 @@ def _weight_reason(model: Any, variable: Any) -> str:
         for tensor in op.outputs:
             frontier.extend(tensor.consumers())
     if comparisons:
-        return "it is used only in a comparison (a condition such as where(|x| < w, ...)), never in the value"
-    return "its value does not reach the outputs"
+        return "comparison", "it is used only in a comparison (a condition such as where(|x| < w, ...)), never in the value"
+    return "unused", "its value does not reach the outputs"
 
 
 def disconnected_weights(model: Any, points: Any) -> list[DisconnectedWeight]:
@@ -271,7 +318,26 @@ def disconnected_weights(model: Any, points: Any) -> list[DisconnectedWeight]:
     for variable, gradient in zip(variables, gradients):
         if gradient is None:
             name = getattr(variable, "name", "?").split("/")[-1].split(":")[0]
-            found.append(DisconnectedWeight(owners.get(id(variable), "?"), name, _weight_reason(model, variable)))
+            kind, reason = _weight_reason(model, variable)
+            found.append(DisconnectedWeight(owners.get(id(variable), "?"), name, reason, kind))
+    return found
+
+
+def nonfinite_weights(model: Any) -> list[tuple[str, str, int]]:
+    """(layer, weight, count) of every weight of a Keras model that holds NaN or Inf."""
+    import numpy as np
+
+    if model.kind != "keras":
+        return []
+    found = []
+    for layer in model.keras_model._flatten_layers(include_self=False):
+        if list(layer._flatten_layers(include_self=False, recursive=False)):
+            continue  # a model or block: its own layers report their weights
+        for weight in layer.weights:
+            values = np.asarray(weight.numpy())
+            bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                found.append((layer.name, getattr(weight, "name", "?").split("/")[-1].split(":")[0], bad))
     return found
 
 

@@ -17,6 +17,7 @@ from derivcli.diagnose import (
     batch_dependence,
     disconnected_weights,
     first_nonfinite_layer,
+    nonfinite_weights,
     smoothness_verdict,
 )
 from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, evaluate, format_point
@@ -71,12 +72,31 @@ def weight_findings(model: Any, points: np.ndarray) -> list[Finding]:
         return [Finding("ok", "weights", "every trainable weight receives a gradient from the outputs")]
     return [
         Finding("error", "weights", f"layer {w.layer}, weight {w.weight}: receives no gradient from the outputs, "
-                                    f"so training never changes it: {w.reason}")
+                                    f"so training never changes it: {w.reason}; {FIXES[w.kind]}")
         for w in found
     ]
 
 
+# How to give a weight a gradient, by why it has none.
+FIXES = {
+    "unread": "remove it, or create it with trainable=False",
+    "comparison": "use it in the value, not only in a condition: for a threshold, a smooth gate such as "
+                  "sigmoid((w - |x|) / s) in place of where(|x| < w, ...); or create it with trainable=False "
+                  "if it is meant to stay fixed",
+    "unused": "use it in the computation of the outputs, or create it with trainable=False",
+}
+
+
 def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
+    broken = nonfinite_weights(model)
+    if broken:
+        layer, weight, count = broken[0]
+        return [Finding(
+            "error", "nan",
+            f"layer {layer}, weight {weight}: {count} NaN/Inf value(s) in the weights"
+            f"{f' (and {len(broken) - 1} more weight(s))' if len(broken) > 1 else ''}, so every output it feeds is "
+            "NaN: the training diverged; retrain (a lower learning rate, gradient clipping) or load an earlier checkpoint",
+        )]
     table = evaluate(model, points, DerivativeRequest(jacobian=True), batch_size)
     columns = [n for n in table if n not in model.coordinate_names]
     bad_rows = np.zeros(len(points), dtype=bool)

@@ -63,3 +63,24 @@ def printable(text: str) -> str:
     and tables: none of them may drive the terminal or break the one-line contract.
     """
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# ANSI styles of message prefixes on a terminal.
+STYLES = {"error": "\033[1;31m", "warning": "\033[1;33m", "bold": "\033[1m"}
+
+
+def use_color(stream: object) -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org) or TERM=dumb."""
+    import os
+
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
+def styled(text: str, style: str, stream: object) -> str:
+    """`text` in `style` (error, warning, bold) when `stream` is a terminal that takes colour."""
+    return f"{STYLES[style]}{text}\033[0m" if use_color(stream) else text

@@ -159,8 +159,18 @@ class _Checker:
         raise self.fail(
             node,
             f"unknown name {name!r} (inputs: {', '.join(self.inputs)}; outputs: {', '.join(self.outputs)}; "
-            "constants: pi, e)",
+            f"constants: pi, e){self._rename_hint(name)}",
         )
+
+    def _rename_hint(self, name: str) -> str:
+        """Where `name` (or `u` of `u_t`) would be an output under another name: how to give it that name."""
+        output, _, letters = name.partition("_")
+        if not (letters and set(letters) <= set(self.inputs)):
+            output = name
+        if output in self.inputs or not output.isidentifier():
+            return ""
+        names = ",".join([output, *self.outputs[1:]]) if len(self.outputs) > 1 else output
+        return f"; to call the output {output}, add --output-names {names}"
 
     def call(self, node: ast.Call) -> None:
         if isinstance(node.func, ast.Attribute):

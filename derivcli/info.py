@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from derivcli.diagnose import smoothness_verdict
-from derivcli.models import LoadedModel
+from derivcli.models import LoadedModel, suggested_output_names
 
 
 def _activation_name(layer: Any) -> str | None:
@@ -57,6 +57,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "layers": layers,
         "parameters": model.parameter_count,
         "smoothness": smoothness_verdict(model).as_dict(),
+        "suggested_output_names": suggested_output_names(model),
     }
 
 
@@ -85,3 +86,9 @@ def render_info(description: dict[str, Any]) -> None:
         console.print(layers)
     smoothness = description["smoothness"]
     console.print(f"[bold]smoothness:[/bold] {smoothness['reason']}")
+    suggested = description.get("suggested_output_names")
+    if suggested:
+        names = ",".join(suggested)
+        console.print(f"[bold]hint:[/bold] --output-names {names} names the output columns after the output layers "
+                      f"(then {suggested[0]} and D({suggested[0]}, ...) in op expressions)", markup=True,
+                      highlight=False)

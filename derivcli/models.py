@@ -239,6 +239,9 @@ def load_custom_objects(paths: Sequence[str]) -> dict[str, Any]:
     for number, path in enumerate(paths):
         if not Path(path).is_file():
             raise RunError(f"--custom-objects {path}: no such file")
+        if Path(path).suffix != ".py":
+            raise UsageError(f"--custom-objects {path}: expected a Python file (.py) that defines the model's "
+                             "custom classes or a CUSTOM_OBJECTS dict")
         spec = importlib.util.spec_from_file_location(f"derivcli_custom_objects_{number}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -331,8 +334,26 @@ def _explain_keras_error(path: Path, error: Exception) -> RunError:
             f"cannot load {path}: it has a Lambda layer, whose Python code Keras will not run "
             "in safe mode; pass --unsafe if you trust the file"
         )
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return RunError(f"cannot load {path}: {first_line}")
+    if "No model config found" in text:
+        return RunError(
+            f"cannot load {path}: it holds weights only (saved with save_weights), not a model; save the whole "
+            "model with model.save('model.keras'), or rebuild the model in Python and call load_weights"
+        )
+    return RunError(f"cannot load {path}: {keras_reason(text) or type(error).__name__}")
+
+
+def keras_reason(text: str) -> str:
+    """The sentences of a Keras error that say what is wrong, without its frame lines.
+
+    Keras wraps a layer's error as "Exception encountered when calling X.call()",
+    the reason (in ANSI bold), then "Arguments received by ..." and bullet lines.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    kept = [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(("Arguments received", "•", "File ", "Traceback"))]
+    framed = [line for line in kept if not line.startswith("Exception encountered")]
+    reason = " ".join(framed or kept)
+    return reason if len(reason) <= 400 else reason[:397] + "..."
 
 
 def _coordinate_names(inputs: Sequence[TensorInfo]) -> list[str]:
@@ -360,6 +381,40 @@ def _shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _layer_name(tensor: Any, name: str) -> str:
+    """The name of the layer that makes `tensor` where Keras reports an internal one (Sequential: keras_tensor_2)."""
+    if not name.startswith("keras_tensor"):
+        return name
+    layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
+    return getattr(layer, "name", None) or name
+
+
+def suggested_output_names(model: LoadedModel) -> list[str] | None:
+    """`--output-names` from the output layers' names, when each output is one scalar named like an identifier."""
+    import keyword
+
+    names = [info.name for info in model.outputs]
+    # A name the user chose for what the output is (u, pressure), not a generic one (out, output) or Keras's own.
+    generic = {"out", "output", "outputs", "pred", "prediction", "predictions", "logits", "y"}
+    chosen = all(n.isidentifier() and not keyword.iskeyword(n) and n.lower() not in generic
+                 and not _keras_default_name(model, n) for n in names)
+    if all(info.size == 1 for info in model.outputs) and chosen and len(set(names)) == len(names) \
+            and names != model.output_names:
+        return names
+    return None
+
+
+def _keras_default_name(model: LoadedModel, name: str) -> bool:
+    """Whether a layer's name is the one Keras made up (dense, dense_2), not one the user chose."""
+    if model.kind != "keras":
+        return False
+    layer = next((layer for layer in model.keras_model.layers if layer.name == name), None)
+    if layer is None:
+        return False
+    default = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
+    return re.fullmatch(re.escape(default) + r"(_\d+)?", name) is not None
+
+
 def _keras_inputs_outputs(model: Any) -> tuple[list[TensorInfo], list[TensorInfo]]:
     try:
         inputs, outputs = model.inputs, model.outputs
@@ -372,7 +427,8 @@ def _keras_inputs_outputs(model: Any) -> tuple[list[TensorInfo], list[TensorInfo
         )
     # An output tensor's own name is an internal counter (keras_tensor_5); the
     # layer that makes it has the name the user chose.
-    output_layers = list(getattr(model, "output_names", None) or [t.name for t in outputs])
+    output_layers = [_layer_name(t, name) for t, name in
+                     zip(outputs, list(getattr(model, "output_names", None) or [t.name for t in outputs]))]
     return (
         [TensorInfo(t.name, _shape(t.shape), str(t.dtype)) for t in inputs],
         [TensorInfo(name, _shape(t.shape), str(t.dtype)) for name, t in zip(output_layers, outputs)],

@@ -14,8 +14,10 @@ import itertools
 import math
 import operator
 import os
+import queue
 import stat
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ READ_BLOCK = 1 << 20
 # The longest CSV line read: a row of coordinates and ids is short, and a file without line
 # breaks (`--csv /dev/zero`, a binary file) must not be held in memory whole.
 MAX_LINE_BYTES = 1 << 20
+# A pipe that gives nothing for this long, with whole rows waiting: those rows are computed at once.
+STALL_SECONDS = 0.1
 
 
 @dataclass
@@ -43,6 +47,7 @@ class PointBatch:
 
     coordinates: np.ndarray  # (rows, inputs), float64
     passthrough: list[list[str]] = field(default_factory=list)  # one list per column
+    stalled: bool = False  # the input paused after these rows: compute them now, not when a batch is full
 
 
 class PointSource:
@@ -250,8 +255,9 @@ class CsvSource(PointSource):
     """
 
     def __init__(
-        self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None
+        self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None, delimiter: str = ","
     ) -> None:
+        self.delimiter = delimiter
         self.label = "standard input" if path == "-" else path
         if path == "-":
             self.binary: io.BufferedIOBase = _stdin_binary()
@@ -262,6 +268,8 @@ class CsvSource(PointSource):
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
         self.lines_read = 0  # raw lines taken from `binary` by the fast path
         self.first_row = 0  # the data row `binary` starts at (a shard's first)
+        self.regular = path != "-" and Path(path).is_file()
+        self.arrivals: queue.Queue | None = None  # what the pipe's reading thread has read
         self.row_index: Any = None  # a `csv_scan.CsvRowIndex`, for a shard of a plain file
         self.size = None if path == "-" else Path(path).stat().st_size if Path(path).is_file() else None
         self.reader: Any = None  # the csv module's reader, once the careful path has taken over
@@ -281,6 +289,13 @@ class CsvSource(PointSource):
         missing = [name for name in wanted if name not in self.header]
         if missing:
             hint = "pass --columns to pick them" if not columns else "check --columns"
+            other = next((d for d in (";", "\t", "|", ",") if d != delimiter and len(self.header) == 1
+                          and d in self.header[0]), None)
+            if other is not None:
+                shown = "\\t" if other == "\t" else other
+                raise UsageError(
+                    f"{self.label}: the header {self.header[0]!r} is one column with '{shown}' in it: a "
+                    f"{'tab' if other == chr(9) else shown}-separated file? pass --delimiter '{shown}'")
             raise RunError(
                 f"{self.label}: no column {', '.join(map(repr, missing))} "
                 f"(columns: {', '.join(self.header)}); {hint}"
@@ -311,7 +326,7 @@ class CsvSource(PointSource):
                 if rows and not _encodes("".join(rows[0])):
                     raise RunError(f"{self.label}, row {lines[0]}: not UTF-8 text")
                 return rows[0] if rows else None
-            row = next(csv.reader([self._decode(raw, self.lines_read)]), [])
+            row = next(csv.reader([self._decode(raw, self.lines_read)], delimiter=self.delimiter), [])
             if "".join(row).strip():
                 return row
 
@@ -332,7 +347,7 @@ class CsvSource(PointSource):
             encoding="utf-8", errors="surrogateescape", newline="",
         )
         self.line_offset = lines_before
-        self.reader = csv.reader(stream, strict=True)
+        self.reader = csv.reader(stream, strict=True, delimiter=self.delimiter)
 
     def _read_rows(self, count: int) -> tuple[list[list[str]], list[int]]:
         """Up to `count` rows from the csv module, and the line on which each ends.
@@ -363,6 +378,7 @@ class CsvSource(PointSource):
             names = [f"c{i}" for i in range(len(self.header))]
             self.arrow_options = {
                 "read_options": arrow_csv.ReadOptions(column_names=names, use_threads=False),
+                "parse_options": arrow_csv.ParseOptions(delimiter=self.delimiter),
                 "convert_options": arrow_csv.ConvertOptions(
                     column_types={names[p]: pa.string() for p in self.passthrough_positions}
                     | {names[p]: pa.float64() for p in self.input_positions},
@@ -387,7 +403,7 @@ class CsvSource(PointSource):
         # other characters that the csv module keeps inside a cell. Not UTF-8 decodes to
         # lone surrogates, which `_parse` reports in line order.
         lines = chunk.splitlines(keepends=True)
-        rows = list(csv.reader(line.decode("utf-8", "surrogateescape") for line in lines))
+        rows = list(csv.reader((line.decode("utf-8", "surrogateescape") for line in lines), delimiter=self.delimiter))
         return self._parse(rows, list(range(first_line, first_line + count)))
 
     def _parse(self, rows: list[list[str]], line_numbers: list[int]) -> PointBatch | None:
@@ -445,6 +461,37 @@ class CsvSource(PointSource):
             if self.binary is not getattr(sys.stdin, "buffer", None):
                 self.binary.close()
 
+    def _read(self, wait: float | None) -> bytes | None:
+        """The next bytes of the input; None when a pipe gives nothing for `wait` seconds.
+
+        A regular file is read directly. A pipe or terminal is read by a thread of its own,
+        so that a pause in the input can be told from its end.
+        """
+        if self.regular:
+            return self.binary.read1(READ_BLOCK)
+        if self.arrivals is None:
+            self.arrivals = queue.Queue(maxsize=4)
+            binary, arrivals = self.binary, self.arrivals
+
+            def pump() -> None:
+                try:
+                    while True:
+                        data = binary.read1(READ_BLOCK)
+                        arrivals.put((data, None))
+                        if not data:
+                            return
+                except BaseException as error:  # noqa: BLE001 - handed to the reader, raised there
+                    arrivals.put((b"", error))
+
+            threading.Thread(target=pump, name="derivcli-stdin", daemon=True).start()
+        try:
+            data, error = self.arrivals.get(timeout=wait)
+        except queue.Empty:
+            return None
+        if error is not None:
+            raise error
+        return data
+
     def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
         """Rows [start, stop): from the row index's byte offsets when the file has one, else read from the start."""
         if self.row_index is None or self.reader is not None:
@@ -467,8 +514,13 @@ class CsvSource(PointSource):
             # Read until the block holds a batch's worth of lines (a pipe gives what it has).
             reads, newlines = [pending], 0
             unbroken = len(pending)  # bytes since the last line break
+            stalled = False
             while not at_end and newlines < batch_size:
-                data = self.binary.read1(READ_BLOCK)
+                # A pipe that pauses with whole lines waiting: compute those rather than wait for a batch.
+                data = self._read(wait=None if newlines == 0 and b"\n" not in pending else STALL_SECONDS)
+                if data is None:
+                    stalled = True
+                    break
                 at_end = not data
                 reads.append(data)
                 newlines += data.count(b"\n")
@@ -489,6 +541,7 @@ class CsvSource(PointSource):
                 self.lines_read += 1
             batch = self._parse_plain(block, first_line, self.lines_read - first_line + 1) if block else None
             if batch is not None:
+                batch.stalled = stalled
                 yield batch
             if special is not None:
                 self._hand_over(pending, self.lines_read)
@@ -514,14 +567,17 @@ def rebatch(blocks: Iterator[PointBatch], batch_size: int, first_row: int = 0) -
         if block is not None:
             parts.append(block)
             rows += len(block.coordinates)
-            if rows < size:
+            if rows < size and not block.stalled:
                 continue
         if not rows:
-            return
+            if block is None:
+                return
+            continue
         coordinates = np.concatenate([part.coordinates for part in parts])
         passthrough = [list(itertools.chain.from_iterable(column)) for column in zip(*(part.passthrough for part in parts))]
         start = 0
-        while rows - start >= size or (block is None and start < rows):
+        flush = block is None or block.stalled  # the end, or a pause of the input: the rest goes now
+        while rows - start >= size or (flush and start < rows):
             end = min(start + size, rows)
             yield PointBatch(coordinates[start:end], [c[start:end] for c in passthrough])
             start, size = end, batch_size
@@ -755,6 +811,7 @@ def open_source(
     columns: Sequence[str] | None = None,
     shard: tuple[int, int] | None = None,
     batch_size: int | None = None,
+    delimiter: str = ",",
 ) -> PointSource:
     """Opens the one point source given on the command line, or its `shard` K/N.
 
@@ -765,17 +822,19 @@ def open_source(
     if shard is not None:
         refuse_unshardable("--csv", csv_path)
         refuse_unshardable("--npz", npz_path)
-    source = _open_one(input_names, at, grid, csv_path, npz_path, columns)
+    if delimiter != "," and csv_path is None:
+        raise UsageError("--delimiter applies to --csv only")
+    source = _open_one(input_names, at, grid, csv_path, npz_path, columns, delimiter)
     if shard is None:
         return source
     if isinstance(source, CsvSource):
         from derivcli.csv_scan import CsvRowIndex
 
         try:
-            source.row_index = CsvRowIndex.scan(str(csv_path), MAX_LINE_BYTES)
+            source.row_index = CsvRowIndex.scan(str(csv_path), MAX_LINE_BYTES, delimiter)
         except ValueError as error:
             raise source._too_long(error.args[0]) from None
-        source.total = source.row_index.total if source.row_index else count_csv_rows(str(csv_path))
+        source.total = source.row_index.total if source.row_index else count_csv_rows(str(csv_path), delimiter)
     assert batch_size is not None
     return ShardSource(source, shard, batch_size)
 
@@ -795,10 +854,10 @@ def refuse_unshardable(option: str, path: str | None) -> None:
                          "only once; save the points to a file first")
 
 
-def count_csv_rows(path: str) -> int:
+def count_csv_rows(path: str, delimiter: str = ",") -> int:
     """The data rows of a CSV file (blank lines not counted), read with the csv module (quoted files)."""
     with open(path, encoding="utf-8-sig", newline="", errors="surrogateescape") as handle:
-        rows = sum(1 for row in csv.reader(handle) if row and any(cell.strip() for cell in row))
+        rows = sum(1 for row in csv.reader(handle, delimiter=delimiter) if row and any(cell.strip() for cell in row))
     return max(0, rows - 1)
 
 
@@ -809,6 +868,7 @@ def _open_one(
     csv_path: str | None,
     npz_path: str | None,
     columns: Sequence[str] | None,
+    delimiter: str = ",",
 ) -> PointSource:
     given = [
         name for name, present in
@@ -824,7 +884,7 @@ def _open_one(
     if grid:
         return GridSource(grid, input_names)
     if csv_path is not None:
-        return CsvSource(csv_path, input_names, columns)
+        return CsvSource(csv_path, input_names, columns, delimiter)
     assert npz_path is not None
     if not Path(npz_path).exists():
         raise RunError(f"cannot read NPZ {npz_path}: no such file")

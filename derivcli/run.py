@@ -670,7 +670,7 @@ def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[st
         record = ShardRecord(*source.shard, run=identity, total_rows=source.whole_total)  # type: ignore[attr-defined]
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
-        np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record,
+        np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record, source.total,
     )
 
 

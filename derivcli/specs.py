@@ -221,8 +221,10 @@ def parse_partial(text: str) -> dict[str, int]:
     """
     powers: dict[str, int] = {}
     for part in text.split(","):
-        name, _, power_text = part.strip().partition("^")
+        name, caret, power_text = part.strip().partition("^")
         name = name.strip()
+        if caret and not power_text.strip():
+            raise UsageError(f"--partial {text!r}: no power after ^ of {name or '?'}; write for example {name or 'x'}^2")
         if not name:
             raise UsageError(
                 f"--partial {text!r}: empty input name; write for example x, x^2 or x,y^2"

@@ -29,7 +29,7 @@ from typing import IO
 
 import numpy as np
 
-from derivcli.errors import RunError, UsageError, printable
+from derivcli.errors import RunError, UsageError, printable, styled
 from derivcli.shards import ShardRecord, file_sha256, record_path
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "npz", "hdf5")
@@ -85,6 +85,7 @@ class Layout:
     grid_axes: list[str] | None = None
     shard: tuple[int, int] | None = None
     shard_record: ShardRecord | None = None  # written beside text shards, inside NPZ/HDF5 ones
+    total_rows: int | None = None  # the rows to come, when known in advance
 
     @property
     def float_names(self) -> list[str]:
@@ -464,33 +465,84 @@ class JsonWriter(TextWriter):
 
 
 class TableWriter(TextWriter):
-    """A Rich table for a terminal, printed when the last row is in."""
+    """An aligned table for a person, streamed: each batch's rows are printed as soon as they are computed.
+
+    Column widths are fixed from the header and the first batch (a later, longer
+    cell pushes its row out rather than holding every row back). A table wider
+    than the terminal is never cropped: its value columns are cut into panels
+    that each repeat the coordinates (and pass-through columns), printed one after
+    the other for every batch. A run of a single point is a vertical name/value list.
+    """
+
+    GAP = "  "
 
     def start(self) -> None:
-        self.rows: list[tuple[str, ...]] = []
+        self.widths: list[int] = []
+        self.panels: list[list[int]] = []
+        self.vertical = self.layout.total_rows == 1
+
+    def _plan(self, columns: list[list[str]]) -> None:
+        header = [printable(name) for name in self.layout.header]
+        self.widths = [max([len(name), *(len(cell) for cell in column[:4096])]) for name, column in zip(header, columns)]
+        key = len(self.layout.coordinate_names) + len(self.layout.passthrough_names)
+        width = self._terminal_width()
+        key_width = 1 + sum(self.widths[:key]) + len(self.GAP) * key
+        panels: list[list[int]] = []
+        current: list[int] = []
+        used = key_width
+        for j in range(key, len(header)):
+            need = self.widths[j] + len(self.GAP)
+            if current and used + need > width:
+                panels.append(current)
+                current, used = [], key_width
+            current.append(j)
+            used += need
+        panels.append(current)
+        self.panels = [list(range(key)) + panel for panel in panels]
+        self.numeric = [name not in self.layout.passthrough_names for name in self.layout.header]
+        self.header = header
+        if len(self.panels) == 1:  # one panel: its header once, at the top
+            self.stream.write(self._line(self.panels[0], header, bold=True))
+
+    def _terminal_width(self) -> int:
+        """The terminal's width; COLUMNS when set; else no limit (a file or a pipe takes any width)."""
+        try:
+            if self.stream.isatty():
+                return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            pass
+        columns = os.environ.get("COLUMNS", "")
+        return int(columns) if columns.isdigit() and int(columns) > 0 else 1 << 30
+
+    def _line(self, panel: list[int], cells: Sequence[str], bold: bool = False) -> str:
+        parts = [(cells[j].rjust(self.widths[j]) if self.numeric[j] else cells[j].ljust(self.widths[j])) for j in panel]
+        text = " " + self.GAP.join(parts).rstrip() + "\n"
+        return styled(text[:-1], "bold", self.stream) + "\n" if bold else text
 
     def write_columns(self, columns: list[list[str]]) -> None:
-        self.rows.extend(zip(*columns))
+        if self.vertical:
+            names = [printable(name) for name in self.layout.header]
+            width = max(map(len, names))
+            for name, column in zip(names, columns):
+                for cell in column:
+                    self.stream.write(f"{name.ljust(width)}  {printable(cell)}\n")
+            return
+        key = len(self.layout.coordinate_names)
+        columns = columns[:key] + [[printable(cell) for cell in column]
+                                   for column in columns[key:key + len(self.layout.passthrough_names)]] + \
+            columns[key + len(self.layout.passthrough_names):]
+        if not self.widths:
+            self._plan(columns)
+        rows = list(zip(*columns))
+        for panel in self.panels:
+            lines = [self._line(panel, self.header, bold=True)] if len(self.panels) > 1 else []
+            lines.extend(self._line(panel, row) for row in rows)
+            self.stream.write("".join(lines))
+        self.stream.flush()
 
     def finish(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-
-        def plain(cell: str) -> Text:
-            # Cells and headers come from files: plain text, never Rich markup ("[/bold]" once crashed the
-            # table, "[x]" vanished), and control characters escaped so that a cell cannot drive the terminal.
-            return Text(printable(cell))
-
-        table = Table(box=None, header_style="bold")
-        for name in self.layout.header:
-            numeric = name not in self.layout.passthrough_names
-            table.add_column(plain(name), justify="right" if numeric else "left", no_wrap=True)
-        for row in self.rows:
-            table.add_row(*(plain(cell) for cell in row))
-        # On a terminal the table fits its width; elsewhere (a file, a pipe) nothing is cropped.
-        width = None if self.stream.isatty() else 100_000
-        Console(file=self.stream, soft_wrap=True, width=width).print(table)
+        if not self.widths and not self.vertical:  # no rows: the header alone
+            self._plan([[] for _ in self.layout.header])
 
 
 class ColumnSpoolWriter(Writer):

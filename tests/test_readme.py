@@ -54,7 +54,9 @@ def console_commands() -> list[tuple[int, str, list[str]]]:
     for index, (number, command, output) in enumerate(commands):
         is_status = command.strip() == "echo $?"
         previous = commands[index - 1][1] if index else ""
-        if "sample_models/" in command or (is_status and "sample_models/" in previous) or command.startswith("python -c"):
+        about_itself = command.startswith("derivcli ") and ("--help" in command or command.startswith("derivcli version"))
+        if "sample_models/" in command or (is_status and "sample_models/" in previous) or command.startswith("python -c") \
+                or about_itself:
             runnable.append((number, command, output))
     return runnable
 
