@@ -36,6 +36,8 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check derivcli tests bench sample_models
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench_jax.py
 	$(BIN)/python bench/bench_derivatives.py
 	$(BIN)/python bench/bench_mixed.py
 	$(BIN)/python bench/bench_io.py

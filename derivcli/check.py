@@ -162,3 +162,55 @@ def report_rows(report: CheckReport) -> tuple[Any, list[list[str]], np.ndarray]:
             [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]]
     values = np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate, c.tolerance] for c in report.columns])
     return layout, text, values.reshape(-1, 4)
+
+
+# check and doctor hold all points in memory; they are for samples, not sweeps.
+MAX_CHECK_POINTS = 100_000
+
+
+def run_check(options: Any, request: Any, rtol: float | None, atol: float | None,
+              warn: Any = lambda message: None) -> CheckReport:
+    """`derivcli check`, start to end: load (and the float64 twin), read the points, compare, write the table.
+
+    Args:
+        options: a `command.RunOptions`.
+        request: the derivatives compared (`run.DerivativeRequest`).
+        rtol, atol: the tolerances; None for the dtype's defaults.
+        warn: receives each warning (points with a kink inside the finite-difference step).
+
+    Raises:
+        CheckFailed: a column differs beyond its tolerance (the table is written first).
+    """
+    from derivcli.errors import CheckFailed
+    from derivcli.models import load_with_float64
+    from derivcli.points import open_source
+    from derivcli.run import DEFAULT_BATCH_SIZE, format_point, read_all_points
+    from derivcli.writers import open_writer
+
+    loaded, double = load_with_float64(
+        options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
+    source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
+                         delimiter=options.delimiter)
+    points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
+    report = check_model(loaded, double or loaded, points, request, rtol, atol,
+                         options.batch_size or DEFAULT_BATCH_SIZE, options.device)
+    layout, text, values = report_rows(report)
+    writer = open_writer(options.format, layout, options.output)
+    try:
+        writer.write(values[:, :0], text, values)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for column in report.columns:
+        if column.kink_points:
+            warn(f"{column.name}: {column.kink_points} point(s) have a kink within the finite-difference "
+                 f"step, not compared (first at {format_point(loaded.coordinate_names, column.first_kink)})")
+    failed = [c for c in report.columns if not c.passed]
+    if failed:
+        worst = failed[0]
+        raise CheckFailed(
+            f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
+            f"{worst.max_abs_error:.3g} at {format_point(loaded.coordinate_names, worst.worst_point)}"
+        )
+    return report

@@ -438,12 +438,6 @@ def _common(
     )
 
 
-def format_point(names: Sequence[str], point: Any) -> str:
-    from derivcli.run import format_point as format_run_point
-
-    return format_run_point(names, point)
-
-
 def _warn(options: CommonOptions, message: str) -> None:
     if not options.quiet:
         sys.stderr.write(f"{styled('derivcli: warning:', 'warning', sys.stderr)} {printable(message)}\n")
@@ -632,10 +626,6 @@ AtolOption = Annotated[
     str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
 ]
 
-# check and doctor hold all points in memory; they are for samples, not sweeps.
-MAX_CHECK_POINTS = 100_000
-
-
 @app.command("check", cls=DerivcliCommand, epilog=EXAMPLES["check"])
 @with_shared_options
 def check_command(
@@ -654,11 +644,8 @@ def check_command(
     Default: every first and second derivative. Exit status 3 when a column
     is off by more than --rtol/--atol beyond the finite-difference error estimate.
     """
-    from derivcli.check import check_model, report_rows
-    from derivcli.models import load_with_float64
-    from derivcli.points import open_source
-    from derivcli.run import DEFAULT_BATCH_SIZE, DerivativeRequest, read_all_points
-    from derivcli.writers import open_writer
+    from derivcli.check import run_check
+    from derivcli.run import DerivativeRequest
 
     if options.plot is not None:
         raise UsageError("--plot draws eval, grad, hessian, laplacian, deriv and op results; check writes a table "
@@ -668,33 +655,8 @@ def check_command(
         jacobian=not partial and order is None, hessian=not partial and order is None,
         wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"),
     )
-    loaded, double = load_with_float64(
-        options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
-    source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
-                         delimiter=options.delimiter)
-    points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
-    report = check_model(loaded, double or loaded, points, request, _number(rtol, "--rtol", "1e-4"),
-                         _number(atol, "--atol", "1e-6"),
-                         options.batch_size or DEFAULT_BATCH_SIZE, options.device)
-    layout, text, values = report_rows(report)
-    writer = open_writer(options.format, layout, options.output)
-    try:
-        writer.write(values[:, :0], text, values)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    for column in report.columns:
-        if column.kink_points:
-            _warn(options, f"{column.name}: {column.kink_points} point(s) have a kink within the finite-difference "
-                           f"step, not compared (first at {format_point(loaded.coordinate_names, column.first_kink)})")
-    failed = [c for c in report.columns if not c.passed]
-    if failed:
-        worst = failed[0]
-        raise CheckFailed(
-            f"{len(failed)} column(s) differ from finite differences beyond tolerance; {worst.name}: max error "
-            f"{worst.max_abs_error:.3g} at {format_point(loaded.coordinate_names, worst.worst_point)}"
-        )
+    run_check(options, request, _number(rtol, "--rtol", "1e-4"), _number(atol, "--atol", "1e-6"),
+              warn=lambda message: _warn(options, message))
 
 
 @app.command("doctor", cls=DerivcliCommand, epilog=EXAMPLES["doctor"])
@@ -718,27 +680,21 @@ def doctor_command(
 
     Without points, 32 random points in [-1, 1]^d. Exit status 3 when a finding is an error.
     """
-    from derivcli.doctor import DEFAULT_POINTS, default_points, run_doctor
-    from derivcli.models import load_with_float64
-    from derivcli.points import open_source
-    from derivcli.run import read_all_points
+    from derivcli.command import RunOptions
+    from derivcli.doctor import diagnose_file
 
     chosen = _choice(format, "--format", ("text", "json"))
     given = [o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v]
-    at_points, grid_axes = [parse_at(a) for a in at or []], [parse_grid(g) for g in grid or []]
-    loaded, double = load_with_float64(
-        model, list(custom_objects or []), unsafe, "float32",
-        _names_or_none(names, "--names"), _names_or_none(output_names, "--output-names"))
-    dimension = len(loaded.coordinate_names)
-    if given:
-        source = open_source(loaded.coordinate_names, at_points, grid_axes, csv, npz, _names_or_none(columns, "--columns"),
-                             delimiter=_delimiter(delimiter))
-        points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
-        where = f"{len(points)} given point(s)"
-    else:
-        points = default_points(dimension)
-        where = f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
-    findings = run_doctor(loaded, double, points, order)
+    if len(given) > 1:
+        from derivcli.points import check_one_source
+
+        check_one_source(given)
+    where, findings = diagnose_file(RunOptions(
+        model, custom_objects=list(custom_objects or []), unsafe=unsafe, names=_names_or_none(names, "--names"),
+        output_names=_names_or_none(output_names, "--output-names"), at=[parse_at(a) for a in at or []],
+        grid=[parse_grid(g) for g in grid or []], csv=csv, columns=_names_or_none(columns, "--columns"),
+        delimiter=_delimiter(delimiter), npz=npz,
+    ), order)
     if chosen == "json":
         sys.stdout.write(json.dumps({"model": model, "points": where, "findings": [f.as_dict() for f in findings]}, indent=2) + "\n")
     else:

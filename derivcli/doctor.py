@@ -171,3 +171,25 @@ def run_doctor(model: Any, double: Any, points: np.ndarray, order: int) -> list[
             + batch
             + float32_findings(model, double, points, order, batch_size)
         )
+
+
+def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
+    """`derivcli doctor`, start to end: the model of `options` (a `command.RunOptions`), at its points or at
+    DEFAULT_POINTS random points in [-1, 1]^d; returns where it looked and the findings."""
+    from derivcli.check import MAX_CHECK_POINTS
+    from derivcli.models import load_with_float64
+    from derivcli.points import open_source
+    from derivcli.run import read_all_points
+
+    loaded, double = load_with_float64(
+        options.model, options.custom_objects, options.unsafe, "float32", options.names, options.output_names)
+    dimension = len(loaded.coordinate_names)
+    if options.at or options.grid or options.csv is not None or options.npz is not None:
+        source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz,
+                             options.columns, delimiter=options.delimiter)
+        points = read_all_points(source, dimension, MAX_CHECK_POINTS)
+        where = f"{len(points)} given point(s)"
+    else:
+        points = default_points(dimension)
+        where = f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
+    return where, run_doctor(loaded, double, points, order)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from derivcli.errors import RunError
@@ -58,6 +59,7 @@ class FrozenFunction:
     target: str
     rewritten: dict[str, int] = field(default_factory=dict)
     low_precision: list[str] = field(default_factory=list)
+    _runnable: Any = field(default=None, repr=False, compare=False)
 
     def operations(self) -> list[Any]:
         """The graph's ops, imported into a graph of their own, in graph order (for reading, not running)."""
@@ -70,9 +72,41 @@ class FrozenFunction:
     def __call__(self, coordinates: tf.Tensor) -> tf.Tensor:
         """Evaluates the graph on `coordinates`; traceable, and differentiable to any order."""
         (output,) = tf.graph_util.import_graph_def(
-            self.graph_def, input_map={self.source: coordinates}, return_elements=[self.target], name="model"
+            self.runnable(), input_map={self.source: coordinates}, return_elements=[self.target], name="model"
         )
         return output
+
+    def runnable(self) -> Any:
+        """The graph to import into a kernel: its input Placeholder made an Identity of a constant.
+
+        The input is mapped onto the kernel's own tensor when imported, but the node stays in
+        the graph, and XLA compiles no Placeholder; an unused Identity of a constant it does.
+        """
+        if self._runnable is None:
+            graph_def = type(self.graph_def)()
+            graph_def.CopyFrom(self.graph_def)
+            name = self.source.split(":")[0]
+            node = next(n for n in graph_def.node if n.name == name)
+            dtype = node.attr["dtype"].type
+            width = node.attr["shape"].shape.dim[-1].size
+            constant = graph_def.node.add()
+            constant.CopyFrom(_zeros_node(f"{name}/unused_input", dtype, width))
+            node.op = "Identity"
+            node.ClearField("attr")
+            node.attr["T"].type = dtype
+            node.input.append(constant.name)
+            self._runnable = graph_def
+        return self._runnable
+
+
+def _zeros_node(name: str, dtype: int, width: int) -> Any:
+    """A Const NodeDef of zeros, shape (1, width)."""
+    from tensorflow.core.framework import node_def_pb2
+
+    node = node_def_pb2.NodeDef(name=name, op="Const")
+    node.attr["dtype"].type = dtype
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((1, width)), tf.as_dtype(dtype)))
+    return node
 
 
 def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> FrozenFunction:
