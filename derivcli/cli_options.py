@@ -1,0 +1,268 @@
+"""The command line's options: defined once, validated at the edge, before TensorFlow is imported.
+
+Options shared by every computing command are declared in `SHARED_OPTIONS` and
+added to a command by `with_shared_options` (sqlite-utils' `output_options`
+idea); `_common` turns them into one validated `RunOptions`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import typer
+
+from derivcli.command import RunOptions
+from derivcli.errors import UsageError
+from derivcli.shards import parse_shard_option
+from derivcli.specs import parse_at, parse_grid, parse_names
+
+# Options shared by several commands, defined once.
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
+CustomObjectsOption = Annotated[
+    list[str] | None,
+    typer.Option("--custom-objects", metavar="FILE.py", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
+]
+UnsafeOption = Annotated[bool, typer.Option("--unsafe", metavar="", help="Allow Lambda layers (runs the file's Python code).")]
+NamesOption = Annotated[str | None, typer.Option("--names", metavar="NAME[,NAME...]", help="Rename the inputs: a,b,... (count must match).", show_default=False)]
+OutputNamesOption = Annotated[str | None, typer.Option("--output-names", metavar="NAME[,NAME...]", help="Rename the outputs: u,v,...", show_default=False)]
+AtOption = Annotated[list[str] | None, typer.Option("--at", metavar="POINT", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False)]
+GridOption = Annotated[
+    list[str] | None,
+    typer.Option("--grid", metavar="[NAME=]START:STOP:NUM", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False),
+]
+CsvOption = Annotated[str | None, typer.Option("--csv", metavar="FILE", help="A CSV file with a header row; - reads standard input.", show_default=False)]
+ColumnsOption = Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="CSV columns to take as the inputs, in order.", show_default=False)]
+DelimiterOption = Annotated[
+    str, typer.Option("--delimiter", metavar="CHAR", help="The --csv file's delimiter: one character, or tab "
+                      "(for a ;-separated file: --delimiter ';').")
+]
+NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input, or one array x of shape (N, d).", show_default=False)]
+FormatOption = Annotated[
+    str | None,
+    typer.Option("--format", "-f", metavar="FORMAT", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
+]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
+BatchSizeOption = Annotated[
+    str | None,
+    typer.Option("--batch-size", metavar="N|auto", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False),
+]
+DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="float32, or float64 to evaluate in double precision.")]
+DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", help="auto, cpu or gpu.")]
+EngineOption = Annotated[
+    str, typer.Option("--engine", metavar="auto|taylor|tape", help="auto (Taylor series where the model's ops are covered: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
+]
+WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
+OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.")]
+MaxAbsOption = Annotated[
+    str | None,
+    typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
+]
+StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
+ShardOption = Annotated[
+    str | None,
+    typer.Option("--shard", metavar="K/N|auto[/N]", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
+                 "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False),
+]
+TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.")]
+PlotOption = Annotated[
+    str | None,
+    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run: FILE.png, "
+                 ".svg or .pdf, or - for the terminal (curves on 1-D grids, heatmaps on 2-D grids).", show_default=False),
+]
+PlotAxesOption = Annotated[
+    str | None,
+    typer.Option("--plot-axes", metavar="A[,B]", help="The grid axes to draw (one: curves, two: heatmaps) when the grid "
+                 "varies along more than two.", show_default=False),
+]
+PlotAtOption = Annotated[
+    list[str] | None,
+    typer.Option("--plot-at", metavar="NAME=VALUE", help="Where the axes not drawn are taken (the nearest grid value) "
+                 "[default: their first value]; repeatable.", show_default=False),
+]
+TimingsOption = Annotated[
+    bool, typer.Option("--timings", metavar="", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
+]
+
+
+# The validated options every computing command shares: the library's `RunOptions`.
+CommonOptions = RunOptions
+
+
+# (name, annotation, default) of the options shared by every computing command,
+# in the order --help lists them after the command's own options.
+SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("at", AtOption, None),
+    ("grid", GridOption, None),
+    ("csv", CsvOption, None),
+    ("columns", ColumnsOption, None),
+    ("delimiter", DelimiterOption, ","),
+    ("npz", NpzOption, None),
+    ("format", FormatOption, None),
+    ("output", OutputOption, None),
+    ("names", NamesOption, None),
+    ("output_names", OutputNamesOption, None),
+    ("custom_objects", CustomObjectsOption, None),
+    ("unsafe", UnsafeOption, False),
+    ("batch_size", BatchSizeOption, None),
+    ("shard", ShardOption, None),
+    ("dtype", DtypeOption, "float32"),
+    ("device", DeviceOption, "auto"),
+    ("engine", EngineOption, "auto"),
+    ("max_abs", MaxAbsOption, None),
+    ("strict", StrictOption, False),
+    ("quiet", QuietOption, False),
+    ("timings", TimingsOption, False),
+    ("plot", PlotOption, None),
+    ("plot_axes", PlotAxesOption, None),
+    ("plot_at", PlotAtOption, None),
+    ("traceback", TracebackOption, False),
+]
+
+
+def with_shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds the shared options to a command (sqlite-utils' `output_options` idea).
+
+    The command declares `model`, its own options and `options: CommonOptions`;
+    it receives the shared options validated, as one `CommonOptions`.
+    """
+    own = inspect.signature(command, eval_str=True)
+    own_parameters = [p for p in own.parameters.values() if p.name != "options"]
+    shared_parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+        for name, annotation, default in SHARED_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**values: Any) -> None:
+        shared = {name: values.pop(name) for name, _, _ in SHARED_OPTIONS}
+        shared.pop("traceback")
+        command(options=_common(model=values["model"], **shared), **values)
+
+    parameters = own_parameters + shared_parameters
+    wrapper.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def _choice(value: str, option: str, choices: Sequence[str]) -> str:
+    if value.lower() not in choices:
+        raise UsageError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _batch_size(text: str | None) -> int | None:
+    if text is None or text.strip().lower() == "auto":
+        return None
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise UsageError(f"--batch-size {text!r}: give a positive whole number or auto")
+    return int(text)
+
+
+def _delimiter(text: str) -> str:
+    """`--delimiter`: one character; `tab` or a typed \\t for a tab."""
+    chosen = "\t" if text.lower() in ("tab", "\\t") else text
+    if len(chosen) != 1 or chosen in ('"', "\n", "\r"):
+        raise UsageError(f"--delimiter {text!r}: give one character (for example ';' or tab), not a quote or line break")
+    return chosen
+
+
+def _number(text: str | None, option: str, example: str) -> float | None:
+    """A number option (--max-abs, --rtol, --atol), refused in the one-line style of every usage error."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give a number, for example {option} {example}") from None
+    if not value >= 0:
+        raise UsageError(f"{option} {text!r}: give a number of at least 0, for example {option} {example}")
+    return value
+
+
+def _names_or_none(text: str | None, option: str) -> list[str] | None:
+    return parse_names(text, option) if text else None
+
+
+def _common(
+    model: str, custom_objects: list[str] | None, unsafe: bool, names: str | None,
+    output_names: str | None, at: list[str] | None, grid: list[str] | None, csv: str | None,
+    columns: str | None, delimiter: str, npz: str | None, format: str | None, output: str | None,
+    batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
+    max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
+    plot_axes: str | None = None, plot_at: list[str] | None = None,
+) -> CommonOptions:
+    """Validates the shared options at the edge, before TensorFlow is imported."""
+    from derivcli.points import check_one_source
+    from derivcli.writers import choose_format, refuse_overwriting_inputs
+
+    check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
+    refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz),
+                                       *(("--custom-objects", path) for path in custom_objects or [])])
+    return CommonOptions(
+        model=model,
+        custom_objects=list(custom_objects or []),
+        unsafe=unsafe,
+        names=_names_or_none(names, "--names"),
+        output_names=_names_or_none(output_names, "--output-names"),
+        at=[parse_at(a) for a in at or []],
+        grid=[parse_grid(g) for g in grid or []],
+        csv=csv,
+        columns=_names_or_none(columns, "--columns"),
+        delimiter=_delimiter(delimiter),
+        npz=npz,
+        format=choose_format(format, output, sys.stdout is not None and sys.stdout.isatty()),
+        output=output,
+        batch_size=_batch_size(batch_size),
+        dtype=_choice(dtype, "--dtype", ("float32", "float64")),
+        device=_choice(device, "--device", ("auto", "cpu", "gpu")),
+        engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
+        quiet=quiet,
+        max_abs=_number(max_abs, "--max-abs", "0.01"),
+        strict=strict,
+        shard=parse_shard_option(shard) if shard else None,
+        timings=timings,
+        plot=plot,
+        plot_axes=_names_or_none(plot_axes, "--plot-axes"),
+        plot_at=[parse_at(a) for a in plot_at or []],
+    )
+
+
+PartialOption = Annotated[
+    list[str] | None,
+    typer.Option("--partial", "-p", metavar="SPEC", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
+]
+DirectionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--direction", "-v", metavar="V[^N]",
+        help="A derivative along a vector: 1,1 (d/dv, v in input order), x=1,t=2 (others 0), 1,1^3 (order 3); "
+             "repeatable.",
+        show_default=False,
+    ),
+]
+OrderOption = Annotated[
+    int | None, typer.Option("--order", metavar="N", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
+]
+
+
+ExprOption = Annotated[
+    list[str],
+    typer.Option(
+        "--expr", "-e", metavar="[NAME=]EXPR",
+        help="[NAME=]EXPR, e.g. \"res=u_t + u*u_x - 0.01/pi*u_xx\" or \"D(y, x0) + D(y, x1^2)\"; repeatable.",
+        show_default=False,
+    ),
+]
+
+
+RtolOption = Annotated[
+    str | None, typer.Option("--rtol", metavar="R", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False)
+]
+AtolOption = Annotated[
+    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
+]
