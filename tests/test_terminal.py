@@ -323,3 +323,19 @@ def test_info_offers_the_output_layers_names(tmp_path, cli):
     assert "hint: --output-names u" in text
     described = cli("info", tmp_path / "s.keras", "--format", "json").stdout
     assert '"suggested_output_names": [\n    "u"\n  ]' in described
+
+
+def test_the_fast_exit_loses_no_output_and_keeps_the_status(tmp_path):
+    """The installed command ends with os._exit once TensorFlow is loaded: everything is flushed first."""
+    done = run_installed("eval", "sample_models/softplus_2d.keras", "--grid", "-1:1:400")
+    assert done.returncode == 0
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 160_001 and lines[-1].startswith("1,1,")
+    target = tmp_path / "g.csv"
+    done = run_installed("grad", "sample_models/square_tanh.keras", "--grid", "-1:1:50", "--max-abs", "0.5",
+                         "-o", str(target))
+    assert done.returncode == 3 and done.stderr.decode().startswith("derivcli: error: max |dy/dx|")
+    assert len(target.read_text().splitlines()) == 51
+    done = subprocess.run([sys.executable, "-m", "derivcli", "grad", "sample_models/square_tanh.keras", "--at", "0.5"],
+                          capture_output=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.decode().splitlines()[1].startswith("0.5,")
