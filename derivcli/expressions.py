@@ -95,14 +95,14 @@ class _Checker:
         self.leaves: dict[int, Any] = {}
         self.subscripts = all(len(name) == 1 for name in inputs)
 
-    def fail(self, node: ast.AST | None, problem: str) -> UsageError:
+    def fail(self, node: ast.AST | None, problem: str, fix: str = "") -> UsageError:
         if node is not None and hasattr(node, "col_offset"):
             start = node.col_offset
             end = getattr(node, "end_col_offset", None) or start + 1
             where = f" at position {self.offset + start + 1}: {self.text[start:end]!r}"
         else:
             where = ""
-        return UsageError(f"--expr {self.spec!r}: {problem}{where}")
+        return UsageError(f"--expr {self.spec!r}: {problem}{where}{fix}")
 
     def check(self, node: ast.expr) -> None:
         if isinstance(node, ast.BinOp):
@@ -159,13 +159,20 @@ class _Checker:
         raise self.fail(
             node,
             f"unknown name {name!r} (inputs: {', '.join(self.inputs)}; outputs: {', '.join(self.outputs)}; "
-            f"constants: pi, e){self._rename_hint(name)}",
+            "constants: pi, e)", self._rename_hint(name),
         )
 
     def _rename_hint(self, name: str) -> str:
-        """Where `name` (or `u` of `u_t`) would be an output under another name: how to give it that name."""
+        """How to give the outputs the name the expression uses: `u_t` or `u` while they are still y, y0...
+
+        Only while every output has its default name: a user who named them chose already.
+        """
+        if not all(re.fullmatch(r"y\d*", output) for output in self.outputs):
+            return ""
         output, _, letters = name.partition("_")
         if not (letters and set(letters) <= set(self.inputs)):
+            if len(name) > 1:
+                return ""  # a word such as `bad` is a typo more often than an output's name
             output = name
         if output in self.inputs or not output.isidentifier():
             return ""
