@@ -201,6 +201,9 @@ def _common(
     from derivcli.writers import choose_format, refuse_overwriting_inputs
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
+    if plot is None and (plot_axes or plot_at):
+        raise UsageError(f"{'--plot-axes' if plot_axes else '--plot-at'} chooses what --plot draws: add --plot FILE.png "
+                         "or --plot -")
     refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz),
                                        *(("--custom-objects", path) for path in custom_objects or [])])
     return CommonOptions(

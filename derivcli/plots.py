@@ -333,10 +333,17 @@ def load_result(path: str, columns: Sequence[str] | None, mark: bool) -> PlotDat
         raise UsageError(f"plot {path}: give a result saved as .npz or .h5 (-o FILE.npz keeps the grid's shape)")
     if not Path(path).is_file():
         raise RunError(f"plot: cannot read {path}: no such file")
+    import zipfile
+
+    if suffix == ".npz" and not zipfile.is_zipfile(path):
+        raise RunError(f"plot: cannot read {path}: not a zip archive (.npz results are written by derivcli -o FILE.npz)")
     try:
         arrays = read_columns(path)
+    except ValueError:  # arrays of Python objects: loading them would unpickle, which derivcli never does
+        raise RunError(f"plot: {path} holds arrays of Python objects, not a derivcli result") from None
     except Exception as error:  # a damaged archive: zip, HDF5 and NumPy each raise their own
-        raise RunError(f"plot: cannot read {path}: {type(error).__name__}: {error}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"plot: cannot read {path}: {reason}") from None
     if SHARD_KEY in arrays or SHARD_RECORD_KEY in arrays:
         raise RunError(f"plot: {path} is one shard of a run: merge the shards first (derivcli merge ... -o merged.npz)")
     if "grid_axes" not in arrays:

@@ -140,6 +140,14 @@ def test_plot_command_errors(cli, tmp_path):
     assert_one_line_error(cli("plot", tmp_path / "g.csv", "-o", tmp_path / "p.png"), 2, "saved as .npz or .h5")
     assert_one_line_error(cli("plot", tmp_path / "missing.npz", "-o", tmp_path / "p.png"), 1, "no such file")
     assert_one_line_error(cli("plot", tmp_path / "g.npz", "-o", tmp_path / "g.npz"), 2, "name a .png, .svg or .pdf")
+    (tmp_path / "bad.npz").write_text("not a zip")
+    result = cli("plot", tmp_path / "bad.npz", "-o", tmp_path / "p.png")
+    assert_one_line_error(result, 1, "not a zip archive")
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object), grid_axes=np.array(["x"]))
+    result = cli("plot", tmp_path / "objects.npz", "-o", tmp_path / "p.png")
+    assert_one_line_error(result, 1, "holds arrays of Python objects")
+    assert "allow_pickle" not in result.stderr
+    assert_one_line_error(cli("eval", TANH, "--grid", "-1:1:5", "--plot-axes", "x"), 2, "add --plot FILE.png")
     assert not (tmp_path / "p.png").exists()
 
 
