@@ -133,7 +133,7 @@ def run_command(
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
         from derivcli.plots import PlotWriter, Tee
 
-        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot)
+        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot, source.axes)
     writer = open_writer(options.format, layout, options.output)
     if options.plot is not None:
         writer = Tee(writer, picture)

@@ -155,23 +155,23 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
     heatmap = any(len(view.drawn) == 2 for view in views)
     count = max(len(result.values) for result in results)
     # One result's heatmaps lie side by side, three to a row; curves and several results stack by column.
-    across = min(count, 3) if heatmap and len(results) == 1 else len(results)
-    rows = -(-count // across) if heatmap and len(results) == 1 else count
+    wrapped = heatmap and len(results) == 1
+    across = min(count, 3) if wrapped else len(results)
+    rows = -(-count // across) if wrapped else count
     figure = Figure(figsize=((5.0 if heatmap else 4.2) * across, (3.6 if heatmap else 2.3) * rows + 0.4), dpi=DPI,
                     layout="constrained")
     grid = figure.subplots(rows, across, squeeze=False, sharex="col" if not heatmap else False)
-    if heatmap and len(results) == 1:
-        for unused in range(count, rows * across):
-            grid[unused // across][unused % across].set_visible(False)
+    panels = [[grid[i // across][i % across] if wrapped else grid[i][column] for i in range(count)]
+              for column in range(len(results))]
+    used = {id(p) for column, result in enumerate(results) for p in panels[column][:len(result.values)]}
+    for panel in grid.flat:
+        if id(panel) not in used:
+            panel.set_visible(False)
     for column, (result, view) in enumerate(zip(results, views)):
         axis_names = [result.axes[i][0] for i in view.drawn]
         coordinates = [result.axes[i][1] for i in view.drawn]
         last_row = len(result.values) - 1
-        for row in range(count if len(results) > 1 or not heatmap else len(result.values)):
-            panel = grid[row // across][row % across] if heatmap and len(results) == 1 else grid[row][column]
-            if row > last_row:
-                panel.set_visible(False)
-                continue
+        for row, panel in enumerate(panels[column][:len(result.values)]):
             name, array = list(result.values.items())[row]
             values = view.slice(np.asarray(array, dtype=np.float64))
             mark = worst(values) if name in result.marked else None
@@ -244,7 +244,7 @@ class PlotWriter(Writer):
     """
 
     def __init__(self, layout: Layout, options: Any, first_gated: int,
-                 terminal: Callable[[PlotData], None] | None) -> None:
+                 terminal: Callable[[PlotData], None] | None, axes: Sequence[Any]) -> None:
         super().__init__(layout, None)
         assert layout.grid_shape is not None and layout.grid_axes is not None
         total = math.prod(layout.grid_shape)
@@ -256,22 +256,14 @@ class PlotWriter(Writer):
         self.marked = list(layout.value_names[first_gated:]) if options.max_abs is not None else []
         self.block = np.empty((total, len(layout.coordinate_names) + len(layout.value_names)), np.float64)
         self.rows = 0
-        # The view is checked before any work: a bad --plot-axes is a usage error, not a lost run.
-        self.view = choose_view(self._data(), options.plot_axes, options.plot_at)
+        # The view is checked before any work, on the grid's axes (`GridSource.axes`): a bad
+        # --plot-axes is a usage error, not a lost run.
+        defined = PlotData([(name, np.linspace(a.start, a.stop, a.num)) for name, a in zip(layout.grid_axes, axes)], {})
+        self.view = choose_view(defined, options.plot_axes, options.plot_at)
 
     def _data(self) -> PlotData:
-        shape = self.layout.grid_shape
         names = self.layout.coordinate_names + self.layout.value_names
-        if self.rows == 0:  # before the run: the axes from the grid's definition
-            axes = {a.name: a for a in self.options.grid}
-            default = next((a for a in self.options.grid if a.name is None), None)
-            columns = {}
-            for position, name in enumerate(self.layout.grid_axes):
-                axis = axes.get(name, default)
-                values = np.linspace(axis.start, axis.stop, axis.num)
-                columns[name] = values.reshape([-1 if i == position else 1 for i in range(len(shape))])
-            return PlotData([(n, np.ravel(columns[n])) for n in self.layout.grid_axes], {}, [])
-        columns = {name: self.block[:, j].reshape(shape) for j, name in enumerate(names)}
+        columns = {name: self.block[:, j].reshape(self.layout.grid_shape) for j, name in enumerate(names)}
         return PlotData.from_columns(columns, self.layout.grid_axes, self.layout.value_names, self.marked)
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
