@@ -268,10 +268,11 @@ class CsvSource(PointSource):
                 raise RunError(f"cannot read CSV {path}: {error.strerror}") from None
         self.lines_read = 0  # raw lines taken from `binary` by the fast path
         self.first_row = 0  # the data row `binary` starts at (a shard's first)
-        self.regular = path != "-" and Path(path).is_file()
+        status = os.fstat(self.binary.fileno()) if path != "-" else None
+        self.regular = status is not None and stat.S_ISREG(status.st_mode)
+        self.size = status.st_size if self.regular else None
         self.arrivals: queue.Queue | None = None  # what the pipe's reading thread has read
         self.row_index: Any = None  # a `csv_scan.CsvRowIndex`, for a shard of a plain file
-        self.size = None if path == "-" else Path(path).stat().st_size if Path(path).is_file() else None
         self.reader: Any = None  # the csv module's reader, once the careful path has taken over
         header = self._read_header()
         if header is None:
@@ -747,6 +748,7 @@ class _NpyRows:
     def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool) -> None:
         self.archive, self.path, self.name = archive, path, name
         self.info = archive.getinfo(name + ".npy")
+        self.stored_at: int | None = None  # the array's first byte in the archive file (stored members)
         try:
             with archive.open(self.info) as member:
                 version = np.lib.format.read_magic(member)
@@ -786,10 +788,12 @@ class _NpyRows:
             if self.info.compress_type == zipfile.ZIP_STORED:
                 handle = self.archive.fp
                 assert handle is not None
-                handle.seek(self.info.header_offset)
-                local = handle.read(30)  # the member's local header: its name and extra field lengths
-                start = self.info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-                handle.seek(start + self.data_start + offset)
+                if self.stored_at is None:  # where the array's bytes begin, past the member's local header
+                    handle.seek(self.info.header_offset)
+                    local = handle.read(30)  # the local header ends with its name's and extra field's lengths
+                    self.stored_at = (self.info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                                      + int.from_bytes(local[28:30], "little") + self.data_start)
+                handle.seek(self.stored_at + offset)
                 data = handle.read(count)
             else:
                 with self.archive.open(self.info) as member:
