@@ -183,6 +183,10 @@ def exact_constants(dtype: str) -> Iterator[None]:
         keras.config.set_floatx(floatx)
 
 
+# Packages TensorFlow and Keras import at start-up, if installed, for features derivcli never uses.
+HIDDEN_AT_IMPORT = ("matplotlib", "matplotlib.pyplot", "jax")
+
+
 def import_tensorflow() -> Any:
     """Imports TensorFlow with its start-up chatter silenced.
 
@@ -197,9 +201,10 @@ def import_tensorflow() -> Any:
     os.environ["KERAS_BACKEND"] = "tensorflow"
     saved = os.dup(2)
     # Keras imports matplotlib.pyplot at start-up, if installed, for image-gallery helpers
-    # that derivcli never calls: 0.2 s of every run. Hidden during the import, Keras takes it
-    # for absent; `derivcli.plots` imports it for real when a picture is drawn.
-    hidden = {name: sys.modules.get(name) for name in ("matplotlib", "matplotlib.pyplot") if name not in sys.modules}
+    # that derivcli never calls: 0.2 s of every run. TensorFlow Lite's converter imports JAX,
+    # if installed, to convert JAX functions: 0.35 s. Hidden during the import, both take
+    # them for absent; `derivcli.plots` imports matplotlib for real when a picture is drawn.
+    hidden = {name: sys.modules.get(name) for name in HIDDEN_AT_IMPORT if name not in sys.modules}
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)

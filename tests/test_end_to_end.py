@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,17 @@ def test_help_and_version_do_not_import_tensorflow():
         assert done.returncode == 0, done.stderr
         assert time.perf_counter() - started < 10  # generous: a loaded CI box; typically 0.3 s
     assert run_installed("--version").stdout.decode().startswith("derivcli ")
+
+
+def test_an_installed_jax_is_not_imported_with_tensorflow(tmp_path):
+    """TensorFlow Lite imports JAX if it can (0.35 s of start-up): derivcli hides it during the import."""
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text("raise SystemExit('jax was imported')\n")
+    code = ("import sys; from derivcli.models import import_tensorflow; import_tensorflow(); "
+            "print('jax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.stdout.strip() == "False", result.stderr[-500:]
 
 
 def test_python_dash_m_is_the_same_program():
