@@ -6,11 +6,13 @@
 
 Each workload builds one Keras model, saves it as .keras and loads it with
 `derivcli.models.load_model`; derivcli's kernel is `derivcli.run.make_kernel`
-for the command's plan, as the command runs it, and JAX evaluates the same
+for the command's plan, as a long run uses it (batches of the given size; the
+first runs the plain graph, the others XLA), and JAX evaluates the same
 function from the same weights. The two are timed in interleaved rounds (best
-of each), so a busy machine slows both alike: the ratio is what counts. The
-last column is the largest difference between the two results, relative to
-the largest result.
+of each), so a busy machine slows both alike: the ratio is what counts. "max
+rel diff" is the largest difference between the two results, relative to the
+largest result; "first s" is the time to the first batch's result (derivcli:
+tracing the plain graph; JAX: compiling).
 
 Then whole commands: the installed `derivcli` against a Python script that
 does the same with JAX from the same .keras file (its weights read with h5py,
@@ -104,7 +106,16 @@ def derivcli_kernel(model: object, kind: str, points: int) -> Callable:
     else:
         request = DerivativeRequest(partials=[{"x": int(kind.split("^")[1])}])
     planned = plan(model, request)
-    return make_kernel(model, planned, "cpu", "auto", points=points)
+    # The kernel of a long run (a stream, or enough points for XLA's compilation to pay),
+    # batches of `points`: its first batch runs the plain graph, the others XLA.
+    return make_kernel(model, planned, "cpu", "auto", points=None, batch_size=points)
+
+
+def first_call(function: Callable[[], object]) -> float:
+    """Seconds to the first result: tracing (derivcli) or compiling (JAX) included."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def best_of(functions: list[Callable[[], object]], rounds: int) -> list[float]:
@@ -137,7 +148,8 @@ def main() -> None:
     jax.config.update("jax_enable_x64", False)
     sizes = [4096] if options.quick else [4096, 65536]
     rounds = 3 if options.quick else 5
-    print(f"{'workload':32s}{'points':>8s}{'derivcli s':>12s}{'JAX s':>10s}{'derivcli/JAX':>14s}{'max rel diff':>14s}")
+    print(f"{'workload':32s}{'points':>8s}{'derivcli s':>12s}{'JAX s':>10s}{'derivcli/JAX':>14s}{'max rel diff':>14s}"
+          f"{'first s':>9s}{'JAX first s':>13s}")
     with tempfile.TemporaryDirectory() as folder:
         for label, kind, inputs, width, depth in WORKLOADS:
             model, weights = mlp(folder, kind.replace("^", ""), inputs, width, depth)
@@ -147,13 +159,16 @@ def main() -> None:
                 points = np.random.default_rng(1).uniform(-1, 1, (count, inputs)).astype(np.float32)
                 kernel = derivcli_kernel(model, kind, count)
                 reference = jax_workload(kind, f, inputs)
+                firsts = [first_call(lambda: kernel(points)), first_call(lambda: np.asarray(reference(points)))]
+                # Both results of a later batch: derivcli's from XLA, as in a long run.
                 ours = kernel(points)
                 theirs = np.asarray(reference(points))
                 if kind.startswith("x^"):
                     ours = ours[:, [0, -1]]
                 difference = np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30)
                 mine, jaxs = best_of([lambda: kernel(points), lambda: np.asarray(reference(points))], rounds)
-                print(f"{label:32s}{count:8d}{mine:12.4f}{jaxs:10.4f}{mine / jaxs:13.2f}x{difference:14.2e}", flush=True)
+                print(f"{label:32s}{count:8d}{mine:12.4f}{jaxs:10.4f}{mine / jaxs:13.2f}x{difference:14.2e}"
+                      f"{firsts[0]:9.2f}{firsts[1]:13.2f}", flush=True)
         if not options.quick:
             whole_commands(folder)
 

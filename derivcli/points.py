@@ -58,6 +58,7 @@ class PointSource:
         grid_shape: the grid's shape for `--grid`, else None.
         grid_axes: the inputs along the grid's axes, in order.
         total: the number of points when known in advance, else None.
+        run_total: the whole run's points (every shard's), when known.
     """
 
     passthrough_names: list[str]
@@ -65,6 +66,11 @@ class PointSource:
     grid_axes: list[str] | None = None
     total: int | None = None
     shard: tuple[int, int] | None = None
+    start: int = 0  # the first point's place in the whole run (a shard's first point)
+
+    @property
+    def run_total(self) -> int | None:
+        return self.total
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         raise NotImplementedError
@@ -110,6 +116,10 @@ class ShardSource(PointSource):
         self.passthrough_names = source.passthrough_names
         self.grid_shape = source.grid_shape
         self.grid_axes = source.grid_axes
+
+    @property
+    def run_total(self) -> int | None:
+        return self.whole_total
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         if batch_size != self.batch_size:

@@ -45,10 +45,12 @@ from derivcli.writers import Layout, Writer
 # Points per batch when --batch-size is not given: large enough to keep the
 # compiled kernel busy, small enough for high orders on a laptop.
 DEFAULT_BATCH_SIZE = 4096
-# Taylor series of this order and above are compiled with XLA, for this many points and more
-# (or a stream of unknown length).
-XLA_FROM_ORDER = 4
-XLA_FROM_POINTS = 100_000
+# A run's kernel is compiled with XLA from its second batch on when it has at least this many
+# points divided by its highest derivative order (or streams an unknown number): where XLA's
+# compilation (0.15 to 0.5 s on small nets, more for wide ones) pays for itself on a 2-core CPU
+# (bench/bench_jax.py; break-even measured at 1.5M points for a gradient, 0.77M for a Hessian,
+# 0.42M at order 4 and 0.22M at order 8).
+XLA_POINTS_TIMES_ORDER = 1_500_000
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
 AUTO_MIXED_FROM = 6
@@ -236,18 +238,19 @@ class RunSummary:
 
 def make_kernel(
     model: LoadedModel, planned: Plan, device: str = "auto", engine: str = "auto", points: int | None = None,
+    batch_size: int | None = None,
 ) -> Any:
     """The compiled kernel for a plan, on the device chosen by `--device`.
 
-    `points`: how many points it will see, when known; it decides whether XLA's
-    compilation time pays for itself.
+    `points`: how many points the run has (all its shards'), when known; with
+    `batch_size`, it decides whether XLA's compilation time pays for itself.
+    Without `batch_size` the kernel never uses XLA.
 
     `engine`: `tape` (nested reverse mode only), `taylor` (pure derivatives of
     order >= 2 by Taylor series; a usage error when the model is not covered),
     or `auto` (Taylor where it covers the model, tapes elsewhere).
     """
     from derivcli.engine import DerivativeKernel, select_device
-    from derivcli.engine.tape import interpolates
 
     # Taylor series serve only derivatives of order 2 and higher: no probe for grad or eval.
     wanted = engine == "taylor" or (engine == "auto" and planned.highest_order >= 2)
@@ -262,25 +265,17 @@ def make_kernel(
     if program is not None:
         interpolate_from = TAYLOR_MIXED_FROM if engine == "taylor" else (
             AUTO_MIXED_FROM if model.dtype == "float64" else None)
-    # Measured (bench/bench_derivatives.py): XLA halves the time of high-order Taylor series,
-    # whose many small elementwise ops it fuses, and slows GEMM-bound low orders and Laplacians.
-    # Its compilation takes about a second, which pays off from about 1e5 points.
-    # Only when Taylor series serve every derivative beyond the first: XLA cannot differentiate
-    # its own gradients (nested tapes through a Concatenate fail under it).
-    jit = (
-        program is not None and planned.highest_order >= XLA_FROM_ORDER and planned.combine is None
-        and (points is None or points >= XLA_FROM_POINTS)
-        and all(c.laplacian_over is None and (sum(c.partial) <= 1 or sum(map(bool, c.partial)) == 1
-                                              or interpolates(c.partial, interpolate_from))
-                for c in planned.columns)
-    )
+    # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.5x to
+    # 0.8x the time per batch); a model whose ops it cannot compile runs plain graphs.
+    jit = batch_size is not None and planned.highest_order >= 1 and (
+        points is None or points * planned.highest_order >= XLA_POINTS_TIMES_ORDER)
     # Derivatives differentiate the model's function, free of the graph's gradient conventions
     # (`engine.graph`); values alone need no frozen graph.
     function = model.frozen() if planned.highest_order >= 1 else model.call_flat
     return DerivativeKernel(
         function, len(model.coordinate_names), planned.columns, model.dtype,
         device=select_device(device), combine=planned.combine, taylor=program, jit_compile=jit,
-        interpolate_from=interpolate_from,
+        interpolate_from=interpolate_from, batch_size=batch_size,
     )
 
 
@@ -371,12 +366,14 @@ def compute(
     row_bytes = 8 * len(model.coordinate_names)
     reading = Prefetcher(source.batches(batch_size), depth=queue_depth(batch_size * row_bytes))
     writing = InOrder(write_and_summarize, depth=queue_depth(batch_size * (row_bytes + 8 * len(value_names))))
+    row = source.start  # the batch's first point in the whole run: it decides the kernel's XLA
     try:
         for index, batch in enumerate(reading):
             coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names)
             if index == 0:
                 check_batch_independence(model, coordinates)
-            values = run_in_halves(kernel, coordinates)
+            values = run_in_halves(kernel, coordinates, row // batch_size)
+            row += len(coordinates)
             writing.submit(coordinates, batch.passthrough, values)
             if progress is not None:
                 progress(len(coordinates))
@@ -524,8 +521,8 @@ class InOrder:
         self.thread.join(timeout=1.0)
 
 
-def run_in_halves(kernel: Callable[[np.ndarray], np.ndarray], coordinates: np.ndarray) -> np.ndarray:
-    """Runs the kernel on a batch; a batch that runs out of memory is split in two and retried.
+def run_in_halves(kernel: Callable[..., np.ndarray], coordinates: np.ndarray, batch_index: int) -> np.ndarray:
+    """Runs the kernel on batch `batch_index` of the run; a batch that runs out of memory is split in two and retried.
 
     Samples are independent, so the halves give the same rows; nothing is lost.
 
@@ -535,13 +532,14 @@ def run_in_halves(kernel: Callable[[np.ndarray], np.ndarray], coordinates: np.nd
     import tensorflow as tf
 
     try:
-        return kernel(coordinates)
+        return kernel(coordinates, batch_index)
     except (tf.errors.ResourceExhaustedError, MemoryError):
         if len(coordinates) <= 1:
             raise RunError("out of memory on a single point: the model or the derivative order is too large "
                            "for this machine") from None
     half = len(coordinates) // 2
-    return np.concatenate([run_in_halves(kernel, coordinates[:half]), run_in_halves(kernel, coordinates[half:])])
+    return np.concatenate([run_in_halves(kernel, coordinates[:half], batch_index),
+                           run_in_halves(kernel, coordinates[half:], batch_index)])
 
 
 def auto_batch_size(model: LoadedModel, planned: Plan, parameters: int) -> int:
@@ -550,11 +548,16 @@ def auto_batch_size(model: LoadedModel, planned: Plan, parameters: int) -> int:
     A rough, deliberately generous estimate: a point's activations grow with the
     parameter count, and every gradient taken adds a pass's worth. A batch that
     still runs out of memory is split and retried (`run_in_halves`).
+
+    It is a power of two: the memory available changes from run to run, and the
+    batch size decides how a BLAS kernel blocks its sums, so a size that followed
+    it to the point would change a result's last bits between two runs of one command.
     """
     itemsize = np.dtype(model.dtype).itemsize
     passes = 1 + sum(c.order for c in planned.columns) + 2 * len(planned.columns)
     per_point = itemsize * max(parameters, 1000) / 16 * passes
-    return int(min(65536, max(256, available_memory() / 8 // per_point)))
+    fitting = int(min(65536, max(256, available_memory() / 8 // per_point)))
+    return 1 << (fitting.bit_length() - 1)
 
 
 def available_memory() -> int:
@@ -606,12 +609,12 @@ def evaluate(
     coordinates = np.asarray(points, dtype=np.float64).reshape(-1, len(model.coordinate_names))
     planned = plan(model, request)
     names = planned.names
-    kernel = make_kernel(model, planned, device, points=len(coordinates))
+    kernel = make_kernel(model, planned, device, points=len(coordinates), batch_size=batch_size)
     dtype = np.dtype(model.dtype)
     coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names).astype(np.float64)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
-        kernel(coordinates[start : start + batch_size].astype(dtype))
+        kernel(coordinates[start : start + batch_size].astype(dtype), start // batch_size)
         for start in range(0, len(coordinates), batch_size)
     ]
     values = np.concatenate(parts) if parts else np.zeros((0, len(names)), dtype)
@@ -667,7 +670,7 @@ def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[st
     if source.shard is not None:
         identity = run_identity(model.path, [
             source.identity(), model.coordinate_names, source.passthrough_names, value_names, model.dtype])
-        record = ShardRecord(*source.shard, run=identity, total_rows=source.whole_total)  # type: ignore[attr-defined]
+        record = ShardRecord(*source.shard, run=identity, total_rows=source.run_total)
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
         np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record, source.total,

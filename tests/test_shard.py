@@ -54,6 +54,30 @@ def test_merged_text_shards_are_byte_identical_when_batches_align(cli, tmp_path,
     assert merged.read_bytes() == whole.read_bytes()
 
 
+def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_to_it(cli, tmp_path, monkeypatch):
+    """A long run compiles XLA for its batches after the first (`engine.tape.DerivativeKernel`):
+    which batches use it depends on their place in the run, so two runs write the same bytes,
+    and shards cut at batch boundaries merge to those bytes too."""
+    from derivcli import run
+    from derivcli.engine.tape import DerivativeKernel
+
+    monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 1)  # these 55 points count as a long run
+    compiled = []
+    original = DerivativeKernel._compiled_xla
+    monkeypatch.setattr(DerivativeKernel, "_compiled_xla", lambda self: compiled.append(1) or original(self))
+    whole, merged, _ = run_sharded(cli, tmp_path, ".csv", GRID, shards=5, batch_size=11)
+    assert compiled  # XLA ran the batches after the first
+    again = tmp_path / "again.csv"
+    assert cli("hessian", MODEL, *GRID, "--batch-size", 11, "-o", again).exit_code == 0
+    assert merged.read_bytes() == whole.read_bytes() == again.read_bytes()
+    monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 10**12)  # the same run without XLA
+    plain = tmp_path / "plain.csv"
+    assert cli("hessian", MODEL, *GRID, "--batch-size", 11, "-o", plain).exit_code == 0
+    expected, actual = read_csv(plain.read_text()), read_csv(whole.read_text())
+    for name in ("y", "d2y/dx0^2", "d2y/dx0dx1", "d2y/dx1^2"):  # float32 round-off, as between batch sizes
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6 * np.abs(expected[name]).max())
+
+
 @pytest.mark.parametrize("source", ["grid", "csv", "npz"])
 def test_merged_shards_equal_the_whole_run_to_round_off_when_batches_do_not_align(cli, tmp_path, source):
     """A shard's first and last batch are smaller than the unsharded run's (here a batch of one point),
@@ -368,14 +392,14 @@ def test_a_batch_that_runs_out_of_memory_is_split_not_lost():
 
     calls = []
 
-    def kernel(points):
+    def kernel(points, batch_index):
         calls.append(len(points))
         if len(points) > 3:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM")
         return points * 2
 
     points = np.arange(10.0)[:, None]
-    np.testing.assert_array_equal(run_in_halves(kernel, points), points * 2)
+    np.testing.assert_array_equal(run_in_halves(kernel, points, 0), points * 2)
     assert max(n for n in calls if n <= 3) <= 3 and sum(n for n in calls if n <= 3) == 10
 
 
@@ -386,3 +410,19 @@ def test_batch_size_auto_and_bad_values(cli):
     assert auto.stdout.splitlines()[0] == fixed.stdout.splitlines()[0]
     assert_one_line_error(cli("grad", MODEL, "--at", "1,2", "--batch-size", "0"), 2, "--batch-size '0'")
     assert_one_line_error(cli("grad", MODEL, "--at", "1,2", "--batch-size", "lots"), 2, "positive whole number or auto")
+
+
+def test_the_automatic_batch_size_does_not_follow_every_change_of_free_memory(monkeypatch):
+    """The batch size decides how BLAS blocks its sums: one that followed the memory available to the
+    byte would change a result's last bits between two runs of one command. It is a power of two."""
+    from derivcli import run
+    from derivcli.models import load_model
+
+    model = load_model(MODEL)
+    planned = run.plan(model, run.DerivativeRequest(hessian=True))
+    sizes = []
+    for available in (3.0e9, 3.1e9, 3.3e9, 50e9, 0.1e9):
+        monkeypatch.setattr(run, "available_memory", lambda: available)
+        sizes.append(run.auto_batch_size(model, planned, model.parameter_count))
+    assert all(size & (size - 1) == 0 and 256 <= size <= 65536 for size in sizes)
+    assert sizes[0] == sizes[1] == sizes[2] and sizes[3] == 65536 and sizes[4] < sizes[0]

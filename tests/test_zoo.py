@@ -6,6 +6,8 @@ differentiated by both engines: value, gradient, Hessian, Laplacian, pure orders
 mpmath from its weights and differentiated at 60 digits (`zoo.reference_derivative`),
 so it shares nothing with derivcli, Keras or TensorFlow.
 
+A long run's kernel (XLA from its second batch) is held to the same reference.
+
 Tolerance: float64 evaluation and differentiation round off at 1.1e-16 per op;
 through these small networks (at most a few hundred ops, condition numbers below
 1e3 at the test points, measured) an order-k derivative built from k nested
@@ -92,6 +94,43 @@ def test_every_derivative_matches_the_independent_reference(entry, engine, folde
         expected = np.array([reference(entry.name, folder, output, index, row, dimension) for row in range(len(POINTS))])
         scale = max(np.max(np.abs(expected)), 1e-3)
         np.testing.assert_allclose(values[:, j], expected, rtol=RTOL, atol=RTOL * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
+    """A long run's batches after its first run under XLA (`run.make_kernel`): its own compiler, its own
+    fusions and its own tanh, erf and exp, held to the same tolerance.
+
+    Orders 1 and 2 by tapes, the Laplacian and order 3 by Taylor series (higher orders only
+    lengthen compilation). Where XLA cannot compile a kernel, the run goes on with plain graphs.
+    """
+    path, _ = saved(entry.name, folder)
+    model = load_model(path, [LAYERS_FILE] if entry.custom_objects else [], dtype="float64")
+    dimension = len(model.coordinate_names)
+    request = DerivativeRequest(partials=[{model.coordinate_names[0]: 3}], jacobian=True, hessian=True, laplacian=True)
+    planned = plan(model, request)
+    kernel = make_kernel(model, planned, points=None, batch_size=len(POINTS))
+    plain = kernel(POINTS[:, :dimension], 0)
+    values = kernel(POINTS[:, :dimension], 1)
+    assert kernel.xla not in (None, False), f"{entry.name}: XLA did not compile"
+    for j, (name, output, index) in enumerate(quantities(planned)):
+        expected = np.array([reference(entry.name, folder, output, index, row, dimension) for row in range(len(POINTS))])
+        scale = max(np.max(np.abs(expected)), 1e-3)
+        np.testing.assert_allclose(values[:, j], expected, rtol=RTOL, atol=RTOL * scale, err_msg=name)
+
+
+def test_a_kernel_xla_cannot_compile_runs_its_plain_graph(folder):
+    """XLA cannot differentiate its own gradients: in this LSTM's kernel (orders 1 to 4, pure and
+    mixed, by tapes), the gradient of a gradient of its gate split is an XlaDynamicUpdateSlice,
+    which has no gradient."""
+    path, _ = saved("lstm", folder)
+    model = load_model(path, dtype="float64")
+    names = model.coordinate_names
+    planned = plan(model, request_for(names, 4))
+    kernel = make_kernel(model, planned, points=None, batch_size=len(POINTS))
+    plain = kernel(POINTS[:, : len(names)], 0)
+    np.testing.assert_array_equal(kernel(POINTS[:, : len(names)], 1), plain)
+    assert kernel.xla is False
 
 
 def test_the_float64_graph_holds_no_float32_constant(folder):
