@@ -129,7 +129,7 @@ def run_command(
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")
     layout = layout_for(model, source, planned.names)
-    kernel = make_kernel(model, planned, options.device, options.engine, points=source.run_total,
+    kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                          batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
         from derivcli.plots import PlotWriter, Tee

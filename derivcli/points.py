@@ -72,6 +72,12 @@ class PointSource:
     def run_total(self) -> int | None:
         return self.total
 
+    @property
+    def size_in_advance(self) -> int | None:
+        """The whole run's points when an unsharded run knows them before reading any:
+        a grid's, an NPZ's, `--at`'s; None for CSV, which is counted only to be sharded."""
+        return self.run_total
+
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         raise NotImplementedError
 
@@ -120,6 +126,10 @@ class ShardSource(PointSource):
     @property
     def run_total(self) -> int | None:
         return self.whole_total
+
+    @property
+    def size_in_advance(self) -> int | None:
+        return self.source.size_in_advance
 
     def batches(self, batch_size: int) -> Iterator[PointBatch]:
         if batch_size != self.batch_size:
@@ -263,6 +273,10 @@ class CsvSource(PointSource):
     quote character on, the csv module reads the rest of the input, since a
     quoted field may span lines.
     """
+
+    @property
+    def size_in_advance(self) -> int | None:
+        return None
 
     def __init__(
         self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None, delimiter: str = ","

@@ -45,11 +45,11 @@ from derivcli.writers import Layout, Writer
 # Points per batch when --batch-size is not given: large enough to keep the
 # compiled kernel busy, small enough for high orders on a laptop.
 DEFAULT_BATCH_SIZE = 4096
-# A run's kernel is compiled with XLA from its second batch on when it has at least this many
-# points divided by its highest derivative order (or streams an unknown number): where XLA's
-# compilation (0.15 to 0.5 s on small nets, more for wide ones) pays for itself on a 2-core CPU
-# (bench/bench_jax.py; break-even measured at 1.5M points for a gradient, 0.77M for a Hessian,
-# 0.42M at order 4 and 0.22M at order 8).
+# XLA's compilation (0.15 to 0.5 s on small nets, more for wide ones) pays for itself on a 2-core
+# CPU from about this many points divided by the highest derivative order (bench/bench_jax.py:
+# break-even measured at 1.5M points for a gradient, 0.77M for a Hessian, 0.42M at order 4 and
+# 0.22M at order 8). A run of that many points known in advance uses XLA from its second batch;
+# a run whose size is not known (CSV, standard input) from its batch past that many points.
 XLA_POINTS_TIMES_ORDER = 1_500_000
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
@@ -242,9 +242,9 @@ def make_kernel(
 ) -> Any:
     """The compiled kernel for a plan, on the device chosen by `--device`.
 
-    `points`: how many points the run has (all its shards'), when known; with
-    `batch_size`, it decides whether XLA's compilation time pays for itself.
-    Without `batch_size` the kernel never uses XLA.
+    `points`: how many points the run has (all its shards'), when known in advance;
+    with `batch_size`, it decides from which batch on XLA's compilation time pays
+    for itself. Without `batch_size` the kernel never uses XLA.
 
     `engine`: `tape` (nested reverse mode only), `taylor` (pure derivatives of
     order >= 2 by Taylor series; a usage error when the model is not covered),
@@ -267,14 +267,19 @@ def make_kernel(
             AUTO_MIXED_FROM if model.dtype == "float64" else None)
     # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.5x to
     # 0.8x the time per batch); a model whose ops it cannot compile runs plain graphs.
-    jit = batch_size is not None and planned.highest_order >= 1 and (
-        points is None or points * planned.highest_order >= XLA_POINTS_TIMES_ORDER)
+    xla_from = None
+    if batch_size is not None and planned.highest_order >= 1:
+        pays_from = -(-XLA_POINTS_TIMES_ORDER // planned.highest_order)
+        if points is None:  # a stream: once it has had that many points (at most twice the best's cost)
+            xla_from = max(1, -(-pays_from // batch_size))
+        elif points >= pays_from:
+            xla_from = 1
     # Derivatives differentiate the model's function, free of the graph's gradient conventions
     # (`engine.graph`); values alone need no frozen graph.
     function = model.frozen() if planned.highest_order >= 1 else model.call_flat
     return DerivativeKernel(
         function, len(model.coordinate_names), planned.columns, model.dtype,
-        device=select_device(device), combine=planned.combine, taylor=program, jit_compile=jit,
+        device=select_device(device), combine=planned.combine, taylor=program, xla_from=xla_from,
         interpolate_from=interpolate_from, batch_size=batch_size,
     )
 

@@ -54,25 +54,36 @@ def test_merged_text_shards_are_byte_identical_when_batches_align(cli, tmp_path,
     assert merged.read_bytes() == whole.read_bytes()
 
 
-def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_to_it(cli, tmp_path, monkeypatch):
-    """A long run compiles XLA for its batches after the first (`engine.tape.DerivativeKernel`):
-    which batches use it depends on their place in the run, so two runs write the same bytes,
+@pytest.mark.parametrize("source", ["grid", "csv"])
+def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_to_it(cli, tmp_path, monkeypatch, source):
+    """A long run compiles XLA for its later batches (`run.make_kernel`): a grid from its second
+    batch, a CSV (whose size is not known in advance) from its batch past the threshold. Which
+    batches use it depends only on their place in the whole run, so two runs write the same bytes,
     and shards cut at batch boundaries merge to those bytes too."""
     from derivcli import run
     from derivcli.engine.tape import DerivativeKernel
 
-    monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 1)  # these 55 points count as a long run
+    # Hessians of 20 points and more count as long runs: the grid's 55 from batch 1, the CSV's 40 from batch 2.
+    monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 40)
     compiled = []
-    original = DerivativeKernel._compiled_xla
-    monkeypatch.setattr(DerivativeKernel, "_compiled_xla", lambda self: compiled.append(1) or original(self))
-    whole, merged, _ = run_sharded(cli, tmp_path, ".csv", GRID, shards=5, batch_size=11)
-    assert compiled  # XLA ran the batches after the first
+    original = DerivativeKernel.__call__
+
+    def spy(self, coordinates, batch_index=None):
+        values = original(self, coordinates, batch_index)
+        compiled.append((batch_index, self.xla is not None))
+        return values
+
+    monkeypatch.setattr(DerivativeKernel, "__call__", spy)
+    args, shards, batch = (GRID, 5, 11) if source == "grid" else (["--csv", points_csv(tmp_path)], 4, 10)
+    whole, merged, _ = run_sharded(cli, tmp_path, ".csv", args, shards, batch)
+    first_xla = 1 if source == "grid" else 2
+    assert all(used == (index >= first_xla) for index, used in compiled), compiled
     again = tmp_path / "again.csv"
-    assert cli("hessian", MODEL, *GRID, "--batch-size", 11, "-o", again).exit_code == 0
+    assert cli("hessian", MODEL, *args, "--batch-size", batch, "-o", again).exit_code == 0
     assert merged.read_bytes() == whole.read_bytes() == again.read_bytes()
     monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 10**12)  # the same run without XLA
     plain = tmp_path / "plain.csv"
-    assert cli("hessian", MODEL, *GRID, "--batch-size", 11, "-o", plain).exit_code == 0
+    assert cli("hessian", MODEL, *args, "--batch-size", batch, "-o", plain).exit_code == 0
     expected, actual = read_csv(plain.read_text()), read_csv(whole.read_text())
     for name in ("y", "d2y/dx0^2", "d2y/dx0dx1", "d2y/dx1^2"):  # float32 round-off, as between batch sizes
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6 * np.abs(expected[name]).max())

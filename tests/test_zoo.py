@@ -29,6 +29,7 @@ from derivcli.run import DerivativeRequest, make_kernel, plan
 from zoo import LAYERS_FILE, ZOO, Entry, reference_derivative
 
 RTOL = 1e-11
+LONG_RUN = 10**9  # points: a run long enough to use XLA from its second batch
 POINTS = np.array([[0.31, -0.47, 0.73, -0.12], [-0.58, 0.26, -0.19, 0.64]])
 
 
@@ -109,7 +110,7 @@ def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
     dimension = len(model.coordinate_names)
     request = DerivativeRequest(partials=[{model.coordinate_names[0]: 3}], jacobian=True, hessian=True, laplacian=True)
     planned = plan(model, request)
-    kernel = make_kernel(model, planned, points=None, batch_size=len(POINTS))
+    kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
     plain = kernel(POINTS[:, :dimension], 0)
     values = kernel(POINTS[:, :dimension], 1)
     assert kernel.xla not in (None, False), f"{entry.name}: XLA did not compile"
@@ -127,7 +128,7 @@ def test_a_kernel_xla_cannot_compile_runs_its_plain_graph(folder):
     model = load_model(path, dtype="float64")
     names = model.coordinate_names
     planned = plan(model, request_for(names, 4))
-    kernel = make_kernel(model, planned, points=None, batch_size=len(POINTS))
+    kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
     plain = kernel(POINTS[:, : len(names)], 0)
     np.testing.assert_array_equal(kernel(POINTS[:, : len(names)], 1), plain)
     assert kernel.xla is False

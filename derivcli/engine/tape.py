@@ -242,17 +242,18 @@ class DerivativeKernel:
             (batch,) tensors appended after `columns` (operator expressions).
         taylor: the model as a Taylor program (`engine.taylor`), to take pure
             derivatives of order >= 2 and Laplacians from Taylor series; None for tapes only.
-        jit_compile: run full batches after a run's first with XLA (plain graphs where XLA fails).
+        xla_from: run full batches from this batch of the run on with XLA (plain graphs
+            where XLA fails); None for never. At least 1: the first batch of a run always
+            runs the plain graph, traced in a tenth of a second, so the first rows come out
+            as fast as without XLA; XLA is compiled when its first batch arrives.
         interpolate_from: mixed partials of this total order and above come from Taylor
             series along several directions (`taylor.interpolation_rule`); None for never.
-        batch_size: the run's batch size; with `jit_compile`, XLA is compiled for batches of
-            exactly this many points (it compiles once per shape) and the others run plain.
+        batch_size: the run's batch size; XLA is compiled for batches of exactly this many
+            points (it compiles once per shape) and the others run plain.
 
-    The first batch of a run always runs the plain graph, which is traced in a
-    tenth of a second, so the first rows come out as fast as without XLA; XLA is
-    compiled when the second batch arrives. Which batches use XLA depends only on
-    their place in the run (`batch_index`), never on timing, so a run's output is
-    the same bits every time, and a shard's are the unsharded run's.
+    Which batches use XLA depends only on their place in the run (`batch_index`),
+    never on timing, so a run's output is the same bits every time, and a shard's
+    are the unsharded run's.
 
     Example:
         >>> kernel = DerivativeKernel(model.call_flat, 1, [Column(0, (1,))], "float32")
@@ -268,7 +269,7 @@ class DerivativeKernel:
         device: str | None = None,
         combine: Callable[[DerivativeGraph], list[tf.Tensor]] | None = None,
         taylor: TaylorProgram | None = None,
-        jit_compile: bool = False,
+        xla_from: int | None = None,
         interpolate_from: int | None = None,
         batch_size: int | None = None,
     ) -> None:
@@ -282,15 +283,12 @@ class DerivativeKernel:
         self.dimension = dimension
         # A concrete function is called without matching a signature: 0.1-0.4 ms less per batch.
         self.plain: Any = None
-        # XLA, for batches of `xla_rows` points: None until compiled, False where XLA failed.
-        self.xla_rows = batch_size if jit_compile else None
+        # XLA, for batches of `batch_size` points from batch `xla_from` on: None until compiled,
+        # False where XLA failed.
+        self.xla_from = None if xla_from is None or batch_size is None else max(1, xla_from)
+        self.batch_size = batch_size
         self.xla: Any = None
         self.calls = 0
-
-    @property
-    def jit_compile(self) -> bool:
-        """Whether batches after the first may run with XLA (False once XLA has failed)."""
-        return self.xla_rows is not None and self.xla is not False
 
     def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
         # AutoGraph converts the model's own code (a custom layer may branch on tensors)...
@@ -321,7 +319,8 @@ class DerivativeKernel:
         self.calls += 1
         tensor = tf.convert_to_tensor(coordinates, dtype=self.dtype)
         with tf.device(self.device):
-            if index >= 1 and len(coordinates) == self.xla_rows and self.xla is not False:
+            if self.xla_from is not None and index >= self.xla_from and len(coordinates) == self.batch_size \
+                    and self.xla is not False:
                 try:
                     return self._compiled_xla()(tensor).numpy()
                 except (tf.errors.ResourceExhaustedError, MemoryError):
@@ -335,7 +334,7 @@ class DerivativeKernel:
 
     def _compiled_xla(self) -> Any:
         if self.xla is None:
-            signature = tf.TensorSpec((self.xla_rows, self.dimension), tf.as_dtype(self.dtype))
+            signature = tf.TensorSpec((self.batch_size, self.dimension), tf.as_dtype(self.dtype))
             self.xla = tf.function(self._compute, jit_compile=True).get_concrete_function(signature)
         return self.xla
 
