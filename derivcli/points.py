@@ -274,10 +274,6 @@ class CsvSource(PointSource):
     quoted field may span lines.
     """
 
-    @property
-    def size_in_advance(self) -> int | None:
-        return None
-
     def __init__(
         self, path: str, input_names: Sequence[str], columns: Sequence[str] | None = None, delimiter: str = ","
     ) -> None:
@@ -332,6 +328,9 @@ class CsvSource(PointSource):
         ]
         self.passthrough_names = [self.header[i] for i in self.passthrough_positions]
 
+    @property
+    def size_in_advance(self) -> int | None:
+        return None  # read as a stream; counted only when sharded
     def _read_header(self) -> list[str] | None:
         """The first non-blank row, read by the fast path when it is a plain line."""
         while True:

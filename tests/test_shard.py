@@ -433,7 +433,7 @@ def test_the_automatic_batch_size_does_not_follow_every_change_of_free_memory(mo
     planned = run.plan(model, run.DerivativeRequest(hessian=True))
     sizes = []
     for available in (3.0e9, 3.1e9, 3.3e9, 50e9, 0.1e9):
-        monkeypatch.setattr(run, "available_memory", lambda: available)
+        monkeypatch.setattr(run, "available_memory", lambda available=available: available)
         sizes.append(run.auto_batch_size(model, planned, model.parameter_count))
     assert all(size & (size - 1) == 0 and 256 <= size <= 65536 for size in sizes)
     assert sizes[0] == sizes[1] == sizes[2] and sizes[3] == 65536 and sizes[4] < sizes[0]

@@ -111,7 +111,7 @@ def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
     request = DerivativeRequest(partials=[{model.coordinate_names[0]: 3}], jacobian=True, hessian=True, laplacian=True)
     planned = plan(model, request)
     kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
-    plain = kernel(POINTS[:, :dimension], 0)
+    kernel(POINTS[:, :dimension], 0)  # the plain graph
     values = kernel(POINTS[:, :dimension], 1)
     assert kernel.xla not in (None, False), f"{entry.name}: XLA did not compile"
     for j, (name, output, index) in enumerate(quantities(planned)):
