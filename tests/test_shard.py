@@ -89,6 +89,33 @@ def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_t
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6 * np.abs(expected[name]).max())
 
 
+def test_a_kernel_xla_cannot_compile_runs_its_plain_graph(monkeypatch):
+    """XLA refuses some kernels (it cannot differentiate its own gradients: an LSTM's fourth
+    derivatives by tapes reach an XlaDynamicUpdateSlice). The run goes on with the plain graph,
+    and does not try XLA again."""
+    import tensorflow as tf
+
+    from derivcli.engine.tape import DerivativeKernel
+    from derivcli.models import load_model
+    from derivcli.run import DerivativeRequest, make_kernel, plan
+
+    attempts = []
+
+    def refuse(self):
+        attempts.append(1)
+        raise tf.errors.InvalidArgumentError(None, None, "Detected unsupported operations when trying to compile")
+
+    model = load_model(MODEL)
+    points = np.random.default_rng(0).uniform(-1, 1, (8, 2)).astype(np.float32)
+    planned = plan(model, DerivativeRequest(hessian=True))
+    plain = make_kernel(model, planned)(points)
+    kernel = make_kernel(model, planned, points=10**9, batch_size=8)
+    monkeypatch.setattr(DerivativeKernel, "_compiled_xla", refuse)
+    for index in range(4):
+        np.testing.assert_array_equal(kernel(points, index), plain)
+    assert len(attempts) == 1 and kernel.xla is False
+
+
 @pytest.mark.parametrize("source", ["grid", "csv", "npz"])
 def test_merged_shards_equal_the_whole_run_to_round_off_when_batches_do_not_align(cli, tmp_path, source):
     """A shard's first and last batch are smaller than the unsharded run's (here a batch of one point),

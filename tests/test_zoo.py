@@ -120,20 +120,6 @@ def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
         np.testing.assert_allclose(values[:, j], expected, rtol=RTOL, atol=RTOL * scale, err_msg=name)
 
 
-def test_a_kernel_xla_cannot_compile_runs_its_plain_graph(folder):
-    """XLA cannot differentiate its own gradients: in this LSTM's kernel (orders 1 to 4, pure and
-    mixed, by tapes), the gradient of a gradient of its gate split is an XlaDynamicUpdateSlice,
-    which has no gradient."""
-    path, _ = saved("lstm", folder)
-    model = load_model(path, dtype="float64")
-    names = model.coordinate_names
-    planned = plan(model, request_for(names, 4))
-    kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
-    plain = kernel(POINTS[:, : len(names)], 0)
-    np.testing.assert_array_equal(kernel(POINTS[:, : len(names)], 1), plain)
-    assert kernel.xla is False
-
-
 def test_the_float64_graph_holds_no_float32_constant(folder):
     """gelu's 1/sqrt(2), Rescaling, Normalization, the attention scale, LeakyReLU's slope: all float64."""
     for entry in ZOO:
