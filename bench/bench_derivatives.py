@@ -187,8 +187,8 @@ def main() -> None:
           f"{'jet us/pt':>9s} {'vs jet':>7s}")
     for order in ((1, 2, 4) if arguments.quick else (1, 2, 4, 6, 8, 12, 16)):
         columns = columns_for("nth", 1, order)
-        # As `--engine auto` runs it: plain graphs for 1024 points; with XLA from the second batch
-        # for long runs (derivcli.run.XLA_POINTS_TIMES_ORDER); its "first s" includes compiling XLA.
+        # As `--engine auto` runs it: plain graphs for 1024 points; with XLA for long runs
+        # (derivcli.run.XLA_POINTS_TIMES_ORDER).
         taylor, taylor_trace = timed_kernel(
             lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32")),
             points)
@@ -196,7 +196,7 @@ def main() -> None:
         if order >= 4:
             xla, xla_trace = timed_kernel(
                 lambda: DerivativeKernel(model, 1, columns, "float32", taylor=TaylorProgram.trace(model, 1, "float32"),
-                                         xla_from=1, batch_size=len(points)), points, calls=2)
+                                         xla_from=0, batch_size=len(points)), points)
         if order <= 8:
             tape, tape_trace = timed_kernel(lambda: DerivativeKernel(model, 1, columns, "float32"), points)
             few = eager_points if order <= 4 else 8  # the eager loop at order 8 takes seconds a point
@@ -247,14 +247,11 @@ def laplacian_section(quick: bool) -> None:
           f"{jacobian / taylor:.1f}x than batch_jacobian")
 
 
-def timed_kernel(
-    build: Callable[[], Callable[[np.ndarray], object]], points: np.ndarray, calls: int = 1,
-) -> tuple[float, float]:
-    """(best run time, time to the first `calls` results: building, tracing, compiling) of a kernel."""
+def timed_kernel(build: Callable[[], Callable[[np.ndarray], object]], points: np.ndarray) -> tuple[float, float]:
+    """(best run time, time to the first result: building, tracing, compiling and the first call) of a kernel."""
     start = time.perf_counter()
     kernel = build()
-    for _ in range(calls):
-        kernel(points)
+    kernel(points)
     trace = time.perf_counter() - start
     return best_time(lambda: kernel(points), 3), trace
 

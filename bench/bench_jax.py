@@ -6,13 +6,13 @@
 
 Each workload builds one Keras model, saves it as .keras and loads it with
 `derivcli.models.load_model`; derivcli's kernel is `derivcli.run.make_kernel`
-for the command's plan, as a long run uses it (batches of the given size; the
-first runs the plain graph, the others XLA), and JAX evaluates the same
+for the command's plan, as a long run uses it (batches of the given size,
+compiled with XLA), and JAX evaluates the same
 function from the same weights. The two are timed in interleaved rounds (best
 of each), so a busy machine slows both alike: the ratio is what counts. "max
 rel diff" is the largest difference between the two results, relative to the
-largest result; "first s" is the time to the first batch's result (derivcli:
-tracing the plain graph; JAX: compiling).
+largest result; "first s" is the time to the first batch's result, tracing
+and compiling included.
 
 Then whole commands: the installed `derivcli` against a Python script that
 does the same with JAX from the same .keras file (its weights read with h5py,
@@ -107,7 +107,7 @@ def derivcli_kernel(model: object, kind: str, points: int) -> Callable:
         request = DerivativeRequest(partials=[{"x": int(kind.split("^")[1])}])
     planned = plan(model, request)
     # The kernel of a long run (here 1e8 points, enough for XLA's compilation to pay), in batches
-    # of `points`: its first batch runs the plain graph, the others XLA.
+    # of `points`: XLA from its first batch.
     return make_kernel(model, planned, "cpu", "auto", points=100_000_000, batch_size=points)
 
 
@@ -119,12 +119,14 @@ def first_call(function: Callable[[], object]) -> float:
 
 
 def best_of(functions: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Interleaved rounds: each function once per round, after a warm-up (tracing, compiling)."""
+    """Interleaved rounds: each function once per round, after a warm-up (tracing, compiling),
+    in turns first and last, so that neither always runs on caches the other left."""
     for function in functions:
         function()
     best = [float("inf")] * len(functions)
-    for _ in range(rounds):
-        for i, function in enumerate(functions):
+    for round_ in range(rounds):
+        order = list(enumerate(functions))
+        for i, function in order if round_ % 2 == 0 else reversed(order):
             start = time.perf_counter()
             function()
             best[i] = min(best[i], time.perf_counter() - start)
@@ -159,7 +161,6 @@ def main() -> None:
                 kernel = derivcli_kernel(model, kind, count)
                 reference = jax_workload(kind, f, inputs)
                 firsts = [first_call(lambda: kernel(points)), first_call(lambda: np.asarray(reference(points)))]
-                # Both results of a later batch: derivcli's from XLA, as in a long run.
                 ours = kernel(points)
                 theirs = np.asarray(reference(points))
                 if kind.startswith("x^"):

@@ -48,9 +48,13 @@ DEFAULT_BATCH_SIZE = 4096
 # XLA's compilation (0.15 to 0.5 s on small nets, more for wide ones) pays for itself on a 2-core
 # CPU from about this many points divided by the highest derivative order (bench/bench_jax.py:
 # break-even measured at 1.5M points for a gradient, 0.77M for a Hessian, 0.42M at order 4 and
-# 0.22M at order 8). A run of that many points known in advance uses XLA from its second batch;
-# a run whose size is not known (CSV, standard input) from its batch past that many points.
+# 0.22M at order 8). A run of that many points known in advance uses XLA from its first batch;
+# a run whose size is not known (CSV, standard input) from its batch past that many points,
+# so that a short stream never waits for a compilation.
 XLA_POINTS_TIMES_ORDER = 1_500_000
+# Laplacians over more inputs than this never use XLA: over 50 inputs of a 256-wide net it
+# compiled for 5 to 8 s and ran no faster (0.87x to 1.05x); over 2 and 16 inputs, 0.5x and 0.87x.
+XLA_LAPLACIAN_INPUTS = 16
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
 AUTO_MIXED_FROM = 6
@@ -268,12 +272,13 @@ def make_kernel(
     # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.5x to
     # 0.8x the time per batch); a model whose ops it cannot compile runs plain graphs.
     xla_from = None
-    if batch_size is not None and planned.highest_order >= 1:
+    if batch_size is not None and planned.highest_order >= 1 and all(
+            len(c.laplacian_over or ()) <= XLA_LAPLACIAN_INPUTS for c in planned.columns):
         pays_from = -(-XLA_POINTS_TIMES_ORDER // planned.highest_order)
         if points is None:  # a stream: once it has had that many points (at most twice the best's cost)
-            xla_from = max(1, -(-pays_from // batch_size))
+            xla_from = -(-pays_from // batch_size)
         elif points >= pays_from:
-            xla_from = 1
+            xla_from = 0
     # Derivatives differentiate the model's function, free of the graph's gradient conventions
     # (`engine.graph`); values alone need no frozen graph.
     function = model.frozen() if planned.highest_order >= 1 else model.call_flat

@@ -56,14 +56,14 @@ def test_merged_text_shards_are_byte_identical_when_batches_align(cli, tmp_path,
 
 @pytest.mark.parametrize("source", ["grid", "csv"])
 def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_to_it(cli, tmp_path, monkeypatch, source):
-    """A long run compiles XLA for its later batches (`run.make_kernel`): a grid from its second
-    batch, a CSV (whose size is not known in advance) from its batch past the threshold. Which
+    """A long run compiles XLA (`run.make_kernel`): a grid from its first batch, a CSV (whose
+    size is not known in advance) from its batch past the threshold. Which
     batches use it depends only on their place in the whole run, so two runs write the same bytes,
     and shards cut at batch boundaries merge to those bytes too."""
     from derivcli import run
     from derivcli.engine.tape import DerivativeKernel
 
-    # Hessians of 20 points and more count as long runs: the grid's 55 from batch 1, the CSV's 40 from batch 2.
+    # Hessians of 20 points and more count as long runs: the grid's 55 from batch 0, the CSV's 40 from batch 2.
     monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 40)
     compiled = []
     original = DerivativeKernel.__call__
@@ -76,7 +76,7 @@ def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_t
     monkeypatch.setattr(DerivativeKernel, "__call__", spy)
     args, shards, batch = (GRID, 5, 11) if source == "grid" else (["--csv", points_csv(tmp_path)], 4, 10)
     whole, merged, _ = run_sharded(cli, tmp_path, ".csv", args, shards, batch)
-    first_xla = 1 if source == "grid" else 2
+    first_xla = 0 if source == "grid" else 2
     assert all(used == (index >= first_xla) for index, used in compiled), compiled
     again = tmp_path / "again.csv"
     assert cli("hessian", MODEL, *args, "--batch-size", batch, "-o", again).exit_code == 0

@@ -6,7 +6,7 @@ differentiated by both engines: value, gradient, Hessian, Laplacian, pure orders
 mpmath from its weights and differentiated at 60 digits (`zoo.reference_derivative`),
 so it shares nothing with derivcli, Keras or TensorFlow.
 
-A long run's kernel (XLA from its second batch) is held to the same reference.
+A long run's kernel (XLA) is held to the same reference.
 
 Tolerance: float64 evaluation and differentiation round off at 1.1e-16 per op;
 through these small networks (at most a few hundred ops, condition numbers below
@@ -29,7 +29,7 @@ from derivcli.run import DerivativeRequest, make_kernel, plan
 from zoo import LAYERS_FILE, ZOO, Entry, reference_derivative
 
 RTOL = 1e-11
-LONG_RUN = 10**9  # points: a run long enough to use XLA from its second batch
+LONG_RUN = 10**9  # points: a run long enough to use XLA from its first batch
 POINTS = np.array([[0.31, -0.47, 0.73, -0.12], [-0.58, 0.26, -0.19, 0.64]])
 
 
@@ -99,8 +99,8 @@ def test_every_derivative_matches_the_independent_reference(entry, engine, folde
 
 @pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
 def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
-    """A long run's batches after its first run under XLA (`run.make_kernel`): its own compiler, its own
-    fusions and its own tanh, erf and exp, held to the same tolerance.
+    """A long run's batches run under XLA (`run.make_kernel`): its own compiler, its own fusions
+    and its own tanh, erf and exp, held to the same tolerance.
 
     Orders 1 and 2 by tapes, the Laplacian and order 3 by Taylor series (higher orders only
     lengthen compilation). Where XLA cannot compile a kernel, the run goes on with plain graphs.
@@ -111,8 +111,7 @@ def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
     request = DerivativeRequest(partials=[{model.coordinate_names[0]: 3}], jacobian=True, hessian=True, laplacian=True)
     planned = plan(model, request)
     kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
-    kernel(POINTS[:, :dimension], 0)  # the plain graph
-    values = kernel(POINTS[:, :dimension], 1)
+    values = kernel(POINTS[:, :dimension], 0)
     assert kernel.xla not in (None, False), f"{entry.name}: XLA did not compile"
     for j, (name, output, index) in enumerate(quantities(planned)):
         expected = np.array([reference(entry.name, folder, output, index, row, dimension) for row in range(len(POINTS))])

@@ -243,9 +243,7 @@ class DerivativeKernel:
         taylor: the model as a Taylor program (`engine.taylor`), to take pure
             derivatives of order >= 2 and Laplacians from Taylor series; None for tapes only.
         xla_from: run full batches from this batch of the run on with XLA (plain graphs
-            where XLA fails); None for never. At least 1: the first batch of a run always
-            runs the plain graph, traced in a tenth of a second, so the first rows come out
-            as fast as without XLA; XLA is compiled when its first batch arrives.
+            where XLA fails); None for never. XLA is compiled when its first batch arrives.
         interpolate_from: mixed partials of this total order and above come from Taylor
             series along several directions (`taylor.interpolation_rule`); None for never.
         batch_size: the run's batch size; XLA is compiled for batches of exactly this many
@@ -285,7 +283,7 @@ class DerivativeKernel:
         self.plain: Any = None
         # XLA, for batches of `batch_size` points from batch `xla_from` on: None until compiled,
         # False where XLA failed.
-        self.xla_from = None if xla_from is None or batch_size is None else max(1, xla_from)
+        self.xla_from = None if batch_size is None else xla_from
         self.batch_size = batch_size
         self.xla: Any = None
         self.calls = 0
