@@ -197,6 +197,16 @@ def gemm_floor() -> None:
     times = best_of([lambda: graph(tensor).numpy(), lambda: xla(tensor).numpy(), lambda: np.asarray(reference(left))], 30)
     print(f"\n{'GEMM + tanh, (24576x64)(64x64)':32s}  TensorFlow graph {times[0]:.4f} s ({times[0] / times[2]:.2f}x), "
           f"TensorFlow XLA {times[1]:.4f} s ({times[1] / times[2]:.2f}x), JAX {times[2]:.4f} s", flush=True)
+    # And the cost of a call itself: a compiled function of a 4096-point batch that only doubles it.
+    small = left[:4096, :2]
+    spec = tf.TensorSpec(small.shape, tf.float32)
+    graph = tf.function(lambda x: 2 * x).get_concrete_function(spec)
+    xla = tf.function(lambda x: 2 * x, jit_compile=True).get_concrete_function(spec)
+    reference = jax.jit(lambda x: 2 * x)
+    times = best_of([lambda: graph(tf.constant(small)).numpy(), lambda: xla(tf.constant(small)).numpy(),
+                     lambda: np.asarray(reference(small))], 200)
+    print(f"{'a call: 2x on (4096x2)':32s}  TensorFlow graph {times[0] * 1e6:.0f} us, TensorFlow XLA "
+          f"{times[1] * 1e6:.0f} us, JAX {times[2] * 1e6:.0f} us", flush=True)
 
 
 JAX_SCRIPT = r"""
