@@ -12,7 +12,8 @@ function from the same weights. The two are timed in interleaved rounds (best
 of each), so a busy machine slows both alike: the ratio is what counts. "max
 rel diff" is the largest difference between the two results, relative to the
 largest result; "first s" is the time to the first batch's result, tracing
-and compiling included.
+and compiling included; "plain s" is derivcli's kernel of a short run, the
+plain graph without XLA.
 
 Then whole commands: the installed `derivcli` against a Python script that
 does the same with JAX from the same .keras file (its weights read with h5py,
@@ -96,7 +97,7 @@ def jax_workload(kind: str, f: Callable, dimension: int) -> Callable:
     return jax.jit(jax.vmap(series))
 
 
-def derivcli_kernel(model: object, kind: str, points: int) -> Callable:
+def derivcli_kernel(model: object, kind: str, points: int, long_run: bool = True) -> Callable:
     if kind == "gradient":
         request = DerivativeRequest(jacobian=True)
     elif kind == "hessian":
@@ -106,6 +107,8 @@ def derivcli_kernel(model: object, kind: str, points: int) -> Callable:
     else:
         request = DerivativeRequest(partials=[{"x": int(kind.split("^")[1])}])
     planned = plan(model, request)
+    if not long_run:  # a short run's kernel: the plain graph
+        return make_kernel(model, planned, "cpu", "auto", points=points)
     # The kernel of a long run (here 1e8 points, enough for XLA's compilation to pay), in batches
     # of `points`: XLA from its first batch.
     return make_kernel(model, planned, "cpu", "auto", points=100_000_000, batch_size=points)
@@ -150,7 +153,7 @@ def main() -> None:
     jax.config.update("jax_enable_x64", False)
     sizes = [4096] if options.quick else [4096, 65536]
     print(f"{'workload':32s}{'points':>8s}{'derivcli s':>12s}{'JAX s':>10s}{'derivcli/JAX':>14s}{'max rel diff':>14s}"
-          f"{'first s':>9s}{'JAX first s':>13s}")
+          f"{'first s':>9s}{'JAX first s':>13s}{'plain s':>9s}")
     with tempfile.TemporaryDirectory() as folder:
         for label, kind, inputs, width, depth in WORKLOADS:
             model, weights = mlp(folder, kind.replace("^", ""), inputs, width, depth)
@@ -167,9 +170,11 @@ def main() -> None:
                     ours = ours[:, [0, -1]]
                 difference = np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30)
                 rounds = 5 if count > 4096 else 10 if options.quick else 30  # milliseconds each: more rounds
-                mine, jaxs = best_of([lambda: kernel(points), lambda: np.asarray(reference(points))], rounds)
+                plain = derivcli_kernel(model, kind, count, long_run=False)
+                mine, jaxs, plains = best_of(
+                    [lambda: kernel(points), lambda: np.asarray(reference(points)), lambda: plain(points)], rounds)
                 print(f"{label:32s}{count:8d}{mine:12.4f}{jaxs:10.4f}{mine / jaxs:13.2f}x{difference:14.2e}"
-                      f"{firsts[0]:9.2f}{firsts[1]:13.2f}", flush=True)
+                      f"{firsts[0]:9.2f}{firsts[1]:13.2f}{plains:9.4f}", flush=True)
         gemm_floor()
         if not options.quick:
             whole_commands(folder)
