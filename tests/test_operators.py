@@ -140,12 +140,28 @@ def test_random_text_gives_a_result_or_a_usage_error(text):
         assert "\n" not in error.message
 
 
-def test_op_matches_closed_forms(model_factory, cli):
+@pytest.mark.parametrize("xla", [False, True], ids=["plain", "xla"])
+def test_op_matches_closed_forms(model_factory, cli, monkeypatch, xla):
+    """Operator expressions combine derivatives inside the kernel: under XLA too (a long run's kernel)."""
+    from derivcli import run
+    from derivcli.engine.tape import DerivativeKernel
+
+    compiled = []
+    if xla:
+        monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 1)  # these two points count as a long run
+        original = DerivativeKernel.__call__
+
+        def spy(self, coordinates, batch_index=None):
+            values = original(self, coordinates, batch_index)
+            compiled.append(self.xla not in (None, False))  # compiled, and not fallen back to the plain graph
+            return values
+
+        monkeypatch.setattr(DerivativeKernel, "__call__", spy)
     net, path = model_factory("tanh", 2, 1, "keras", input_names=("t", "x"))
     points = np.array([[0.2, -0.4], [0.9, 0.3]])
     args = [a for p in points for a in ("--at", ",".join(map(repr, p.tolist())))]
     result = cli(
-        "op", path, *args, "--output-names", "u", "--dtype", "float64",
+        "op", path, *args, "--output-names", "u", "--dtype", "float64", "--batch-size", "2",
         "--expr", "res=u_t + u*u_x - 0.01/pi*u_xx",
         "--expr", "x*D(u, x)*D(u, t) + sin(t)*exp(u) - sqrt(abs(u_xt)) + lap(u)",
         "--expr", "D(u, t^2, x^3)",
@@ -160,6 +176,7 @@ def test_op_matches_closed_forms(model_factory, cli):
     expected = x * d((0, 1)) * d((1, 0)) + np.sin(t) * np.exp(u) - np.sqrt(np.abs(d((1, 1)))) + d((2, 0)) + d((0, 2))
     np.testing.assert_allclose(table["op2"], expected, rtol=1e-10)
     np.testing.assert_allclose(table["op3"], d((2, 3)), rtol=1e-10)
+    assert compiled == ([True] if xla else [])
 
 
 def test_laplacian_in_op_follows_wrt(model_factory, cli):
