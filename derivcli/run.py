@@ -47,11 +47,18 @@ from derivcli.writers import Layout, Writer
 DEFAULT_BATCH_SIZE = 4096
 # XLA's compilation (0.15 to 0.5 s on small nets, more for wide ones) pays for itself on a 2-core
 # CPU from about this many points divided by the highest derivative order (bench/bench_jax.py:
-# break-even measured at 1.5M points for a gradient, 0.77M for a Hessian, 0.42M at order 4 and
-# 0.22M at order 8). A run of that many points known in advance uses XLA from its first batch;
-# a run whose size is not known (CSV, standard input) from its batch past that many points,
-# so that a short stream never waits for a compilation.
+# break-even measured at 0.77M points for a Hessian, 0.45M at order 3, 0.42M at order 4 and
+# 0.22M at order 8), and for a gradient, which XLA speeds up by only 14% at 4096 points a batch
+# and 8% at 65536, from XLA_GRADIENT_POINTS. A run of that many points known in advance uses XLA
+# from its second batch (its first, from order XLA_FIRST_BATCH_FROM_ORDER on); a run whose size
+# is not known (CSV, standard input) from its batch past that many points, so that a short
+# stream never waits for a compilation.
 XLA_POINTS_TIMES_ORDER = 1_500_000
+XLA_GRADIENT_POINTS = 10_000_000
+# Up to order 3 a plain graph traces in about a tenth of a second and runs a batch in milliseconds,
+# so a long run's first rows come from it as fast as before XLA; from order 4 the plain first
+# batch costs more than it saves (order 8: 0.6 s of tracing and 0.3 s for 65,536 points).
+XLA_FIRST_BATCH_FROM_ORDER = 4
 # Laplacians over more inputs than this never use XLA: over 50 inputs of a 256-wide net it
 # compiled for 5 to 8 s and ran no faster (0.87x to 1.05x); over 2 and 16 inputs, 0.5x and 0.87x.
 XLA_LAPLACIAN_INPUTS = 16
@@ -274,11 +281,12 @@ def make_kernel(
     xla_from = None
     if batch_size is not None and planned.highest_order >= 1 and all(
             len(c.laplacian_over or ()) <= XLA_LAPLACIAN_INPUTS for c in planned.columns):
-        pays_from = -(-XLA_POINTS_TIMES_ORDER // planned.highest_order)
+        pays_from = XLA_GRADIENT_POINTS if planned.highest_order == 1 else \
+            -(-XLA_POINTS_TIMES_ORDER // planned.highest_order)
         if points is None:  # a stream: once it has had that many points (at most twice the best's cost)
             xla_from = -(-pays_from // batch_size)
         elif points >= pays_from:
-            xla_from = 0
+            xla_from = 0 if planned.highest_order >= XLA_FIRST_BATCH_FROM_ORDER else 1
     # Derivatives differentiate the model's function, free of the graph's gradient conventions
     # (`engine.graph`); values alone need no frozen graph.
     function = model.frozen() if planned.highest_order >= 1 else model.call_flat

@@ -56,14 +56,14 @@ def test_merged_text_shards_are_byte_identical_when_batches_align(cli, tmp_path,
 
 @pytest.mark.parametrize("source", ["grid", "csv"])
 def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_to_it(cli, tmp_path, monkeypatch, source):
-    """A long run compiles XLA (`run.make_kernel`): a grid from its first batch, a CSV (whose
-    size is not known in advance) from its batch past the threshold. Which
+    """A long run compiles XLA (`run.make_kernel`): a grid's Hessian from its second batch, a CSV
+    (whose size is not known in advance) from its batch past the threshold. Which
     batches use it depends only on their place in the whole run, so two runs write the same bytes,
     and shards cut at batch boundaries merge to those bytes too."""
     from derivcli import run
     from derivcli.engine.tape import DerivativeKernel
 
-    # Hessians of 20 points and more count as long runs: the grid's 55 from batch 0, the CSV's 40 from batch 2.
+    # Hessians of 20 points and more count as long runs: the grid's 55 from batch 1, the CSV's 40 from batch 2.
     monkeypatch.setattr(run, "XLA_POINTS_TIMES_ORDER", 40)
     compiled = []
     original = DerivativeKernel.__call__
@@ -76,7 +76,7 @@ def test_a_long_run_under_xla_is_the_same_bits_every_time_and_its_shards_merge_t
     monkeypatch.setattr(DerivativeKernel, "__call__", spy)
     args, shards, batch = (GRID, 5, 11) if source == "grid" else (["--csv", points_csv(tmp_path)], 4, 10)
     whole, merged, _ = run_sharded(cli, tmp_path, ".csv", args, shards, batch)
-    first_xla = 0 if source == "grid" else 2
+    first_xla = 1 if source == "grid" else 2
     assert all(used == (index >= first_xla) for index, used in compiled), compiled
     again = tmp_path / "again.csv"
     assert cli("hessian", MODEL, *args, "--batch-size", batch, "-o", again).exit_code == 0
@@ -464,3 +464,30 @@ def test_the_automatic_batch_size_does_not_follow_every_change_of_free_memory(mo
         sizes.append(run.auto_batch_size(model, planned, model.parameter_count))
     assert all(size & (size - 1) == 0 and 256 <= size <= 65536 for size in sizes)
     assert sizes[0] == sizes[1] == sizes[2] and sizes[3] == 65536 and sizes[4] < sizes[0]
+
+
+def test_which_batch_of_a_run_xla_starts_at(tmp_path):
+    """XLA from the batch where its compilation pays (`run.make_kernel`): a run's size known in
+    advance decides at once, a stream of unknown size switches once it has had that many points."""
+    import keras
+
+    from derivcli.models import load_model
+    from derivcli.run import DerivativeRequest, make_kernel, plan
+
+    model = load_model(MODEL)
+
+    def start(request, points, batch_size=4096, of=model):
+        return make_kernel(of, plan(of, request), points=points, batch_size=batch_size).xla_from
+
+    gradient, hessian = DerivativeRequest(jacobian=True), DerivativeRequest(hessian=True)
+    eighth = DerivativeRequest(partials=[{"x0": 8}])
+    assert start(gradient, 2_000_000) is None and start(gradient, 20_000_000) == 1
+    assert start(hessian, 700_000) is None and start(hessian, 800_000) == 1
+    assert start(eighth, 100_000) is None and start(eighth, 200_000) == 0  # order 8: its first batch too
+    assert start(hessian, None) == 184  # a stream: from its batch past 750,000 points, 4096 a batch
+    assert start(hessian, 10**9, batch_size=None) is None  # no batch size, no XLA (library calls)
+    wide = keras.Sequential([keras.Input((17,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+    wide.save(tmp_path / "wide.keras")
+    wide = load_model(str(tmp_path / "wide.keras"))
+    assert start(DerivativeRequest(laplacian=True), 10**9, of=wide) is None  # Laplacians over > 16 inputs
+    assert start(DerivativeRequest(laplacian=True, wrt=["x0", "x1"]), 10**9, of=wide) == 1

@@ -29,7 +29,7 @@ from derivcli.run import DerivativeRequest, make_kernel, plan
 from zoo import LAYERS_FILE, ZOO, Entry, reference_derivative
 
 RTOL = 1e-11
-LONG_RUN = 10**9  # points: a run long enough to use XLA from its first batch
+LONG_RUN = 10**9  # points: a run long enough to use XLA
 POINTS = np.array([[0.31, -0.47, 0.73, -0.12], [-0.58, 0.26, -0.19, 0.64]])
 
 
@@ -111,7 +111,8 @@ def test_the_xla_kernel_of_a_long_run_matches_the_reference_too(entry, folder):
     request = DerivativeRequest(partials=[{model.coordinate_names[0]: 3}], jacobian=True, hessian=True, laplacian=True)
     planned = plan(model, request)
     kernel = make_kernel(model, planned, points=LONG_RUN, batch_size=len(POINTS))
-    values = kernel(POINTS[:, :dimension], 0)
+    kernel(POINTS[:, :dimension], 0)  # up to order 3, a long run's first batch runs the plain graph
+    values = kernel(POINTS[:, :dimension], 1)
     assert kernel.xla not in (None, False), f"{entry.name}: XLA did not compile"
     for j, (name, output, index) in enumerate(quantities(planned)):
         expected = np.array([reference(entry.name, folder, output, index, row, dimension) for row in range(len(POINTS))])
