@@ -276,8 +276,8 @@ def make_kernel(
     if program is not None:
         interpolate_from = TAYLOR_MIXED_FROM if engine == "taylor" else (
             AUTO_MIXED_FROM if model.dtype == "float64" else None)
-    # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.5x to
-    # 0.8x the time per batch); a model whose ops it cannot compile runs plain graphs.
+    # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.45x to
+    # 0.97x the plain graph's time per batch); a model whose ops it cannot compile runs plain graphs.
     xla_from = None
     if batch_size is not None and planned.highest_order >= 1 and all(
             len(c.laplacian_over or ()) <= XLA_LAPLACIAN_INPUTS for c in planned.columns):
