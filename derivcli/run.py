@@ -181,6 +181,10 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         if request.laplacian:
             columns.append(Column(m, zero, laplacian_over=tuple(wrt)))
             names.append(laplacian_column(output_name))
+    # The same derivative asked for twice (a --partial that --order also covers) is one column,
+    # where it was first asked for; two expressions of one name may mean different things.
+    first_asked = dict.fromkeys(zip(columns, names))
+    columns, names = [c for c, _ in first_asked], [n for _, n in first_asked]
     expressions = parse_expressions(request.expressions, inputs, model.output_names)
     names += [e.name for e in expressions]
     duplicates = sorted({n for n in names if names.count(n) > 1})

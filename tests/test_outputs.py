@@ -236,11 +236,34 @@ def test_a_link_to_standard_output_is_written_through(tmp_path, model):
     assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
 
 
+@pytest.mark.parametrize(("options", "header"), [
+    # every third-order partial, one of them named again first: one column each, in the order first asked
+    (["--partial", "x0,x1^2", "--order", "3"],
+     "x0,x1,y,d3y/dx0dx1^2,d3y/dx0^3,d3y/dx0^2dx1,d3y/dx1^3"),
+    (["--partial", "x0", "--partial", "x0", "--partial", "x1,x0", "--partial", "x0,x1"],
+     "x0,x1,y,dy/dx0,d2y/dx0dx1"),
+    (["--partial", "x1", "--order", "1"], "x0,x1,y,dy/dx1,dy/dx0"),
+])
+def test_the_same_derivative_asked_twice_is_one_column(cli, options, header):
+    once = cli("deriv", SAMPLES / "softplus_2d.keras", "--at", "1,2", "--format", "csv", "--dtype", "float64", *options)
+    assert once.exit_code == 0, once.stderr
+    lines = once.stdout.splitlines()
+    assert lines[0] == header
+    # each column holds the value of its own derivative, asked for alone
+    for name, value in zip(header.split(","), lines[1].split(",")):
+        if not name.startswith("d"):
+            continue
+        spec = ",".join(part for part in name.split("/")[1].split("d") if part)  # d3y/dx0dx1^2 -> x0,x1^2
+        alone = cli("deriv", SAMPLES / "softplus_2d.keras", "--at", "1,2", "--format", "csv", "--dtype", "float64",
+                    "--partial", spec)
+        assert alone.stdout.splitlines()[0].split(",")[-1] == name
+        np.testing.assert_allclose(float(alone.stdout.splitlines()[1].split(",")[-1]), float(value), rtol=1e-12)
+
+
 @pytest.mark.parametrize("arguments", [
-    ("deriv", "--partial", "x0,x1^2", "--order", "3"),
-    ("deriv", "--partial", "x0", "--partial", "x0"),
     ("op", "--expr", "y=x0"),
     ("op", "--expr", "x1=x0"),
+    ("op", "--expr", "r=D(y, x0)", "--expr", "r=D(y, x1)"),
 ])
 def test_a_column_name_used_twice_is_refused(cli, arguments):
     command, *options = arguments
