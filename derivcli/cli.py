@@ -550,11 +550,17 @@ def run() -> None:
     Tearing down the interpreter after TensorFlow takes a second (its threads,
     modules and atexit hooks) after the answer is out. Every output is complete
     by then: files are committed, standard output and error are flushed here,
-    so the process ends at once with the run's status.
+    so the process ends at once with the run's status. That skips TensorFlow's
+    `atexit` clean-up of its temporary files: the run keeps them in a folder of
+    its own (`derivcli.scratch`), removed here however the run ended.
     """
+    from derivcli.scratch import ScratchFolder
+
+    scratch = ScratchFolder()
     try:
         app()
     except SystemExit as done:
+        scratch.remove()
         if "tensorflow" not in sys.modules:
             raise
         code = done.code
@@ -563,3 +569,5 @@ def run() -> None:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe: nothing more to say
                 stream.flush()
         os._exit(int(status))
+    finally:  # an interrupt before the command's own handling began
+        scratch.remove()

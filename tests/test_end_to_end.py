@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,62 @@ def test_stdout_is_csv_when_piped_and_quiet_warnings(tmp_path):
     assert "piecewise linear" in result.stderr.decode()
     quiet = run_installed("deriv", "sample_models/square_relu.keras", "--at", "1", "--partial", "x^2", "--quiet")
     assert quiet.stderr == b""
+
+
+def wait_for_traced_functions(temporary: Path, deadline: float) -> None:
+    """Until AutoGraph has written a generated module under `temporary` (the run has traced its kernels)."""
+    while time.time() < deadline and not any(temporary.rglob("__autograph_generated_file*")):
+        time.sleep(0.05)
+
+
+RUN_ENDINGS = {
+    "success": (["grad", "sample_models/softplus_2d.keras", "--at", "0.5,0.5"], 0),
+    "usage error": (["grad", "sample_models/softplus_2d.keras", "--grid", "-1:1"], 2),
+    # the second batch's row is bad: the first batch has been traced and computed by then
+    "failed run": (["grad", "sample_models/softplus_2d.keras", "--csv", "-", "--batch-size", "2"], 1),
+    "failed check": (["check", "sample_models/softplus_2d.keras", "--at", "0.5,0.5", "--rtol", "1e-30",
+                      "--atol", "0"], 3),
+    "failed gate": (["grad", "sample_models/softplus_2d.keras", "--at", "0.5,0.5", "--max-abs", "0.1"], 3),
+}
+
+
+@pytest.mark.parametrize("ending", list(RUN_ENDINGS))
+def test_a_run_leaves_its_temporary_folder_as_it_found_it(tmp_path, ending):
+    """AutoGraph's generated modules are deleted by an atexit handler that the fast exit skips: the
+    run keeps them in a folder of its own, removed however it ends."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    arguments, status = RUN_ENDINGS[ending]
+    done = subprocess.run([derivcli_executable(), *arguments], input=b"x0,x1\n1,2\n3,4\nfive,6\n", capture_output=True,
+                          cwd=ROOT, timeout=180, env={**os.environ, "TMPDIR": str(temporary)})
+    assert done.returncode == status, done.stderr
+    assert list(temporary.iterdir()) == []
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_leaves_the_temporary_folder_as_it_found_it(tmp_path, sig, status):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    process = subprocess.Popen(
+        [derivcli_executable(), "hessian", "sample_models/softplus_2d.keras", "--grid", "-3:3:3000",
+         "--batch-size", "1000", "-o", str(tmp_path / "out.csv")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_interrupt,
+        env={**os.environ, "TMPDIR": str(temporary)},
+    )
+    wait_for_traced_functions(temporary, time.time() + 120)
+    assert any(temporary.rglob("__autograph_generated_file*")), "the run never traced a function"
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert list(temporary.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tmp"]
+
+
+def test_a_closed_pipe_leaves_the_temporary_folder_as_it_found_it(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = f"{derivcli_executable()} grad sample_models/softplus_2d.keras --grid -3:3:2000 --batch-size 1000 | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "TMPDIR": str(temporary)})
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"x0,x1,y,dy/dx0,dy/dx1\n", b"")
+    assert list(temporary.iterdir()) == []
