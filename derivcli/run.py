@@ -394,7 +394,8 @@ def compute(
             coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names)
             if index == 0:
                 check_batch_independence(model, coordinates)
-            values = run_in_halves(kernel, coordinates, row // batch_size)
+            in_place, own_rows = in_the_runs_batch(coordinates, row, batch_size, source.run_total)
+            values = run_in_halves(kernel, in_place, row // batch_size)[own_rows]
             row += len(coordinates)
             writing.submit(coordinates, batch.passthrough, values)
             if progress is not None:
@@ -414,6 +415,28 @@ def compute(
         raise
     summary.written_as_null = writer.nonfinite_written_as_null
     return summary
+
+
+def in_the_runs_batch(
+    coordinates: np.ndarray, row: int, batch_size: int, run_total: int | None
+) -> tuple[np.ndarray, slice]:
+    """The points in a batch of the shape the unsharded run gives them, and where they sit in it.
+
+    A shard's first and last batch are parts of the unsharded run's batches. Computed
+    alone, in a smaller batch, their last bits could differ from the unsharded run's:
+    a BLAS library blocks its sums by the batch's shape, and XLA compiles for whole
+    batches only. So they are computed at their own places in a batch of the unsharded
+    run's size (the other places hold copies of the first point, and are dropped): a
+    row's result depends only on its point, its place and the batch's shape, and the
+    merged shards are the unsharded run's bits. It costs at most two batches a shard.
+    A stream of unknown size is never a shard: its batches are the run's own.
+    """
+    first = row - row % batch_size
+    if run_total is None or (first == row and len(coordinates) == min(batch_size, run_total - first)):
+        return coordinates, slice(None)
+    padded = np.repeat(coordinates[:1], min(batch_size, run_total - first), axis=0)
+    padded[row - first:row - first + len(coordinates)] = coordinates
+    return padded, slice(row - first, row - first + len(coordinates))
 
 
 def points_in_dtype(coordinates: np.ndarray, dtype: np.dtype, names: Sequence[str]) -> np.ndarray:
