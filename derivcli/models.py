@@ -268,6 +268,13 @@ def load_custom_objects(paths: Sequence[str]) -> dict[str, Any]:
 MAX_ARCHIVE_BYTES = 4 << 30
 MAX_CONFIG_BYTES = 64 << 20
 MAX_ARCHIVE_MEMBERS = 10_000
+# Keras stores a .keras archive's members uncompressed, and float weights barely compress (1.1:1);
+# a member that inflates far beyond that is a zip bomb, which Keras would read into memory whole.
+MAX_INFLATION = 20
+INFLATION_CHECKED_FROM = 16 << 20
+# A model's config nests a few dozen levels (a layer in a nested model in a model); Keras
+# deserializes it recursively, so a deeper one is refused before it reaches Keras.
+MAX_CONFIG_DEPTH = 200
 
 
 def _check_archive(path: Path, archive: zipfile.ZipFile) -> None:
@@ -290,6 +297,11 @@ def _check_archive(path: Path, archive: zipfile.ZipFile) -> None:
         if name == "config.json" and member.file_size > MAX_CONFIG_BYTES:
             raise RunError(f"cannot load {path}: config.json declares {member.file_size:,} bytes; a model's "
                            f"configuration is far smaller (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        if member.file_size > max(INFLATION_CHECKED_FROM, MAX_INFLATION * member.compress_size):
+            raise RunError(
+                f"cannot load {path}: archive member {name!r} inflates {member.compress_size:,} bytes to "
+                f"{member.file_size:,} ({member.file_size // max(member.compress_size, 1):,}:1), far beyond what "
+                "weights compress to; a zip bomb is refused (a model saved by Keras stores its members uncompressed)")
         total += member.file_size
     if total > MAX_ARCHIVE_BYTES:
         raise RunError(f"cannot load {path}: the archive declares {total:,} bytes uncompressed, more than "
@@ -553,18 +565,47 @@ CODE_LAYERS = {"Lambda", "TFSMLayer"}
 def model_config(path: Path, kind: str) -> Any:
     """The model's config as JSON, read without Keras: `config.json` of a .keras zip, `model_config` of an
     HDF5 file; None when an HDF5 file holds none (weights only: Keras then says so)."""
-    import json
 
     if kind == "keras":
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
+            return _parsed_config(path, archive.read("config.json"), "its config.json")
     import h5py
 
     with h5py.File(path, "r") as handle:
         text = handle.attrs.get("model_config")
     if text is None:
         return None
-    return json.loads(text.decode() if isinstance(text, bytes) else text)
+    return _parsed_config(path, text, "its model_config attribute")
+
+
+def _parsed_config(path: Path, text: bytes | str, where: str) -> Any:
+    """A model config's JSON, or one line that says what is wrong with it.
+
+    Raises:
+        RunError: text that is not UTF-8, not JSON, or nested deeper than `MAX_CONFIG_DEPTH`.
+    """
+    import json
+
+    try:
+        config = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as error:
+        raise RunError(f"cannot load {path}: {where} is not UTF-8 text (byte "
+                       f"0x{error.object[error.start]:02x} at offset {error.start:,}); a Keras config is UTF-8 JSON") from None
+    except RecursionError:
+        raise RunError(f"cannot load {path}: {where} nests deeper than Python can read; a model's config nests "
+                       f"a few dozen levels (derivcli takes up to {MAX_CONFIG_DEPTH})") from None
+    except ValueError as error:
+        raise RunError(f"cannot load {path}: {where} is not valid JSON ({error})") from None
+    depth, stack = 0, [(config, 1)]
+    while stack:
+        node, level = stack.pop()
+        depth = max(depth, level)
+        if depth > MAX_CONFIG_DEPTH:
+            raise RunError(f"cannot load {path}: {where} nests more than {MAX_CONFIG_DEPTH} levels deep; a model's "
+                           "config nests a few dozen")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return config
 
 
 def inspect_config(path: Path, config: Any, custom_objects: dict[str, Any], unsafe: bool) -> None:

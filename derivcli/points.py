@@ -703,6 +703,10 @@ class NpzSource(PointSource):
 
     def __init__(self, path: str, input_names: Sequence[str]) -> None:
         self.path = path
+        if Path(path).exists() and not Path(path).is_file():
+            # A device (/dev/zero) would be read without end, a FIFO cannot seek: an .npz is read by offset.
+            raise RunError(f"cannot read NPZ {path}: not a regular file; an .npz is read by the offsets of its "
+                           "arrays, so save it to a file first")
         try:
             archive = zipfile.ZipFile(path)
         except FileNotFoundError:

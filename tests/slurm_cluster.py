@@ -8,6 +8,7 @@ apt-get, a daemon that does not come up); the fixture in `test_slurm.py` skips w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,10 +49,8 @@ class Cluster:
         self.run("scancel --user=root", self.folder)
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.folder / f"{name}.pid"
-            try:
+            with contextlib.suppress(OSError, ValueError, IndexError):  # never started, or gone already
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
         time.sleep(1)
 
 

@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from slurm_cluster import start_cluster
 
 from conftest import ROOT, derivcli_executable
-from slurm_cluster import start_cluster
 
 pytestmark = pytest.mark.slow
 
