@@ -53,7 +53,7 @@ BatchSizeOption = Annotated[
 DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="float32, or float64 to evaluate in double precision.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", help="auto, cpu or gpu.")]
 EngineOption = Annotated[
-    str, typer.Option("--engine", metavar="auto|taylor|tape", help="auto (Taylor series where the model's ops are covered: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
+    str, typer.Option("--engine", metavar="auto|taylor|tape", help="auto (Taylor series where the model's ops are covered, in runs of order >= 3 or with a Laplacian: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
 ]
 WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
 OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]

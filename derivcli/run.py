@@ -65,6 +65,7 @@ XLA_LAPLACIAN_INPUTS = 16
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
 AUTO_MIXED_FROM = 6
+AUTO_TAYLOR_FROM = 3
 TAYLOR_MIXED_FROM = 3
 # Memory that the batches waiting between the reader, the kernel and the writer may hold.
 QUEUE_BYTES = 64 << 20
@@ -112,6 +113,7 @@ class Plan:
             `--max-abs`/`--strict` gate: the first one after the outputs'
             values, or 0 when there is nothing else (`eval`).
         highest_order: the highest derivative order computed.
+        laplacian: whether a column or an expression takes a Laplacian.
     """
 
     columns: list[Any]
@@ -119,6 +121,7 @@ class Plan:
     combine: Callable[[Any], list[Any]] | None
     first_gated: int
     highest_order: int
+    laplacian: bool = False
 
 
 def _positions(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
@@ -206,6 +209,7 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         expression_combiner(expressions, wrt) if expressions else None,
         len(outputs) if len(names) > len(outputs) else 0,
         max(orders, default=0),
+        request.laplacian or any(not isinstance(d, Derivative) for e in expressions for d in e.derivatives),
     )
 
 
@@ -267,8 +271,10 @@ def make_kernel(
     """
     from derivcli.engine import DerivativeKernel, select_device
 
-    # Taylor series serve only derivatives of order 2 and higher: no probe for grad or eval.
-    wanted = engine == "taylor" or (engine == "auto" and planned.highest_order >= 2)
+    # Under auto, Taylor series serve plans of order 3 and higher, and Laplacians (the Forward
+    # Laplacian). At order 2 they are no faster than tapes (bench_derivatives --quick, 1024 points:
+    # 0.81 us/pt against 0.71), so a Hessian or a second derivative skips the probe: 0.2 s of start-up.
+    wanted = engine == "taylor" or (engine == "auto" and (planned.highest_order >= AUTO_TAYLOR_FROM or planned.laplacian))
     program, reason = taylor_program_for(model) if wanted else (None, "")
     if engine == "taylor" and program is None:
         raise UsageError(f"--engine taylor does not cover this model ({reason}): use --engine auto or tape")

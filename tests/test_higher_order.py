@@ -10,7 +10,7 @@ import pytest
 from derivcli import DerivativeRequest, evaluate, load_model
 from derivcli.specs import all_partials
 
-from conftest import read_csv
+from conftest import ROOT, read_csv
 
 # float32: the kernel's round-off grows with the order (each order adds a pass
 # through the net), and high derivatives of tanh are large sums that cancel.
@@ -270,3 +270,25 @@ def test_interpolation_weights_are_exact():
     directions, weights = interpolation_rule((2, 0, 3))
     assert sum(w * 120 * (j[0] ** 2 * j[2] ** 3) for j, w in zip(directions, weights)) == pytest.approx(2 * 6)
     assert sum(w * 120 * (j[0] ** 3 * j[2] ** 2) for j, w in zip(directions, weights)) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("command", "options", "probed"), [
+    ("hessian", [], False),
+    ("deriv", ["--partial", "x0^2", "--partial", "x0,x1"], False),
+    ("op", ["--expr", "D(y, x0^2) - D(y, x1)"], False),
+    ("laplacian", [], True),  # the Forward Laplacian
+    ("op", ["--expr", "lap(y)"], True),
+    ("deriv", ["--partial", "x0^3"], True),
+    ("deriv", ["--partial", "x0^2", "--engine", "taylor"], True),
+])
+def test_the_taylor_probe_runs_only_where_series_can_serve(cli, monkeypatch, command, options, probed):
+    """At order 2 Taylor series are no faster than tapes: a run of order 2 without a Laplacian goes
+    to tapes without building and probing a Taylor program (0.2 s of a one-point Hessian)."""
+    from derivcli import run
+
+    built = []
+    original = run.taylor_program_for
+    monkeypatch.setattr(run, "taylor_program_for", lambda model: built.append(1) or original(model))
+    result = cli(command, ROOT / "sample_models" / "softplus_2d.keras", "--at", "0.5,0.5", *options)
+    assert result.exit_code == 0, result.stderr
+    assert bool(built) == probed
