@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
-    from derivcli.csv_scan import CsvRowIndex
     from derivcli.points import MAX_LINE_BYTES
+    from derivcli.points.csv_scan import CsvRowIndex
 
     executable = str(Path(sys.executable).parent / "derivcli")
     with tempfile.TemporaryDirectory() as folder:

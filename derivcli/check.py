@@ -190,7 +190,7 @@ def run_check(options: Any, request: Any, rtol: float | None, atol: float | None
     loaded, double = load_with_float64(
         options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
-                         delimiter=options.delimiter)
+                         delimiter=options.delimiter, tensors=loaded.tensors)
     points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
     report = check_model(loaded, double or loaded, points, request, rtol, atol,
                          options.batch_size or DEFAULT_BATCH_SIZE, options.device)

@@ -54,6 +54,7 @@ from derivcli.cli_options import (
     with_shared_options,
 )
 from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable, styled
+from derivcli.naming import split_names
 from derivcli.specs import (
     parse_at,
     parse_direction,
@@ -537,7 +538,7 @@ def plot_command(
     from derivcli.writers import refuse_overwriting_inputs
 
     refuse_overwriting_inputs(output, [("RESULT", path) for path in results])
-    chosen = [name.strip() for name in columns.split(",") if name.strip()] if columns else None  # d2y/dx^2 is no identifier
+    chosen = [name.strip() for name in split_names(columns) if name.strip()] if columns else None  # d2y/dx^2 is no identifier
     drawn = plot_results(results, output, chosen,
                          _names_or_none(plot_axes, "--plot-axes"), [parse_at(a) for a in plot_at or []], mark_max)
     if output == "-":

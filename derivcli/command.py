@@ -124,7 +124,7 @@ def run_command(
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
-                         options.columns, options.shard, batch_size, options.delimiter)
+                         options.columns, options.shard, batch_size, options.delimiter, model.tensors)
     if options.shard and options.output in (None, "-"):
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")

@@ -186,7 +186,7 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
     dimension = len(loaded.coordinate_names)
     if options.at or options.grid or options.csv is not None or options.npz is not None:
         source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz,
-                             options.columns, delimiter=options.delimiter)
+                             options.columns, delimiter=options.delimiter, tensors=loaded.tensors)
         points = read_all_points(source, dimension, MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from derivcli.errors import UsageError
+from derivcli.naming import summarized
 
 FUNCTIONS = ("sin", "cos", "tan", "exp", "log", "sqrt", "tanh", "abs")
 CONSTANTS = {"pi": math.pi, "e": math.e}
@@ -129,7 +130,12 @@ class _Checker:
         elif isinstance(node, ast.Attribute):
             raise self.fail(node, "attribute access is not allowed")
         elif isinstance(node, ast.Subscript):
-            raise self.fail(node, "subscripts are not allowed")
+            element = self.element(node)
+            if element is None or element not in self.inputs + self.outputs:
+                raise self.fail(node, "subscripts are allowed only for the elements of a tensor input or output, "
+                                f"such as x[0,2,1] (inputs: {summarized(self.inputs)}; outputs: "
+                                f"{summarized(self.outputs)})")
+            self.leaves[id(node)] = self.name(ast.Name(element, ctx=ast.Load()))
         elif isinstance(node, ast.Lambda):
             raise self.fail(node, "lambda is not allowed")
         else:
@@ -158,7 +164,7 @@ class _Checker:
             raise self.fail(node, f"{name} is a function: call it, {name}(...)")
         raise self.fail(
             node,
-            f"unknown name {name!r} (inputs: {', '.join(self.inputs)}; outputs: {', '.join(self.outputs)}; "
+            f"unknown name {name!r} (inputs: {summarized(self.inputs)}; outputs: {summarized(self.outputs)}; "
             "constants: pi, e)", self._rename_hint(name),
         )
 
@@ -200,10 +206,23 @@ class _Checker:
         else:
             raise self.fail(node.func, f"unknown function {function!r} (functions: {', '.join(FUNCTIONS)}, D, lap)")
 
+    @staticmethod
+    def element(node: ast.expr) -> str | None:
+        """The name an element of a tensor is known by (`x[3,2,0]`), or that of a plain name; None for anything else."""
+        if isinstance(node, ast.Name):
+            return node.id
+        if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)):
+            return None
+        indices = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if not all(isinstance(i, ast.Constant) and type(i.value) is int and i.value >= 0 for i in indices):
+            return None
+        return f"{node.value.id}[{','.join(str(i.value) for i in indices)}]"  # type: ignore[attr-defined]
+
     def output_of(self, node: ast.expr) -> int:
-        if not isinstance(node, ast.Name) or node.id not in self.outputs:
-            raise self.fail(node, f"expected an output name ({', '.join(self.outputs)})")
-        return self.outputs.index(node.id)
+        name = self.element(node)
+        if name not in self.outputs:
+            raise self.fail(node, f"expected an output name ({summarized(self.outputs)})")
+        return self.outputs.index(name)
 
     def derivative(self, node: ast.Call) -> Derivative:
         if len(node.args) < 2:
@@ -218,9 +237,10 @@ class _Checker:
                     raise self.fail(exponent, "the power of an input must be a positive whole number")
                 power = exponent.value
                 argument = argument.left
-            if not isinstance(argument, ast.Name) or argument.id not in self.inputs:
-                raise self.fail(argument, f"expected an input name ({', '.join(self.inputs)})")
-            index[self.inputs.index(argument.id)] += power
+            name = self.element(argument)
+            if name not in self.inputs:
+                raise self.fail(argument, f"expected an input name ({summarized(self.inputs)})")
+            index[self.inputs.index(name)] += power
         return Derivative(output, tuple(index))
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from derivcli.diagnose import smoothness_verdict
 from derivcli.models import LoadedModel, suggested_output_names
+from derivcli.naming import summarized
 
 
 def _activation_name(layer: Any) -> str | None:
@@ -75,7 +76,7 @@ def render_info(description: dict[str, Any]) -> None:
     for kind, key, items in (("input", "coordinates", description["inputs"]), ("output", "columns", description["outputs"])):
         for item in items:
             shape = "(" + ", ".join("None" if d is None else str(d) for d in item["shape"]) + ")"
-            ports.add_row(kind, item["name"], shape, item["dtype"], ", ".join(item[key]))
+            ports.add_row(kind, item["name"], shape, item["dtype"], summarized(item[key]))  # an image: first … last
     console.print(ports)
     if description["layers"]:
         layers = Table(box=None, header_style="bold")

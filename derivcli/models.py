@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from derivcli.errors import RunError, UsageError
+from derivcli.naming import coordinate_names, output_names
 
 LOAD_HINT = "derivcli reads .keras files, .h5/.hdf5 files and SavedModel directories"
 
@@ -70,6 +71,11 @@ class LoadedModel:
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
     _frozen: Any = None
+
+    @property
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The inputs as (name, shape without the batch axis): what an NPZ of points in the model's shapes holds."""
+        return [(info.name, info.shape) for info in self.inputs]
 
     @property
     def parameter_count(self) -> int:
@@ -373,20 +379,6 @@ def keras_reason(text: str) -> str:
     return reason if len(reason) <= 400 else reason[:397] + "..."
 
 
-def _coordinate_names(inputs: Sequence[TensorInfo]) -> list[str]:
-    if len(inputs) == 1:
-        size = inputs[0].size
-        return ["x"] if size == 1 else [f"x{i}" for i in range(size)]
-    names = []
-    for info in inputs:
-        names += [info.name] if info.size == 1 else [f"{info.name}{i}" for i in range(info.size)]
-    return names
-
-
-def _output_names(outputs: Sequence[TensorInfo]) -> list[str]:
-    total = sum(info.size for info in outputs)
-    return ["y"] if total == 1 else [f"y{i}" for i in range(total)]
-
 
 def _shape(shape: Any) -> tuple[int, ...]:
     dims = tuple(shape)[1:]
@@ -679,7 +671,7 @@ def _load_keras(path: Path, kind: str, custom_objects_files: Sequence[str], unsa
     inputs, outputs = _keras_inputs_outputs(model)
     model = _rebuilt(model, custom_objects, not unsafe, dtype)
     return LoadedModel(
-        str(path), "keras", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
+        str(path), "keras", inputs, outputs, coordinate_names(inputs), output_names(outputs),
         dtype, keras_model=model,
     )
 
@@ -712,7 +704,7 @@ def _load_saved_model(path: Path, tf: Any) -> LoadedModel:
         if not info.dtype.startswith("float"):
             raise RunError(f"cannot differentiate {path}: input {info.name!r} has dtype {info.dtype}")
     model = LoadedModel(
-        str(path), "saved_model", inputs, outputs, _coordinate_names(inputs), _output_names(outputs),
+        str(path), "saved_model", inputs, outputs, coordinate_names(inputs), output_names(outputs),
         "float32", signature=signature,
         signature_input_keys=input_keys, signature_output_keys=output_keys,
     )

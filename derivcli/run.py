@@ -125,13 +125,17 @@ class Plan:
 
 
 def _positions(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
-    unknown = [n for n in names if n not in known]
+    """The positions of `names` in `known`; a tensor's name (`--wrt image`) stands for all its elements."""
+    from derivcli.naming import expand_tensors, summarized
+
+    expanded = expand_tensors(names, known)
+    unknown = [n for n in expanded if n not in known]
     if unknown:
         raise UsageError(
             f"{option} {','.join(names)}: {', '.join(map(repr, unknown))} is not an {what} "
-            f"({what}s: {', '.join(known)})"
+            f"({what}s: {summarized(known)})"
         )
-    return [known.index(n) for n in names]
+    return [known.index(n) for n in expanded]
 
 
 def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:

@@ -15,12 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from derivcli.errors import UsageError
+from derivcli.naming import (  # noqa: F401 (column names, re-exported where specs are read)
+    NAME_PATTERN,
+    MultiIndex,
+    derivative_column,
+    direction_column,
+    laplacian_column,
+    split_names,
+    summarized,
+)
 
-NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
-
-# A derivative is a multi-index: how many times each input (in model order) is
-# differentiated. (0, 2) is d2y/dx1^2 on a two-input model.
-MultiIndex = tuple[int, ...]
+# A derivative is a multi-index (`naming.MultiIndex`): how many times each input (in model
+# order) is differentiated. (0, 2) is d2y/dx1^2 on a two-input model.
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def _check_name(name: str, option: str, whole: str) -> str:
     if not NAME_PATTERN.match(name):
         raise UsageError(
             f"{option} {whole!r}: {name!r} is not a valid name "
-            "(letters, digits, '_' and '.', not starting with a digit)"
+            "(letters, digits, '_' and '.', not starting with a digit; x[3,2,0] for an element of a tensor input)"
         )
     return name
 
@@ -115,7 +121,7 @@ def parse_at(text: str, option: str = "--at") -> AtPoint:
         UsageError: a value is not a number, or names are mixed with
             positional values.
     """
-    fields = [field.strip() for field in text.split(",")]
+    fields = [field.strip() for field in split_names(text)]
     named = ["=" in field for field in fields]
     if any(named) and not all(named):
         raise UsageError(
@@ -183,14 +189,14 @@ def resolve_direction(direction: Direction, input_names: Sequence[str]) -> tuple
         if len(point.values) != len(input_names):
             raise UsageError(
                 f"--direction {direction.text!r}: {len(point.values)} value(s) for "
-                f"{len(input_names)} input(s) ({', '.join(input_names)})"
+                f"{len(input_names)} input(s) ({summarized(input_names)})"
             )
         vector = tuple(point.values)
     else:
         unknown = [n for n in point.names if n not in input_names]
         if unknown:
             raise UsageError(
-                f"--direction {direction.text!r}: {', '.join(unknown)} is not an input (inputs: {', '.join(input_names)})"
+                f"--direction {direction.text!r}: {', '.join(unknown)} is not an input (inputs: {summarized(input_names)})"
             )
         by_name = dict(zip(point.names, point.values))
         vector = tuple(by_name.get(n, 0.0) for n in input_names)
@@ -198,11 +204,6 @@ def resolve_direction(direction: Direction, input_names: Sequence[str]) -> tuple
         raise UsageError(f"--direction {direction.text!r}: the vector must be finite and not zero")
     return vector
 
-
-def direction_column(output: str, vector: Sequence[float], order: int) -> str:
-    """The column name of a derivative along a vector: `dy/d(1,1)`, `d3y/d(1,2)^3`."""
-    spelled = ",".join(f"{v:g}" if float(f"{v:g}") == v else repr(v) for v in vector)
-    return f"d{output}/d({spelled})" if order == 1 else f"d{order}{output}/d({spelled})^{order}"
 
 
 def parse_partial(text: str) -> dict[str, int]:
@@ -220,7 +221,7 @@ def parse_partial(text: str) -> dict[str, int]:
             positive integer.
     """
     powers: dict[str, int] = {}
-    for part in text.split(","):
+    for part in split_names(text):
         name, caret, power_text = part.strip().partition("^")
         name = name.strip()
         if caret and not power_text.strip():
@@ -245,7 +246,7 @@ def parse_partial(text: str) -> dict[str, int]:
 
 def parse_names(text: str, option: str) -> list[str]:
     """Parses a comma-separated list of distinct names (`--names a,b`)."""
-    names = [name.strip() for name in text.split(",")]
+    names = [name.strip() for name in split_names(text)]
     for name in names:
         _check_name(name, option, text)
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -275,7 +276,7 @@ def resolve_partial(
         if name not in input_names:
             raise UsageError(
                 f"{option}: {name!r} is not an input of the model "
-                f"(inputs: {', '.join(input_names)}); rename inputs with --names"
+                f"(inputs: {summarized(input_names)}); rename inputs with --names"
             )
         index[input_names.index(name)] += power
     return tuple(index)
@@ -295,26 +296,3 @@ def all_partials(order: int, positions: Sequence[int], dimension: int) -> list[M
         partials.append(tuple(index))
     return partials
 
-
-def derivative_column(output: str, index: MultiIndex, input_names: Sequence[str]) -> str:
-    """The column name of a derivative, as CLI.md fixes it.
-
-    Example:
-        >>> derivative_column("y", (1, 2), ["x0", "x1"])
-        'd3y/dx0dx1^2'
-        >>> derivative_column("u", (0, 1), ["t", "x"])
-        'du/dx'
-    """
-    order = sum(index)
-    denominator = "".join(
-        f"d{name}^{power}" if power > 1 else f"d{name}"
-        for name, power in zip(input_names, index)
-        if power
-    )
-    prefix = "d" if order == 1 else f"d{order}"
-    return f"{prefix}{output}/{denominator}"
-
-
-def laplacian_column(output: str) -> str:
-    """The column name of a Laplacian: `laplacian(y)`."""
-    return f"laplacian({output})"

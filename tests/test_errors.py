@@ -145,7 +145,9 @@ def test_header_only_csv_gives_header_only(cli):
 
 @pytest.mark.parametrize(
     ("arrays", "fragment"),
-    [({"a": np.ones(3)}, "no arrays named x0, x1"), ({"x": np.ones((3, 3))}, "expected (N, 2)"),
+    [({"a": np.ones(3)}, "array 'a' has shape (3,); input 'x' takes (N, 2) for N points, or (2,) for one"),
+     ({"a": np.ones(3), "b": np.ones(3)}, "no arrays named x0, x1 and no array 'x' (arrays: a, b)"),
+     ({"x": np.ones((3, 3))}, "array 'x' has shape (3, 3); input 'x' takes (N, 2)"),
      ({"x0": np.ones(3), "x1": np.ones(4)}, "different lengths")],
 )
 def test_bad_npz(cli, tmp_path, arrays, fragment):

@@ -95,9 +95,9 @@ def _read_csv(path, fast: bool, read_block: int = 1 << 20):
     `read_block` bytes per read: small ones cut lines across reads, as a pipe does.
     """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("derivcli.points.READ_BLOCK", read_block)
+        patch.setattr("derivcli.points.csvfile.READ_BLOCK", read_block)
         if not fast:
-            patch.setattr("derivcli.points._plain", lambda raw: False)
+            patch.setattr("derivcli.points.csvfile._plain", lambda raw: False)
         try:
             source = CsvSource(str(path), ["x0", "x1"])
             batches = [(b.coordinates.tolist(), b.passthrough) for b in source.batches(3)]

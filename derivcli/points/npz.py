@@ -1,0 +1,200 @@
+"""`--npz FILE`: arrays read by offset, only the rows of each batch."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from derivcli.errors import RunError
+from derivcli.naming import summarized
+from derivcli.points.base import PointBatch, PointSource
+
+
+class NpzSource(PointSource):
+    """Arrays of an `.npz` file: one per input name, or one `x` of shape (N, d).
+
+    Only the arrays' headers are read when the file is opened; each batch reads
+    its own rows, so memory stays flat and a shard near the end starts there.
+    """
+
+    def __init__(self, path: str, input_names: Sequence[str], tensors: Sequence[tuple[str, tuple[int, ...]]] = ()) -> None:
+        self.path = path
+        if Path(path).exists() and not Path(path).is_file():
+            # A device (/dev/zero) would be read without end, a FIFO cannot seek: an .npz is read by offset.
+            raise RunError(f"cannot read NPZ {path}: not a regular file; an .npz is read by the offsets of its "
+                           "arrays, so save it to a file first")
+        try:
+            archive = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise RunError(f"cannot read NPZ {path}: no such file") from None
+        except zipfile.BadZipFile:
+            if Path(path).is_file() and Path(path).read_bytes()[:6] == b"\x93NUMPY":
+                raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays") from None
+            raise RunError(f"cannot read NPZ {path}: not a zip archive (.npz files are written by numpy.savez)") from None
+        except OSError as error:
+            raise RunError(f"cannot read NPZ {path}: {error.strerror or error}") from None
+        self.archive = archive
+        files = [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+        shaped = self._in_model_shapes(files, tensors)
+        if shaped is not None:
+            self.arrays = shaped
+        elif all(name in files for name in input_names):
+            self.arrays = [_NpyRows(archive, path, name, column=True) for name in input_names]
+            lengths = {a.length for a in self.arrays}
+            if len(lengths) > 1:
+                raise RunError(
+                    f"{path}: the input arrays have different lengths "
+                    f"({', '.join(f'{n}: {a.length}' for n, a in zip(input_names, self.arrays))})"
+                )
+        elif "x" in files:
+            whole = _NpyRows(archive, path, "x", column=False)
+            width = whole.shape[1] if len(whole.shape) == 2 else None
+            if not (width == len(input_names) or (len(whole.shape) == 1 and len(input_names) == 1)):
+                raise RunError(
+                    f"{path}: array 'x' has shape {whole.shape}, expected "
+                    f"(N, {len(input_names)}) for inputs {summarized(input_names)}"
+                )
+            self.arrays = [whole]
+        else:
+            raise RunError(
+                f"{path}: no arrays named {summarized(input_names)} and no array 'x' "
+                f"(arrays: {', '.join(files) or 'none'})"
+            )
+        self.dimension = len(input_names)
+        self.passthrough_names = []
+        self.total = self.arrays[0].length
+
+    def _in_model_shapes(self, files: list[str], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> list[_NpyRows] | None:
+        """One array per input in its own shape, (N, *shape) or the shape alone for one point; None when the
+        file holds no array by an input's name (then flat arrays are looked for).
+
+        A single input's array may also be called `x`, or be the file's only array.
+        """
+        if not tensors:
+            return None
+        if len(tensors) == 1:
+            name, shape = tensors[0]
+            found = next((n for n in (name, "x") if n in files), files[0] if len(files) == 1 else None)
+            chosen = [(found, name, shape)] if found is not None else []
+        else:
+            chosen = [(name, name, shape) for name, shape in tensors if name in files]
+        if not chosen:
+            return None
+        if len(chosen) < len(tensors):  # some inputs by name only: the flat arrays may hold the rest
+            return None
+        arrays = []
+        for array_name, input_name, shape in chosen:
+            array = _NpyRows(self.archive, self.path, array_name, column=False)
+            if array.shape == shape:  # one point: the input's shape alone
+                array.one_point()
+            elif array.shape[1:] != shape and not (len(array.shape) == 2 and array.shape[1] == math.prod(shape)) \
+                    and not (shape in ((), (1,)) and len(array.shape) == 1):
+                raise RunError(f"{self.path}: array {array_name!r} has shape {array.shape}; input {input_name!r} "
+                               f"takes (N, {', '.join(map(str, shape))}) for N points, or {shape} for one")
+            arrays.append(array)
+        lengths = {a.length for a in arrays}
+        if len(lengths) > 1:
+            raise RunError(f"{self.path}: the input arrays have different lengths "
+                           f"({', '.join(f'{a.name}: {a.length}' for a in arrays)})")
+        return arrays
+
+    def batches(self, batch_size: int) -> Iterator[PointBatch]:
+        return self.rows(0, self.total or 0, batch_size)
+
+    def rows(self, start: int, stop: int, batch_size: int) -> Iterator[PointBatch]:
+        from derivcli.shards import aligned_cuts
+
+        try:
+            for low, high in aligned_cuts(start, stop, batch_size):
+                parts = [array.read(low, high).reshape(high - low, -1) for array in self.arrays]
+                yield PointBatch(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+        finally:
+            self.archive.close()
+
+    def identity(self) -> list[object]:
+        return ["npz", [(a.name, a.shape, str(a.dtype)) for a in self.arrays], Path(self.path).stat().st_size]
+
+
+class _NpyRows:
+    """Rows of one array in an `.npz`, read by offset; validated from its header alone.
+
+    A stored (uncompressed, as `numpy.savez` writes) member is read at the rows'
+    byte offset; a compressed one is decompressed up to them, a fast scan.
+    """
+
+    KINDS = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
+             "b": "booleans", "O": "Python objects"}
+
+    def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool) -> None:
+        self.archive, self.path, self.name = archive, path, name
+        self.info = archive.getinfo(name + ".npy")
+        self.stored_at: int | None = None  # the array's first byte in the archive file (stored members)
+        try:
+            with archive.open(self.info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, self.fortran, self.dtype = read_header(member)
+                self.data_start = member.tell()
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+            raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
+        if self.dtype.kind == "O":  # loading it would unpickle, which derivcli never does
+            raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers")
+        if self.dtype.kind not in "iuf":
+            raise RunError(f"{path}: array {name!r} holds {self.KINDS.get(self.dtype.kind, str(self.dtype))} "
+                           f"(dtype {self.dtype}); points are real numbers (integer or float arrays)")
+        if column and len(shape) == 2 and shape[1] == 1:
+            shape = (shape[0],)
+        if column and len(shape) != 1:
+            raise RunError(f"{path}: array {name!r} has shape {shape}, expected a 1-D array")
+        self.shape = tuple(shape)
+        self.length = shape[0] if shape else 0
+        self.width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        needed = self.data_start + math.prod(shape) * self.dtype.itemsize
+        if self.info.file_size < needed:
+            raise RunError(f"cannot read NPZ {path}: array {name!r} is truncated "
+                           f"({self.info.file_size} bytes, its header says {needed})")
+
+    def one_point(self) -> None:
+        """Reads the whole array as one point (an input's shape alone, without the N axis)."""
+        self.shape = (1, *self.shape)
+        self.length, self.width = 1, math.prod(self.shape)
+        self.fortran = self.fortran and self.width > 1
+
+    def read(self, low: int, high: int) -> np.ndarray:
+        """Rows [low, high) as float64, of shape (high - low, width), each row's elements in C order."""
+        size = self.dtype.itemsize
+        if self.fortran and self.width > 1:  # column-major: each column's rows lie apart
+            columns = [self._bytes((j * self.length + low) * size, (high - low) * size) for j in range(self.width)]
+            stacked = np.stack([np.frombuffer(c, self.dtype) for c in columns], axis=1)
+            # The columns run over the trailing axes in Fortran order: back to C order.
+            trailing = self.shape[1:]
+            stacked = stacked.reshape(high - low, *trailing[::-1]).transpose(0, *range(len(trailing), 0, -1))
+            return stacked.reshape(high - low, self.width).astype(np.float64)
+        raw = self._bytes(low * self.width * size, (high - low) * self.width * size)
+        return np.frombuffer(raw, self.dtype).reshape(high - low, self.width).astype(np.float64)
+
+    def _bytes(self, offset: int, count: int) -> bytes:
+        try:
+            if self.info.compress_type == zipfile.ZIP_STORED:
+                handle = self.archive.fp
+                assert handle is not None
+                if self.stored_at is None:  # where the array's bytes begin, past the member's local header
+                    handle.seek(self.info.header_offset)
+                    local = handle.read(30)  # the local header ends with its name's and extra field's lengths
+                    self.stored_at = (self.info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                                      + int.from_bytes(local[28:30], "little") + self.data_start)
+                handle.seek(self.stored_at + offset)
+                data = handle.read(count)
+            else:
+                with self.archive.open(self.info) as member:
+                    member.seek(self.data_start + offset)
+                    data = member.read(count)
+        except (OSError, zipfile.BadZipFile, EOFError) as error:
+            raise RunError(f"cannot read NPZ {self.path}: array {self.name!r}: {error}") from None
+        if len(data) != count:
+            raise RunError(f"cannot read NPZ {self.path}: array {self.name!r} is truncated")
+        return data

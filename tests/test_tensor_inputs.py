@@ -1,0 +1,197 @@
+"""Models as people save them: image and sequence inputs keep their shapes and are named by index.
+
+References never use derivcli's code: the saved .keras file is loaded by Keras, rebuilt here in
+float64 (every layer's dtype policy rewritten, weights cast) and differentiated with plain
+`tf.GradientTape` / `batch_jacobian`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+
+RNG = np.random.default_rng(7)
+
+
+def _float64_config(node):
+    if isinstance(node, dict):
+        if node.get("class_name") == "DTypePolicy" or node.get("module") == "keras" and "DTypePolicy" in str(
+                node.get("class_name")):
+            return {**node, "config": {**node["config"], "name": "float64"}}
+        return {key: ("float64" if key == "dtype" and value == "float32" else _float64_config(value))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_float64_config(item) for item in node]
+    return node
+
+
+def float64_twin(path):
+    """The saved model rebuilt in float64 by Keras alone: the reference's function."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    twin = keras.Model.from_config(_float64_config(json.loads(json.dumps(model.get_config()))))
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    assert all(w.dtype == "float64" for w in twin.weights)
+    return twin
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    folder = tmp_path_factory.mktemp("tensor_models")
+    image = keras.Input((6, 6, 1), name="image")
+    hidden = keras.layers.Conv2D(3, 3, activation="tanh")(image)
+    hidden = keras.layers.AveragePooling2D(2)(hidden)
+    logits = keras.layers.Dense(4, name="logits")(keras.layers.Flatten()(hidden))
+    keras.Model(image, keras.layers.Softmax()(logits)).save(folder / "cnn.keras")
+    series = keras.Input((5, 2), name="series")
+    keras.Model(series, keras.layers.Dense(1)(keras.layers.GRU(3)(series))).save(folder / "gru.keras")
+    picture = keras.Input((4, 4, 1), name="picture")
+    features = keras.Input((3,), name="feat")
+    joined = keras.layers.Concatenate()([keras.layers.Flatten()(keras.layers.Conv2D(2, 2, activation="softplus")(picture)),
+                                         features])
+    keras.Model([picture, features], keras.layers.Dense(2, activation="tanh")(joined)).save(folder / "two.keras")
+    return folder
+
+
+def jacobian(model, inputs):
+    import tensorflow as tf
+
+    tensors = [tf.constant(x) for x in inputs]
+    with tf.GradientTape(persistent=True) as tape:
+        for t in tensors:
+            tape.watch(t)
+        y = model(tensors if len(tensors) > 1 else tensors[0], training=False)
+    return y.numpy(), [tape.batch_jacobian(y, t).numpy() for t in tensors]
+
+
+def test_an_image_model_is_named_by_index_and_takes_its_images_in_their_shape(cli, models, tmp_path):
+    images = RNG.uniform(-1, 1, (7, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    names = list(table)
+    assert names[:3] == ["x[0,0,0]", "x[0,1,0]", "x[0,2,0]"] and names[35] == "x[5,5,0]"
+    assert names[36:40] == ["y0", "y1", "y2", "y3"] and names[40] == "dy0/dx[0,0,0]"
+    values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
+    np.testing.assert_array_equal(np.stack([table[f"x[{i},{j},0]"] for i in range(6) for j in range(6)], 1),
+                                  images.reshape(7, 36))
+    for output in range(4):
+        np.testing.assert_allclose(table[f"y{output}"], values[:, output], rtol=1e-12)
+        for i, j in [(0, 0), (3, 2), (5, 5), (2, 4)]:
+            np.testing.assert_allclose(table[f"dy{output}/dx[{i},{j},0]"], jac[:, output, i, j, 0],
+                                       rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("arrays", [
+    lambda images: {"x": images},                                  # a single input's array may be x
+    lambda images: {"pixels": images},                             # or the file's only array
+    lambda images: {"image": np.asfortranarray(images)},           # column-major, as MATLAB and Fortran write
+    lambda images: {"x": images.reshape(len(images), -1)},         # flat rows keep working
+])
+def test_every_way_to_give_images_in_an_npz_is_the_same_points(cli, models, tmp_path, arrays):
+    images = RNG.uniform(-1, 1, (3, 6, 6, 1))
+    np.savez(tmp_path / "reference.npz", image=images)
+    np.savez(tmp_path / "given.npz", **arrays(images))
+    expected = cli("grad", models / "cnn.keras", "--npz", tmp_path / "reference.npz", "-f", "csv")
+    given = cli("grad", models / "cnn.keras", "--npz", tmp_path / "given.npz", "-f", "csv")
+    assert given.exit_code == 0, given.stderr
+    assert given.stdout == expected.stdout
+
+
+def test_one_image_without_the_batch_axis_is_one_point(cli, models, tmp_path):
+    image = RNG.uniform(-1, 1, (6, 6, 1))
+    np.savez(tmp_path / "one.npz", image=image)
+    np.savez(tmp_path / "batch.npz", image=image[None])
+    one = cli("eval", models / "cnn.keras", "--npz", tmp_path / "one.npz", "-f", "csv")
+    assert one.exit_code == 0 and one.stdout == cli("eval", models / "cnn.keras", "--npz", tmp_path / "batch.npz",
+                                                     "-f", "csv").stdout
+    assert len(one.stdout.splitlines()) == 2
+
+
+def test_an_array_of_the_wrong_shape_says_which_shapes_the_input_takes(cli, models, tmp_path):
+    np.savez(tmp_path / "bad.npz", image=np.zeros((3, 36, 1)))
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "bad.npz")
+    assert result.exit_code == 1
+    assert "array 'image' has shape (3, 36, 1); input 'image' takes (N, 6, 6, 1) for N points, or (6, 6, 1) for one" \
+        in result.stderr
+
+
+def test_second_derivatives_of_a_sequence_model_by_index(cli, models, tmp_path):
+    """Orders 2 and 3 through a GRU, with respect to elements of a (5, 2) series, against nested tapes."""
+    import tensorflow as tf
+
+    series = RNG.uniform(-1, 1, (4, 5, 2))
+    np.savez(tmp_path / "series.npz", series=series)
+    result = cli("deriv", models / "gru.keras", "--npz", tmp_path / "series.npz", "--dtype", "float64", "-f", "csv",
+                 "--partial", "x[1,0]^2", "--partial", "x[0,1],x[4,0]", "--partial", "x[2,1]^2,x[3,0]")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    assert list(table)[-3:] == ["d2y/dx[1,0]^2", "d2y/dx[0,1]dx[4,0]", "d3y/dx[2,1]^2dx[3,0]"]
+    twin = float64_twin(models / "gru.keras")
+    x = tf.constant(series)
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(x)
+        with tf.GradientTape(persistent=True) as middle:
+            middle.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = tf.reduce_sum(twin(x, training=False))
+            first = inner.gradient(y, x)
+            picked = {"10": tf.reduce_sum(first[:, 1, 0]), "01": tf.reduce_sum(first[:, 0, 1]),
+                      "21": tf.reduce_sum(first[:, 2, 1])}
+        second = {key: middle.gradient(value, x) for key, value in picked.items()}
+        third_of = tf.reduce_sum(second["21"][:, 2, 1])
+    third = outer.gradient(third_of, x)
+    np.testing.assert_allclose(table["d2y/dx[1,0]^2"], second["10"][:, 1, 0].numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["d2y/dx[0,1]dx[4,0]"], second["01"][:, 4, 0].numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["d3y/dx[2,1]^2dx[3,0]"], third[:, 3, 0].numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_two_inputs_of_different_ranks_by_name(cli, models, tmp_path):
+    pictures, features = RNG.uniform(-1, 1, (5, 4, 4, 1)), RNG.uniform(-1, 1, (5, 3))
+    np.savez(tmp_path / "two.npz", picture=pictures, feat=features)
+    result = cli("grad", models / "two.keras", "--npz", tmp_path / "two.npz", "--dtype", "float64", "-f", "csv",
+                 "--wrt", "picture")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    names = list(table)
+    assert names[:17] == [f"picture[{i},{j},0]" for i in range(4) for j in range(4)] + ["feat0"]
+    assert not any(name.startswith("dy0/dfeat") for name in names)  # --wrt picture: the image alone
+    assert sum(name.startswith("dy1/dpicture[") for name in names) == 16
+    _, (picture_jacobian, _) = jacobian(float64_twin(models / "two.keras"), [pictures, features])
+    np.testing.assert_allclose(table["dy1/dpicture[2,3,0]"], picture_jacobian[:, 1, 2, 3, 0], rtol=1e-10, atol=1e-13)
+
+
+def test_expressions_and_errors_name_elements_by_index(cli, models, tmp_path):
+    images = RNG.uniform(-1, 1, (2, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    source = ["--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv"]
+    grad = read_csv(cli("grad", models / "cnn.keras", *source).stdout)
+    op = cli("op", models / "cnn.keras", *source, "--expr", "g=D(y2, x[3,2,0]) + 0*y0", "--expr", "v=x[1,1,0]")
+    assert op.exit_code == 0, op.stderr
+    table = read_csv(op.stdout)
+    np.testing.assert_allclose(table["g"], grad["dy2/dx[3,2,0]"], rtol=1e-12)
+    np.testing.assert_array_equal(table["v"], images[:, 1, 1, 0])
+    unknown = cli("grad", models / "cnn.keras", *source, "--wrt", "z")
+    assert unknown.exit_code == 2
+    assert "'z' is not an input (inputs: x[0,0,0] … x[5,5,0] (36 elements))" in unknown.stderr
+    out_of_range = cli("op", models / "cnn.keras", *source, "--expr", "D(y2, x[6,0,0])")
+    assert out_of_range.exit_code == 2 and "x[0,0,0] … x[5,5,0] (36 elements)" in out_of_range.stderr
+
+
+def test_info_shows_a_tensor_input_by_its_first_and_last_element(cli, models):
+    result = cli("info", models / "cnn.keras")
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("input"))
+    assert "(None, 6, 6, 1)" in line and "x[0,0,0] … x[5,5,0] (36 elements)" in line
+    described = json.loads(cli("info", models / "cnn.keras", "--format", "json").stdout)
+    assert len(described["inputs"][0]["coordinates"]) == 36
