@@ -128,7 +128,7 @@ def run_command(
     if options.shard and options.output in (None, "-"):
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")
-    layout = layout_for(model, source, planned.names)
+    layout = layout_for(model, source, planned)
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                          batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened

@@ -7,6 +7,7 @@ with status 3.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,9 +28,17 @@ SEVERITIES = ("ok", "info", "warning", "error")
 DEFAULT_POINTS = 32
 
 
-def default_points(dimension: int) -> np.ndarray:
-    """32 seeded random points in [-1, 1]^dimension."""
-    return np.random.default_rng(0).uniform(-1, 1, (DEFAULT_POINTS, dimension))
+def default_points(dimension: int, held: Sequence[int] = ()) -> np.ndarray:
+    """32 seeded random points in [-1, 1]^dimension; the coordinates of discrete inputs (`held`) are 0 or 1,
+    an id every lookup table has."""
+    points = np.random.default_rng(0).uniform(-1, 1, (DEFAULT_POINTS, dimension))
+    points[:, list(held)] = np.random.default_rng(1).integers(0, 2, (DEFAULT_POINTS, len(held)))
+    return points
+
+
+def continuous_names(model: Any) -> list[str]:
+    """The coordinates derivatives are taken with respect to: every one but those of integer and boolean inputs."""
+    return [name for p, name in enumerate(model.coordinate_names) if p not in model.discrete_positions]
 # float32 and float64 derivatives differing by more than this, relative to the
 # column's largest value, make float32 a risk for that order.
 FLOAT32_RISK_TOLERANCE = 1e-3
@@ -48,7 +57,7 @@ class Finding:
 def smoothness_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
     """The verdict from the graph, confirmed by the second derivatives at the points."""
     verdict = smoothness_verdict(model)
-    second = evaluate(model, points, DerivativeRequest(partials=[{n: 2} for n in model.coordinate_names]), batch_size)
+    second = evaluate(model, points, DerivativeRequest(partials=[{n: 2} for n in continuous_names(model)]), batch_size)
     names = [n for n in second if n.startswith("d2")]
     all_zero = all(np.all(second[n] == 0) for n in names)
     if verdict.zero_from_order is not None:
@@ -136,7 +145,7 @@ def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, ba
     """Pure derivatives up to `order` in float32 against float64."""
     if double is None:
         return [Finding("info", "float32", "the model's graph cannot run in float64: no float64 comparison")]
-    request = DerivativeRequest(partials=[{n: k} for n in model.coordinate_names for k in range(1, order + 1)])
+    request = DerivativeRequest(partials=[{n: k} for n in continuous_names(model) for k in range(1, order + 1)])
     single, precise = evaluate(model, points, request, batch_size), evaluate(double, points, request, batch_size)
     risky = []
     for name in single:
@@ -190,6 +199,9 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
         points = read_all_points(source, dimension, MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:
-        points = default_points(dimension)
-        where = f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension} (give --at/--grid/--csv/--npz for yours)"
+        points = default_points(dimension, sorted(loaded.discrete_positions))
+        held = len(loaded.discrete_positions)
+        ids = f", ids 0 or 1 for the {held} discrete coordinate(s)" if held else ""
+        where = (f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension - held}{ids} "
+                 "(give --at/--grid/--csv/--npz for yours)")
     return where, run_doctor(loaded, double, points, order)

@@ -143,7 +143,7 @@ def merge_binary(paths: Sequence[str], format_name: str, target: Path) -> None:
             arrays.append((name, ordered[0][name]))
             continue
         joined = np.concatenate([columns[name] for columns in ordered])
-        arrays.append((name, joined.reshape(grid_shape) if grid_shape else joined))
+        arrays.append((name, joined.reshape(*grid_shape, *joined.shape[1:]) if grid_shape else joined))
     (write_npz if format_name == "npz" else write_hdf5)(target, arrays)
 
 

@@ -73,6 +73,17 @@ class LoadedModel:
     _frozen: Any = None
 
     @property
+    def discrete_positions(self) -> dict[int, str]:
+        """The coordinates of integer and boolean inputs (token ids, categories), by position, with their dtype:
+        held at their values, never differentiated."""
+        held, start = {}, 0
+        for info in self.inputs:
+            if is_discrete(info.dtype):
+                held.update({position: info.dtype for position in range(start, start + info.size)})
+            start += info.size
+        return held
+
+    @property
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """The inputs as (name, shape without the batch axis): what an NPZ of points in the model's shapes holds."""
         return [(info.name, info.shape) for info in self.inputs]
@@ -111,6 +122,9 @@ class LoadedModel:
             pieces.append(tf.reshape(piece, (-1, *info.shape)))
             start += info.size
         if self.kind == "keras":
+            # Token ids and categories reach the model in their own dtype, as whole numbers (`points_in_dtype`).
+            pieces = [tf.cast(piece, info.dtype) if is_discrete(info.dtype) else piece
+                      for piece, info in zip(pieces, self.inputs)]
             arguments = pieces[0] if len(pieces) == 1 else pieces
             results = tf.nest.flatten(self.keras_model(arguments, training=False))
         else:
@@ -191,6 +205,11 @@ def exact_constants(dtype: str) -> Iterator[None]:
 
 # Packages TensorFlow and Keras import at start-up, if installed, for features derivcli never uses.
 HIDDEN_AT_IMPORT = ("matplotlib", "matplotlib.pyplot", "jax")
+
+
+def is_discrete(dtype: str) -> bool:
+    """Whether an input of this dtype holds integers or booleans (token ids, categories), not real numbers."""
+    return dtype.startswith(("int", "uint")) or dtype == "bool"
 
 
 def import_tensorflow() -> Any:

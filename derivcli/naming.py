@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 # A name, with an index when it names one element of a tensor: x0, u, image[3,2,0].
@@ -120,10 +121,11 @@ def direction_column(output: str, vector: Sequence[float], order: int) -> str:
 
 
 def expand_tensors(names: Sequence[str], known: Sequence[str]) -> list[str]:
-    """`names` with each tensor's name (`image`, or `x` of a single tensor input) replaced by its elements."""
+    """`names` with each input's own name (`image`, `feat`, or `x` of a single input) replaced by its elements."""
     expanded: list[str] = []
     for name in names:
-        members = [] if name in known else tensor_members(name, known)
+        element = re.compile(re.escape(name) + r"(\[[\d,]+\]|\d+)\Z")
+        members = [] if name in known else [candidate for candidate in known if element.match(candidate)]
         expanded += members or [name]
     return expanded
 
@@ -143,3 +145,67 @@ def summarized(names: Sequence[str]) -> str:
         else:
             parts.append(f"{members[0]} … {members[-1]} ({len(members):,} elements)")
     return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ShapedArray:
+    """Columns that NPZ and HDF5 write as one array with a shape per row (an image, a Hessian block).
+
+    Attributes:
+        name: the array's key: `x`, `image`, `y`, `dy2/dx`, `d2y/dx^2`, `d2y/dimagedfeat`.
+        columns: the positions of its elements among the layout's float columns, in C order
+            (a Hessian block of one input repeats its upper triangle's columns below the diagonal).
+        shape: the shape of one row's elements.
+    """
+
+    name: str
+    columns: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+def shaped_arrays(
+    tensor_inputs: Sequence[tuple[str, tuple[int, ...], int]],
+    tensor_output: tuple[str, tuple[int, ...], Sequence[int]] | None,
+    derivatives: Sequence[tuple[int, str, MultiIndex]],
+) -> list[ShapedArray]:
+    """The arrays in the model's shapes that a table's columns make up.
+
+    Args:
+        tensor_inputs: each input of rank >= 2 as (its name in columns: `x` or `image`, shape, position of its
+            first coordinate); coordinate positions are also float-column positions.
+        tensor_output: (name, shape, float positions of its elements' values) for one output of rank >= 2
+            whose every element is in the table, else None.
+        derivatives: (float position, output name, multi-index) of each derivative column of order 1 or 2.
+
+    Returns:
+        The input arrays, the output array, each gradient of an output with respect to a whole tensor input
+        (`dy2/dx`, shape of the input), and each Hessian block between two whole tensor inputs
+        (`d2y/dx^2`: (*shape, *shape); `d2y/dadb`: (*shape_a, *shape_b)).
+    """
+    arrays = [ShapedArray(name, tuple(range(first, first + _size(shape))), tuple(shape))
+              for name, shape, first in tensor_inputs]
+    if tensor_output is not None:
+        name, shape, positions = tensor_output
+        arrays.append(ShapedArray(name, tuple(positions), tuple(shape)))
+    first_order: dict[tuple[str, int], int] = {}
+    second_order: dict[tuple[str, int, int], int] = {}
+    for position, output, index in derivatives:
+        differentiated = [p for p, power in enumerate(index) for _ in range(power)]
+        if len(differentiated) == 1:
+            first_order[(output, differentiated[0])] = position
+        elif len(differentiated) == 2:
+            second_order[(output, *differentiated)] = position
+    outputs = list(dict.fromkeys(output for _, output, _ in derivatives))
+    for output in outputs:
+        for name, shape, first in tensor_inputs:
+            wanted = [first_order.get((output, first + k)) for k in range(_size(shape))]
+            if all(p is not None for p in wanted):
+                arrays.append(ShapedArray(f"d{output}/d{name}", tuple(wanted), tuple(shape)))  # type: ignore[arg-type]
+        for a, (name_a, shape_a, first_a) in enumerate(tensor_inputs):
+            for name_b, shape_b, first_b in tensor_inputs[a:]:
+                wanted = [second_order.get((output, *sorted((first_a + i, first_b + j))))
+                          for i in range(_size(shape_a)) for j in range(_size(shape_b))]
+                if all(p is not None for p in wanted):
+                    block = f"d2{output}/d{name_a}^2" if name_a == name_b else f"d2{output}/d{name_a}d{name_b}"
+                    arrays.append(ShapedArray(block, tuple(wanted), (*shape_a, *shape_b)))  # type: ignore[arg-type]
+    return arrays

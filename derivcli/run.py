@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -157,12 +158,16 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         _positions(request.outputs, model.output_names, "--outputs", "output")
         if request.outputs else list(range(len(model.output_names)))
     )
+    held = model.discrete_positions
     wrt = (
         _positions(request.wrt, inputs, "--wrt", "input")
-        if request.wrt else list(range(len(inputs)))
+        if request.wrt else [p for p in range(len(inputs)) if p not in held]
     )
     partials: list[MultiIndex] = [resolve_partial(p, inputs) for p in request.partials]
     vectors = [(resolve_direction(d, inputs), d.order) for d in request.directions]
+    refuse_discrete(held, inputs, [("--wrt", [p]) for p in wrt]
+                    + [("--partial", [p for p, power in enumerate(index) if power]) for index in partials]
+                    + [("--direction", [p for p, v in enumerate(vector) if v]) for vector, _ in vectors])
     if request.jacobian:
         partials += all_partials(1, wrt, len(inputs))
     if request.hessian:
@@ -193,6 +198,8 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     first_asked = dict.fromkeys(zip(columns, names))
     columns, names = [c for c, _ in first_asked], [n for _, n in first_asked]
     expressions = parse_expressions(request.expressions, inputs, model.output_names)
+    refuse_discrete(held, inputs, [("--expr", [p for p, power in enumerate(d.index) if power])
+                                   for e in expressions for d in e.derivatives if isinstance(d, Derivative)])
     names += [e.name for e in expressions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -215,6 +222,25 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         max(orders, default=0),
         request.laplacian or any(not isinstance(d, Derivative) for e in expressions for d in e.derivatives),
     )
+
+
+def refuse_discrete(held: dict[int, str], inputs: Sequence[str], asked: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """A usage error for a derivative asked for with respect to an integer or boolean input.
+
+    Args:
+        held: the discrete coordinates by position, with their dtype (`LoadedModel.discrete_positions`).
+        inputs: the coordinate names.
+        asked: (option, positions it differentiates) for every request.
+    """
+    for option, positions in asked:
+        discrete = [p for p in positions if p in held]
+        if discrete:
+            name = inputs[discrete[0]]
+            raise UsageError(
+                f"{option}: {name} is a discrete input ({held[discrete[0]]}: token ids or categories), and a "
+                "derivative with respect to a discrete input does not exist; derivcli holds it at its values and "
+                "differentiates with respect to the others (an Embedding's effect is a derivative with respect to "
+                "the layer's output, not its ids)")
 
 
 @dataclass
@@ -385,6 +411,7 @@ def compute(
     """
     summary = RunSummary(list(value_names))
     dtype = np.dtype(model.dtype)
+    held = model.discrete_positions
     # Three stages overlap: a thread parses the next batch and another formats
     # the last one while the kernel runs; TensorFlow and Arrow release the GIL.
     # The kernel's thread does nothing else, the summary included.
@@ -401,7 +428,7 @@ def compute(
     row = source.start  # the batch's first point in the whole run: it decides the kernel's XLA
     try:
         for index, batch in enumerate(reading):
-            coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names)
+            coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names, held, row)
             if index == 0:
                 check_batch_independence(model, coordinates)
             in_place, own_rows = in_the_runs_batch(coordinates, row, batch_size, source.run_total)
@@ -449,12 +476,33 @@ def in_the_runs_batch(
     return padded, slice(row - first, row - first + len(coordinates))
 
 
-def points_in_dtype(coordinates: np.ndarray, dtype: np.dtype, names: Sequence[str]) -> np.ndarray:
+def points_in_dtype(
+    coordinates: np.ndarray, dtype: np.dtype, names: Sequence[str], held: dict[int, str] | None = None,
+    first_row: int = 0,
+) -> np.ndarray:
     """The points in the compute dtype.
 
+    `held`: the coordinates of integer and boolean inputs, which must be whole numbers that the
+    compute dtype carries exactly (2**24 in float32, 2**53 in float64): a token id is never rounded.
+
     Raises:
-        RunError: a finite coordinate beyond the dtype's range (1e308 is inf in float32).
+        RunError: a finite coordinate beyond the dtype's range (1e308 is inf in float32); a held
+            coordinate that is not a whole number, or beyond what the dtype holds exactly.
     """
+    if held:
+        positions = sorted(held)
+        values = coordinates[:, positions]
+        exact = float(2 ** (np.finfo(dtype).nmant + 1))
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > exact)
+        bad |= np.isin(np.array([held[p] for p in positions]), ["bool"])[None, :] & ~np.isin(values, (0, 1))
+        if bad.any():
+            row, column = np.argwhere(bad)[0]
+            value, kind = values[row, column], held[positions[column]]
+            fix = "; use --dtype float64 (whole numbers to 2**53)" if abs(value) > exact and value == round(value) \
+                and np.dtype(dtype) == np.float32 else ""
+            raise RunError(f"{names[positions[column]]}={value:g} (point {first_row + row + 1:,}) is not a value of "
+                           f"the {kind} input: it takes whole numbers{' 0 or 1' if kind == 'bool' else ''} up to "
+                           f"{exact:.0f} in {np.dtype(dtype).name}{fix}")
     with np.errstate(over="ignore"):
         converted = coordinates.astype(dtype)
     overflow = np.isinf(converted) & np.isfinite(coordinates)
@@ -588,6 +636,12 @@ def run_in_halves(kernel: Callable[..., np.ndarray], coordinates: np.ndarray, ba
 
     try:
         return kernel(coordinates, batch_index)
+    except tf.errors.InvalidArgumentError as error:
+        index = re.search(r"indices\[(\d+),\d+\] = (-?\d+) is not in \[0, (\d+)\)", error.message)
+        if index is None:
+            raise
+        raise RunError(f"an index input holds {index[2]} (point {int(index[1]) + 1} of batch {batch_index + 1}), "
+                       f"outside the {index[3]} rows of the model's lookup table (an Embedding's vocabulary)") from None
     except (tf.errors.ResourceExhaustedError, MemoryError):
         if len(coordinates) <= 1:
             raise RunError("out of memory on a single point: the model or the derivative order is too large "
@@ -666,7 +720,8 @@ def evaluate(
     names = planned.names
     kernel = make_kernel(model, planned, device, points=len(coordinates), batch_size=batch_size)
     dtype = np.dtype(model.dtype)
-    coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names).astype(np.float64)
+    coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names, model.discrete_positions)
+    coordinates = coordinates.astype(np.float64)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
         kernel(coordinates[start : start + batch_size].astype(dtype), start // batch_size)
@@ -711,9 +766,11 @@ def read_all_points(source: PointSource, dimension: int, limit: int) -> np.ndarr
     return np.concatenate(batches) if batches else np.zeros((0, dimension))
 
 
-def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[str]) -> Layout:
-    """The writer layout: coordinates, pass-through columns, values; and a shard's record."""
+def layout_for(model: LoadedModel, source: PointSource, planned: Plan) -> Layout:
+    """The writer layout: coordinates, pass-through columns, values; a shard's record; the arrays in the model's shapes."""
     from derivcli.shards import ShardRecord, run_identity
+
+    value_names = planned.names
 
     clash = set(source.passthrough_names) & (set(model.coordinate_names) | set(value_names))
     if clash:
@@ -729,7 +786,33 @@ def layout_for(model: LoadedModel, source: PointSource, value_names: Sequence[st
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
         np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record, source.total,
+        shaped_arrays_of(model, planned),
     )
+
+
+def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
+    """The plan's columns that NPZ/HDF5 write in the model's shapes (`naming.shaped_arrays`)."""
+    from derivcli.naming import shaped_arrays
+
+    dimension = len(model.coordinate_names)
+    tensor_inputs, first = [], 0
+    for info in model.inputs:
+        names = model.coordinate_names[first:first + info.size]
+        base = names[0].partition("[")[0]
+        if len(info.shape) >= 2 and all(name.startswith(base + "[") for name in names):  # not renamed by --names
+            tensor_inputs.append((base, info.shape, first))
+        first += info.size
+    tensor_output = None
+    if len(model.outputs) == 1 and len(model.outputs[0].shape) >= 2 \
+            and planned.names[:len(model.output_names)] == model.output_names:
+        base = model.output_names[0].partition("[")[0]
+        tensor_output = (base, model.outputs[0].shape, range(dimension, dimension + len(model.output_names)))
+    derivatives = [(dimension + j, model.output_names[column.output], column.partial)
+                   for j, column in enumerate(planned.columns)
+                   if column.along is None and column.laplacian_over is None and 1 <= sum(column.partial) <= 2]
+    if not tensor_inputs and tensor_output is None:
+        return []
+    return shaped_arrays(tensor_inputs, tensor_output, derivatives)
 
 
 def format_point(names: Sequence[str], point: Any) -> str:

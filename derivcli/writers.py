@@ -30,6 +30,7 @@ from typing import IO
 import numpy as np
 
 from derivcli.errors import RunError, UsageError, printable, styled
+from derivcli.naming import ShapedArray
 from derivcli.shards import ShardRecord, file_sha256, record_path
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "npz", "hdf5")
@@ -86,10 +87,18 @@ class Layout:
     shard: tuple[int, int] | None = None
     shard_record: ShardRecord | None = None  # written beside text shards, inside NPZ/HDF5 ones
     total_rows: int | None = None  # the rows to come, when known in advance
+    shaped: list[ShapedArray] = dataclasses.field(default_factory=list)  # NPZ/HDF5 arrays in the model's shapes
 
     @property
     def float_names(self) -> list[str]:
         return self.coordinate_names + self.value_names
+
+    def float_arrays(self) -> list[ShapedArray]:
+        """What NPZ and HDF5 write of the float columns: the shaped arrays, and every other column alone,
+        in the order of their first columns."""
+        covered = {position for array in self.shaped for position in array.columns}
+        alone = [ShapedArray(name, (j,), ()) for j, name in enumerate(self.float_names) if j not in covered]
+        return sorted([*self.shaped, *alone], key=lambda array: min(array.columns))
 
     @property
     def header(self) -> list[str]:
@@ -558,9 +567,10 @@ class ColumnSpoolWriter(Writer):
         self.spool_dir = tempfile.TemporaryDirectory(
             prefix=f".{self.file.path.name}.", dir=self.file.temporary.parent
         )
+        self.arrays = layout.float_arrays()
         self.spools = [
             open(Path(self.spool_dir.name) / f"{j}.raw", "wb")  # noqa: SIM115
-            for j in range(len(layout.float_names))
+            for j in range(len(self.arrays))
         ]
         self.passthrough: list[list[str]] = [[] for _ in layout.passthrough_names]
         self.rows = 0
@@ -569,8 +579,8 @@ class ColumnSpoolWriter(Writer):
         block = np.concatenate(
             [coordinates.astype(self.layout.dtype), values.astype(self.layout.dtype)], axis=1
         )
-        for j, spool in enumerate(self.spools):
-            spool.write(np.ascontiguousarray(block[:, j]).tobytes())
+        for array, spool in zip(self.arrays, self.spools):  # each row's elements together: (rows, *shape)
+            spool.write(np.ascontiguousarray(block[:, array.columns]).tobytes())
         for kept, new in zip(self.passthrough, passthrough):
             kept.extend(new)
         self.rows += len(block)
@@ -587,13 +597,14 @@ class ColumnSpoolWriter(Writer):
         for spool in self.spools:
             spool.close()
         arrays: list[tuple[str, np.ndarray]] = []
-        for j, name in enumerate(self.layout.float_names):
+        for j, shaped in enumerate(self.arrays):
             path = Path(self.spool_dir.name) / f"{j}.raw"
+            shape = (*self.shape, *shaped.shape)
             if self.rows == 0:
-                array = np.empty(self.shape, dtype=self.layout.dtype)
+                array = np.empty(shape, dtype=self.layout.dtype)
             else:
-                array = np.memmap(path, dtype=self.layout.dtype, mode="r", shape=self.shape)
-            arrays.append((name, array))
+                array = np.memmap(path, dtype=self.layout.dtype, mode="r", shape=shape)
+            arrays.append((shaped.name, array))
         for name, cells in zip(self.layout.passthrough_names, self.passthrough):
             arrays.append((name, np.array(cells, dtype=str)))
         if self.layout.grid_axes:

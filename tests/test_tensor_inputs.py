@@ -195,3 +195,154 @@ def test_info_shows_a_tensor_input_by_its_first_and_last_element(cli, models):
     assert "(None, 6, 6, 1)" in line and "x[0,0,0] … x[5,5,0] (36 elements)" in line
     described = json.loads(cli("info", models / "cnn.keras", "--format", "json").stdout)
     assert len(described["inputs"][0]["coordinates"]) == 36
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+def test_npz_and_hdf5_results_keep_the_model_shapes(cli, models, tmp_path, suffix):
+    """The images come back as one array, each gradient of an output as one array in the image's shape."""
+    from derivcli.writers import read_columns
+
+    images = RNG.uniform(-1, 1, (5, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images, )
+    out = tmp_path / f"grad{suffix}"
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    arrays = read_columns(str(out))
+    assert sorted(arrays) == sorted(["x", "y0", "y1", "y2", "y3", "dy0/dx", "dy1/dx", "dy2/dx", "dy3/dx"])
+    np.testing.assert_array_equal(arrays["x"], images)
+    values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
+    for output in range(4):
+        assert arrays[f"dy{output}/dx"].shape == (5, 6, 6, 1)
+        np.testing.assert_allclose(arrays[f"dy{output}/dx"], jac[:, output], rtol=1e-10, atol=1e-13)
+
+
+def test_a_hessian_of_a_sequence_input_is_one_block_of_shape_n_shape_shape(cli, models, tmp_path):
+    import tensorflow as tf
+
+    series = RNG.uniform(-1, 1, (3, 5, 2))
+    np.savez(tmp_path / "series.npz", series=series)
+    out = tmp_path / "hessian.npz"
+    result = cli("hessian", models / "gru.keras", "--npz", tmp_path / "series.npz", "--dtype", "float64", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    with np.load(out) as arrays:
+        assert sorted(arrays.files) == ["d2y/dx^2", "x", "y"]
+        block = arrays["d2y/dx^2"]
+    twin = float64_twin(models / "gru.keras")
+    x = tf.constant(series)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = tf.reduce_sum(twin(x, training=False))
+        gradient = inner.gradient(y, x)
+    reference = outer.batch_jacobian(gradient, x).numpy()  # (N, 5, 2, 5, 2)
+    assert block.shape == (3, 5, 2, 5, 2)
+    np.testing.assert_allclose(block, reference, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(block, block.transpose(0, 3, 4, 1, 2))  # the lower triangle is the upper's
+
+
+def test_shaped_shards_merge_to_the_whole_run(cli, models, tmp_path):
+    images = RNG.uniform(-1, 1, (11, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    base = ["grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--batch-size", "4"]
+    assert cli(*base, "-o", tmp_path / "whole.npz").exit_code == 0
+    for k in range(3):
+        assert cli(*base, "--shard", f"{k}/3", "-o", tmp_path / f"part{k}.npz").exit_code == 0
+    merged = cli("merge", *[tmp_path / f"part{k}.npz" for k in range(3)], "-o", tmp_path / "merged.npz")
+    assert merged.exit_code == 0, merged.stderr
+    assert (tmp_path / "merged.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+
+
+def test_text_formats_stay_one_column_per_element(cli, models, tmp_path):
+    images = RNG.uniform(-1, 1, (2, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    text = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-f", "csv", "--dtype", "float64")
+    binary = tmp_path / "grad.npz"
+    assert cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-o", binary,
+               "--dtype", "float64").exit_code == 0
+    table = read_csv(text.stdout)
+    with np.load(binary) as arrays:
+        for i, j in [(0, 0), (4, 1), (5, 5)]:
+            assert table[f"dy3/dx[{i},{j},0]"].tolist() == arrays["dy3/dx"][:, i, j, 0].tolist()
+
+
+@pytest.fixture(scope="module")
+def token_model(tmp_path_factory):
+    """An Embedding over int32 token ids beside two float features, and points for it."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    folder = tmp_path_factory.mktemp("tokens")
+    tokens, features = keras.Input((4,), name="tokens", dtype="int32"), keras.Input((2,), name="feat")
+    embedded = keras.layers.Flatten()(keras.layers.Embedding(50, 3)(tokens))
+    hidden = keras.layers.Dense(3, activation="tanh")(keras.layers.Concatenate()([embedded, features]))
+    keras.Model([tokens, features], keras.layers.Dense(1)(hidden)).save(folder / "tokens.keras")
+    ids, values = np.array([[1, 2, 3, 4], [5, 6, 7, 49], [0, 0, 9, 9]], dtype=np.int32), RNG.uniform(-1, 1, (3, 2))
+    np.savez(folder / "points.npz", tokens=ids, feat=values)
+    return folder, ids, values
+
+
+def test_integer_inputs_are_held_and_never_differentiated(cli, token_model):
+    import tensorflow as tf
+
+    folder, ids, values = token_model
+    source = ["--npz", folder / "points.npz", "--dtype", "float64", "-f", "csv"]
+    result = cli("grad", folder / "tokens.keras", *source)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "tokens0,tokens1,tokens2,tokens3,feat0,feat1,y,dy/dfeat0,dy/dfeat1"
+    table = read_csv(result.stdout)
+    assert [table[f"tokens{k}"].tolist() for k in range(4)] == ids.T.tolist()  # written back as whole numbers
+    assert result.stdout.splitlines()[2].startswith("5,6,7,49,")
+    twin = float64_twin(folder / "tokens.keras")
+    x = tf.constant(values)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = twin([tf.constant(ids), x], training=False)
+    np.testing.assert_allclose(table["y"], y.numpy()[:, 0], rtol=1e-12)
+    gradient = tape.gradient(y, x).numpy()
+    np.testing.assert_allclose(np.stack([table["dy/dfeat0"], table["dy/dfeat1"]], 1), gradient, rtol=1e-10)
+    hessian = read_csv(cli("hessian", folder / "tokens.keras", *source).stdout)
+    assert [name for name in hessian if name.startswith("d2")] == ["d2y/dfeat0^2", "d2y/dfeat0dfeat1", "d2y/dfeat1^2"]
+    laplacian = cli("laplacian", folder / "tokens.keras", *source)
+    assert laplacian.exit_code == 0 and laplacian.stdout.splitlines()[0].endswith(",y,laplacian(y)")
+
+
+@pytest.mark.parametrize("options", [
+    ["grad", "--wrt", "tokens"], ["grad", "--wrt", "tokens2,feat0"], ["deriv", "--partial", "tokens1"],
+    ["deriv", "--direction", "tokens0=1,feat0=1"], ["op", "--expr", "D(y, tokens3) + y"],
+])
+def test_naming_an_integer_input_for_a_derivative_is_a_usage_error(cli, token_model, options):
+    folder, _, _ = token_model
+    command, *rest = options
+    result = cli(command, folder / "tokens.keras", "--npz", folder / "points.npz", *rest)
+    assert result.exit_code == 2, result.stderr
+    assert "is a discrete input (int32: token ids or categories), and a derivative with respect to a discrete input " \
+           "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_token_ids_are_never_rounded(cli, token_model, tmp_path):
+    """float32 carries whole numbers exactly to 2**24: a larger id is refused, never rounded; float64 carries it,
+    and the model's own lookup then says it is outside the vocabulary."""
+    folder, _, _ = token_model
+    np.savez(tmp_path / "big.npz", tokens=np.array([[1, 2, 3, 2**24 + 1]], dtype=np.int64), feat=np.zeros((1, 2)))
+    np.savez(tmp_path / "half.npz", tokens=np.array([[1, 2, 3.5, 4]]), feat=np.zeros((1, 2)))
+    refused = cli("eval", folder / "tokens.keras", "--npz", tmp_path / "big.npz")
+    assert refused.exit_code == 1
+    assert "tokens3=1.67772e+07 (point 1) is not a value of the int32 input: it takes whole numbers up to 16777216 " \
+           "in float32; use --dtype float64" in refused.stderr
+    outside = cli("eval", folder / "tokens.keras", "--npz", tmp_path / "big.npz", "--dtype", "float64")
+    assert outside.exit_code == 1 and "holds 16777217" in outside.stderr and "outside the 50 rows" in outside.stderr
+    half = cli("eval", folder / "tokens.keras", "--npz", tmp_path / "half.npz")
+    assert half.exit_code == 1 and "tokens2=3.5 (point 1) is not a value of the int32 input" in half.stderr
+
+
+def test_check_and_doctor_leave_integer_inputs_out(cli, token_model):
+    folder, _, _ = token_model
+    checked = cli("check", folder / "tokens.keras", "--npz", folder / "points.npz", "-f", "csv")
+    assert checked.exit_code == 0, checked.stderr
+    assert [line.split(",")[0] for line in checked.stdout.splitlines()[1:]] == [
+        "dy/dfeat0", "dy/dfeat1", "d2y/dfeat0^2", "d2y/dfeat0dfeat1", "d2y/dfeat1^2"]
+    doctor = cli("doctor", folder / "tokens.keras")
+    assert doctor.exit_code == 0, doctor.stderr
+    assert "32 random points in [-1, 1]^2, ids 0 or 1 for the 4 discrete coordinate(s)" in doctor.stdout
