@@ -188,7 +188,8 @@ def run_check(options: Any, request: Any, rtol: float | None, atol: float | None
     from derivcli.writers import open_writer
 
     loaded, double = load_with_float64(
-        options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names)
+        options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names,
+        options.target, options.logits)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
                          delimiter=options.delimiter, tensors=loaded.tensors)
     points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)

@@ -57,6 +57,16 @@ EngineOption = Annotated[
 ]
 WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
 OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]
+TargetOption = Annotated[
+    str | None,
+    typer.Option("--target", metavar="top|INDEX",
+                 help="Differentiate one output element per point: top (the largest, a classifier's prediction) or "
+                      "INDEX (a fixed one); the result is y, with its index in a column target.", show_default=False),
+]
+LogitsOption = Annotated[
+    bool, typer.Option("--logits", metavar="", help="Leave out a final softmax or sigmoid (a classifier's logits: "
+                                                     "a saturated softmax has vanishing gradients).")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.")]
 MaxAbsOption = Annotated[
     str | None,
@@ -106,6 +116,8 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("output", OutputOption, None),
     ("names", NamesOption, None),
     ("output_names", OutputNamesOption, None),
+    ("target", TargetOption, None),
+    ("logits", LogitsOption, False),
     ("custom_objects", CustomObjectsOption, None),
     ("unsafe", UnsafeOption, False),
     ("batch_size", BatchSizeOption, None),
@@ -194,7 +206,7 @@ def _common(
     columns: str | None, delimiter: str, npz: str | None, format: str | None, output: str | None,
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
-    plot_axes: str | None = None, plot_at: list[str] | None = None,
+    plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -232,7 +244,19 @@ def _common(
         plot=plot,
         plot_axes=_names_or_none(plot_axes, "--plot-axes"),
         plot_at=[parse_at(a) for a in plot_at or []],
+        target=_target(target),
+        logits=logits,
     )
+
+
+def _target(text: str | None) -> str | int | None:
+    """`--target top` or `--target INDEX`."""
+    if text is None or text.strip() == "top":
+        return None if text is None else "top"
+    if text.strip().isdigit():
+        return int(text)
+    raise UsageError(f"--target {text!r}: give top (the largest output element at each point) or an output index "
+                     "such as 3")
 
 
 PartialOption = Annotated[

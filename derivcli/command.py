@@ -54,6 +54,8 @@ class RunOptions:
     plot: str | None = None  # a .png/.svg/.pdf file, or "-" for the terminal
     plot_axes: list[str] | None = None
     plot_at: list[AtPoint] = field(default_factory=list)
+    target: str | int | None = None  # --target: "top" or an output index
+    logits: bool = False
 
 
 @dataclass
@@ -115,7 +117,7 @@ def run_command(
 
         check_plot_request(options)
     model = load_model(options.model, options.custom_objects, options.unsafe, options.dtype,
-                       options.names, options.output_names)
+                       options.names, options.output_names, options.target, options.logits)
     loaded = time.perf_counter()
     planned = plan(model, request)
     for message in numerical_warnings(model, planned):

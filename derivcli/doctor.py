@@ -191,7 +191,8 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
     from derivcli.run import read_all_points
 
     loaded, double = load_with_float64(
-        options.model, options.custom_objects, options.unsafe, "float32", options.names, options.output_names)
+        options.model, options.custom_objects, options.unsafe, "float32", options.names, options.output_names,
+        getattr(options, "target", None), getattr(options, "logits", False))
     dimension = len(loaded.coordinate_names)
     if options.at or options.grid or options.csv is not None or options.npz is not None:
         source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz,

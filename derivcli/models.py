@@ -70,7 +70,13 @@ class LoadedModel:
     saved_object: Any = None
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
+    target: str | int | None = None  # --target: "top" or an output index; the outputs are then y and target
     _frozen: Any = None
+
+    @property
+    def index_outputs(self) -> set[int]:
+        """Outputs that are indices, not values of the function (`target`): never differentiated."""
+        return {1} if self.target is not None else set()
 
     @property
     def discrete_positions(self) -> dict[int, str]:
@@ -103,9 +109,10 @@ class LoadedModel:
         import tensorflow as tf
 
         if self.kind == "saved_model" and self.dtype == "float64":
-            return self._frozen(coordinates)  # the signature's graph widened to float64
+            return self._frozen(coordinates)  # the signature's graph widened to float64, --target in it
         with exact_constants(self.dtype):
-            return self._call_flat(coordinates, tf)
+            values = self._call_flat(coordinates, tf)
+        return values if self.target is None else targeted(values, self.target, tf)
 
     def frozen(self) -> Any:
         """The model as a frozen graph rewritten to differentiate its function (`engine.graph.freeze`), made once."""
@@ -205,6 +212,56 @@ def exact_constants(dtype: str) -> Iterator[None]:
 
 # Packages TensorFlow and Keras import at start-up, if installed, for features derivcli never uses.
 HIDDEN_AT_IMPORT = ("matplotlib", "matplotlib.pyplot", "jax")
+
+
+def targeted(values: Any, target: str | int, tf: Any) -> Any:
+    """(batch, 2): the output element `target` picks at each point (the largest for `top`), and its index.
+
+    The index is piecewise constant in the point, so the picked value's derivatives are that
+    element's (where two elements tie for the largest, the first is taken, as `argmax` does).
+    """
+    if target == "top":
+        index = tf.argmax(values, axis=1, output_type=tf.int32)
+    else:
+        index = tf.fill(tf.shape(values)[:1], tf.constant(int(target), tf.int32))
+    picked = tf.gather(values, index, axis=1, batch_dims=1)
+    return tf.stack([picked, tf.stop_gradient(tf.cast(index, values.dtype))], axis=1)
+
+
+def without_final_squash(model: Any, path: Path) -> Any:
+    """`--logits`: the model with a final softmax or sigmoid left out, on each output that ends in one.
+
+    The squash may be a layer's activation (Dense(10, activation="softmax")), an `Activation`
+    layer or a `Softmax` layer. The layer whose activation it is is rebuilt with a linear one,
+    sharing its weights.
+
+    Raises:
+        UsageError: no output ends in a softmax or sigmoid.
+    """
+    import keras
+
+    outputs, found = [], []
+    for tensor in model.outputs:
+        layer = tensor._keras_history.operation
+        activation = getattr(getattr(layer, "activation", None), "__name__", None)
+        squashes = isinstance(layer, keras.layers.Softmax) or activation in ("softmax", "sigmoid")
+        if squashes and isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
+            outputs.append(layer.input)
+        elif squashes:
+            config = {**layer.get_config(), "activation": "linear"}
+            linear = type(layer).from_config(config)
+            linear.build(layer.input.shape)
+            linear.set_weights(layer.get_weights())
+            outputs.append(linear(layer.input))
+        else:
+            outputs.append(tensor)
+        if squashes:
+            found.append(layer.name)
+    if not found:
+        last = ", ".join(f"{t._keras_history.operation.name} ({type(t._keras_history.operation).__name__})"
+                         for t in model.outputs)
+        raise UsageError(f"--logits: {path} ends in no softmax or sigmoid to leave out (its output layers: {last})")
+    return keras.Model(model.inputs, outputs[0] if len(outputs) == 1 else outputs)
 
 
 def is_discrete(dtype: str) -> bool:
@@ -518,6 +575,8 @@ def load_model(
     dtype: str = "float32",
     names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    target: str | int | None = None,
+    logits: bool = False,
 ) -> LoadedModel:
     """Loads a saved model of any supported format.
 
@@ -528,6 +587,8 @@ def load_model(
         dtype: `float32`, or `float64` to evaluate in double precision.
         names: new names for the coordinates (`--names`), count must match.
         output_names: new names for the outputs (`--output-names`).
+        target: `--target`: "top" or an output index; the model's outputs become `y` (that element) and `target`.
+        logits: `--logits`: leave out a final softmax or sigmoid (Keras models).
 
     Returns:
         The loaded model.
@@ -546,14 +607,37 @@ def load_model(
             from derivcli.safety import check_saved_model
 
             check_saved_model(model_path)
+        if logits:
+            raise UsageError(f"--logits: {path} is a SavedModel; derivcli leaves a final softmax or sigmoid out "
+                             "of .keras and .h5 models only (save the model with model.save('model.keras'))")
         loaded = _load_saved_model(model_path, tf)
+        if target is not None:
+            _set_target(loaded, target, output_names)
         if dtype == "float64":
             loaded = _widened(loaded)
     else:
-        loaded = _load_keras(model_path, kind, custom_objects_files, unsafe, dtype)
+        loaded = _load_keras(model_path, kind, custom_objects_files, unsafe, dtype, logits)
+        if target is not None:
+            _set_target(loaded, target, output_names)
     loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
-    loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
+    if target is None:
+        loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
     return loaded
+
+
+def _set_target(model: LoadedModel, target: str | int, output_names: Sequence[str] | None) -> None:
+    """`--target`: one output element per point, `y`, with its index in `target` (`targeted`).
+
+    Raises:
+        UsageError: with --output-names, or an index beyond the outputs.
+    """
+    if output_names:
+        raise UsageError("--target gives one output, y, and its index, target: leave out --output-names")
+    if target != "top" and not 0 <= int(target) < len(model.output_names):
+        raise UsageError(f"--target {target}: the model has {len(model.output_names)} output elements "
+                         f"(indices 0 to {len(model.output_names) - 1})")
+    model.target = target
+    model.output_names = ["y", "target"]
 
 
 def _rename(current: list[str], new: Sequence[str] | None, option: str, what: str) -> list[str]:
@@ -664,7 +748,9 @@ def inspect_config(path: Path, config: Any, custom_objects: dict[str, Any], unsa
             )
 
 
-def _load_keras(path: Path, kind: str, custom_objects_files: Sequence[str], unsafe: bool, dtype: str) -> LoadedModel:
+def _load_keras(
+    path: Path, kind: str, custom_objects_files: Sequence[str], unsafe: bool, dtype: str, logits: bool = False
+) -> LoadedModel:
     import keras
 
     custom_objects = load_custom_objects(custom_objects_files)
@@ -689,6 +775,8 @@ def _load_keras(path: Path, kind: str, custom_objects_files: Sequence[str], unsa
         raise RunError(f"cannot load {path}: it holds a {type(model).__name__}, not a Keras model")
     inputs, outputs = _keras_inputs_outputs(model)
     model = _rebuilt(model, custom_objects, not unsafe, dtype)
+    if logits:
+        model = without_final_squash(model, path)
     return LoadedModel(
         str(path), "keras", inputs, outputs, coordinate_names(inputs), output_names(outputs),
         dtype, keras_model=model,
@@ -738,19 +826,21 @@ def load_with_float64(
     dtype: str = "float32",
     names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    target: str | int | None = None,
+    logits: bool = False,
 ) -> tuple[LoadedModel, LoadedModel | None]:
     """The model in `dtype`, and in float64 for reference computations.
 
     The second is the first when `dtype` is already float64, and None when
     the model cannot be promoted (a SavedModel's signature is fixed).
     """
-    model = load_model(path, custom_objects_files, unsafe, dtype, names, output_names)
+    model = load_model(path, custom_objects_files, unsafe, dtype, names, output_names, target, logits)
     if dtype == "float64":
         return model, model
     if model.kind != "keras":
         return model, _saved_model_in_float64(model)
         return model, model
-    return model, load_model(path, custom_objects_files, unsafe, "float64", names, output_names)
+    return model, load_model(path, custom_objects_files, unsafe, "float64", names, output_names, target, logits)
 
 
 def _saved_model_in_float64(model: LoadedModel) -> LoadedModel | None:

@@ -184,6 +184,8 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     names = [model.output_names[m] for m in outputs]
     for m in outputs:
         output_name = model.output_names[m]
+        if m in model.index_outputs:  # --target's index: a value, never differentiated
+            continue
         for index in partials:
             columns.append(Column(m, index))
             names.append(derivative_column(output_name, index, inputs))
@@ -200,6 +202,11 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     expressions = parse_expressions(request.expressions, inputs, model.output_names)
     refuse_discrete(held, inputs, [("--expr", [p for p, power in enumerate(d.index) if power])
                                    for e in expressions for d in e.derivatives if isinstance(d, Derivative)])
+    for expression in expressions:
+        if any(d.output in model.index_outputs and (not isinstance(d, Derivative) or any(d.index))
+               for d in expression.derivatives):
+            raise UsageError(f"--expr {expression.text!r}: target is the index --target picked, a whole number that "
+                             "has no derivative; differentiate y")
     names += [e.name for e in expressions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -803,7 +810,7 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
             tensor_inputs.append((base, info.shape, first))
         first += info.size
     tensor_output = None
-    if len(model.outputs) == 1 and len(model.outputs[0].shape) >= 2 \
+    if len(model.outputs) == 1 and len(model.outputs[0].shape) >= 2 and model.target is None \
             and planned.names[:len(model.output_names)] == model.output_names:
         base = model.output_names[0].partition("[")[0]
         tensor_output = (base, model.outputs[0].shape, range(dimension, dimension + len(model.output_names)))

@@ -346,3 +346,95 @@ def test_check_and_doctor_leave_integer_inputs_out(cli, token_model):
     doctor = cli("doctor", folder / "tokens.keras")
     assert doctor.exit_code == 0, doctor.stderr
     assert "32 random points in [-1, 1]^2, ids 0 or 1 for the 4 discrete coordinate(s)" in doctor.stdout
+
+
+def test_target_top_and_index_differentiate_one_class_per_image(cli, models, tmp_path):
+    images = RNG.uniform(-1, 1, (9, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    source = ["--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv"]
+    result = cli("grad", models / "cnn.keras", *source, "--target", "top")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    assert list(table)[36:39] == ["y", "target", "dy/dx[0,0,0]"]
+    values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
+    top = values.argmax(axis=1)
+    assert len(set(top)) > 1  # the points do not all pick one class
+    np.testing.assert_array_equal(table["target"], top)
+    np.testing.assert_allclose(table["y"], values.max(axis=1), rtol=1e-12)
+    picked = jac[np.arange(9), top]  # (9, 6, 6, 1)
+    for i, j in [(0, 0), (2, 3), (5, 1)]:
+        np.testing.assert_allclose(table[f"dy/dx[{i},{j},0]"], picked[:, i, j, 0], rtol=1e-10, atol=1e-13)
+    fixed = read_csv(cli("grad", models / "cnn.keras", *source, "--target", "2").stdout)
+    assert set(fixed["target"]) == {2}
+    np.testing.assert_allclose(fixed["dy/dx[4,4,0]"], jac[:, 2, 4, 4, 0], rtol=1e-10, atol=1e-13)
+
+
+def test_logits_leave_out_a_softmax_layer_or_activation(cli, models, tmp_path):
+    import keras
+
+    images = RNG.uniform(-1, 1, (4, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv",
+                 "--logits", "--target", "top")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    twin = float64_twin(models / "cnn.keras")
+    logits_model = keras.Model(twin.inputs, twin.get_layer("logits").output)
+    values, (jac,) = jacobian(logits_model, [images])
+    top = values.argmax(axis=1)
+    np.testing.assert_array_equal(table["target"], top)
+    np.testing.assert_allclose(table["y"], values.max(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(table["dy/dx[1,2,0]"], jac[np.arange(4), top, 1, 2, 0], rtol=1e-10, atol=1e-13)
+    # A Dense layer's own softmax activation: its pre-activation, computed here from the weights.
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(5, activation="tanh")(inputs)
+    keras.Model(inputs, keras.layers.Dense(4, activation="sigmoid")(hidden)).save(tmp_path / "dense.keras")
+    weights = float64_twin(tmp_path / "dense.keras").get_weights()
+    point = np.array([[0.3, -0.2, 0.7]])
+    logits = np.tanh(point @ weights[0] + weights[1]) @ weights[2] + weights[3]
+    dense = read_csv(cli("eval", tmp_path / "dense.keras", "--at", "0.3,-0.2,0.7", "--logits", "--dtype", "float64",
+                         "-f", "csv").stdout)
+    np.testing.assert_allclose([dense[f"y{k}"][0] for k in range(4)], logits[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize(("options", "status", "fragment"), [
+    (["--logits"], 2, "ends in no softmax or sigmoid to leave out (its output layers: dense"),
+    (["--target", "5"], 2, "--target 5: the model has 1 output elements"),
+    (["--target", "label"], 2, "give top (the largest output element at each point) or an output index"),
+    (["--target", "top", "--output-names", "u"], 2, "leave out --output-names"),
+])
+def test_target_and_logits_errors(cli, models, options, status, fragment):
+    result = cli("grad", models / "gru.keras", "--at", ",".join(["0.1"] * 10), *options)
+    assert result.exit_code == status, result.stderr
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_index_target_picked_has_no_derivative(cli, models, tmp_path):
+    np.savez(tmp_path / "images.npz", image=RNG.uniform(-1, 1, (2, 6, 6, 1)))
+    result = cli("op", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--target", "top",
+                 "--expr", "D(target, x[0,0,0])")
+    assert result.exit_code == 2 and "target is the index --target picked" in result.stderr
+    checked = cli("check", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--target", "top", "--logits",
+                  "--partial", "x[2,2,0]", "--partial", "x[2,2,0]^2")
+    assert checked.exit_code == 0, checked.stderr + checked.stdout
+
+
+def test_an_exported_savedmodel_with_an_image_input(cli, models, tmp_path):
+    import keras
+
+    exported = tmp_path / "exported"
+    keras.models.load_model(models / "cnn.keras").export(exported, verbose=False)
+    images = RNG.uniform(-1, 1, (3, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    source = ["--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv", "--target", "top"]
+    saved = cli("grad", exported, *source)
+    assert saved.exit_code == 0, saved.stderr
+    table = read_csv(saved.stdout)
+    assert list(table)[:2] == ["x[0,0,0]", "x[0,1,0]"]
+    values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
+    top = values.argmax(axis=1)
+    np.testing.assert_array_equal(table["target"], top)
+    np.testing.assert_allclose(table["dy/dx[3,3,0]"], jac[np.arange(3), top, 3, 3, 0], rtol=1e-9, atol=1e-12)
+    refused = cli("grad", exported, "--npz", tmp_path / "images.npz", "--logits")
+    assert refused.exit_code == 2 and "is a SavedModel" in refused.stderr
