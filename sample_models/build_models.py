@@ -51,6 +51,39 @@ def save_bumps() -> None:
     keras.Model(inputs, buggy, name="bump_condition_only").save(HERE / "bump_condition_only.keras")
 
 
+def bar_images(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 grey images of one bright bar, horizontal (class 0), vertical (1) or diagonal (2), with noise."""
+    images = rng.normal(0, 0.1, (count, 8, 8, 1)).astype("float32")
+    labels = rng.integers(0, 3, count)
+    for image, label in zip(images, labels):
+        k = rng.integers(1, 7)
+        if label == 0:
+            image[k, 1:7, 0] += 1
+        elif label == 1:
+            image[1:7, k, 0] += 1
+        else:
+            image[np.arange(8), np.arange(8), 0] += 1
+    return images, labels
+
+
+def save_bars() -> None:
+    """An image classifier (8x8x1, three classes: horizontal, vertical, diagonal bar) and four test images."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images, labels = bar_images(600, rng)
+    image = keras.Input((8, 8, 1), name="image")
+    hidden = keras.layers.Conv2D(4, 3, activation="tanh", name="conv")(image)
+    hidden = keras.layers.AveragePooling2D(2, name="pool")(hidden)
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.Flatten(name="flatten")(hidden))
+    model = keras.Model(image, keras.layers.Softmax(name="probabilities")(logits), name="bars_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(images, labels, epochs=30, batch_size=32, verbose=0)
+    model.compile()
+    model.save(HERE / "bars_cnn.keras")
+    test_images, test_labels = bar_images(4, np.random.default_rng(1))
+    np.savez(HERE / "bars.npz", image=test_images, label=test_labels)
+
+
 def main() -> None:
     keras.utils.set_random_seed(0)
     x = np.linspace(-2, 2, 512, dtype="float32")[:, None]
@@ -76,6 +109,7 @@ def main() -> None:
     fit(mlp(2, [32, 32], "softplus", "softplus_2d"), grid, target, 200).save(HERE / "softplus_2d.keras")
 
     save_bumps()
+    save_bars()
     for path in sorted(HERE.glob("*")):
         if path.suffix in (".keras", ".h5") or path.is_dir() and path.name != "__pycache__":
             size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")))

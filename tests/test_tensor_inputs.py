@@ -438,3 +438,35 @@ def test_an_exported_savedmodel_with_an_image_input(cli, models, tmp_path):
     np.testing.assert_allclose(table["dy/dx[3,3,0]"], jac[np.arange(3), top, 3, 3, 0], rtol=1e-9, atol=1e-12)
     refused = cli("grad", exported, "--npz", tmp_path / "images.npz", "--logits")
     assert refused.exit_code == 2 and "is a SavedModel" in refused.stderr
+
+
+def nth_pure_derivative(function, x, index, order):
+    """d^order function / dx[index]^order per point, by `order` nested plain GradientTapes."""
+    import tensorflow as tf
+
+    if order == 0:
+        return function(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        lower = tf.reduce_sum(nth_pure_derivative(function, x, index, order - 1))  # points are independent
+    return tape.gradient(lower, x)[(slice(None), *index)]
+
+
+@pytest.mark.parametrize("engine", ["taylor", "auto"])
+def test_the_taylor_engine_covers_convolution_and_average_pooling(cli, engine):
+    """bars_cnn (Conv2D, tanh, AveragePooling2D, Dense, Softmax) at orders 2 and 3 by Taylor series."""
+    import tensorflow as tf
+
+    from conftest import SAMPLES
+
+    model, points = SAMPLES / "bars_cnn.keras", SAMPLES / "bars.npz"
+    result = cli("deriv", model, "--npz", points, "--dtype", "float64", "-f", "csv", "--engine", engine,
+                 "--partial", "x[3,3,0]^3", "--partial", "x[2,3,0]^2", "--target", "1")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    twin = float64_twin(model)
+    images = tf.constant(np.load(points)["image"].astype(np.float64))
+    second = nth_pure_derivative(lambda x: twin(x, training=False)[:, 1], images, (2, 3, 0), 2).numpy()
+    third = nth_pure_derivative(lambda x: twin(x, training=False)[:, 1], images, (3, 3, 0), 3).numpy()
+    np.testing.assert_allclose(table["d2y/dx[2,3,0]^2"], second, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["d3y/dx[3,3,0]^3"], third, rtol=1e-9, atol=1e-12)

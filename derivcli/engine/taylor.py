@@ -51,7 +51,7 @@ LINEAR_OPS = {
     "Identity", "Snapshot", "EnsureShape", "Neg", "AddN", "Reshape", "Transpose", "ExpandDims",
     "Squeeze", "StridedSlice", "Slice", "GatherV2", "Gather", "GatherNd", "ConcatV2", "Pack",
     "Unpack", "Split", "SplitV", "Tile", "BroadcastTo", "Sum", "Mean", "Pad", "PadV2", "MirrorPad",
-    "Select", "SelectV2", "Cast", "Cumsum", "ReverseV2", "MatrixDiagPartV3", "IdentityN",
+    "Select", "SelectV2", "Cast", "Cumsum", "ReverseV2", "MatrixDiagPartV3", "IdentityN", "AvgPool", "AvgPool3D",
 }
 # Linear ops that act elementwise with NumPy broadcasting, so that a leading axis of directions passes through.
 BROADCASTING_OPS = {
