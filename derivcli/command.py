@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from derivcli.errors import CheckFailed
+from derivcli.errors import CheckFailed, UsageError
 from derivcli.specs import AtPoint, GridAxis
 
 
@@ -109,6 +109,7 @@ def run_command(
     from derivcli.models import load_model
     from derivcli.points import open_source
     from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
+    from derivcli.specs import MAX_COLUMNS
     from derivcli.writers import open_writer
 
     started = time.perf_counter()
@@ -131,6 +132,9 @@ def run_command(
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")
     layout = layout_for(model, source, planned)
+    if options.format not in ("npz", "hdf5") and len(layout.header) > MAX_COLUMNS:
+        raise UsageError(f"{len(layout.header):,} columns is more than a text table takes ({MAX_COLUMNS:,}); write "
+                         "NPZ or HDF5 (-o out.npz), which keep tensors in their shapes, or restrict --wrt")
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                          batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened

@@ -201,8 +201,12 @@ def shaped_arrays(
             wanted = [first_order.get((output, first + k)) for k in range(_size(shape))]
             if all(p is not None for p in wanted):
                 arrays.append(ShapedArray(f"d{output}/d{name}", tuple(wanted), tuple(shape)))  # type: ignore[arg-type]
+        pairs = sum(1 for key in second_order if key[0] == output)
         for a, (name_a, shape_a, first_a) in enumerate(tensor_inputs):
             for name_b, shape_b, first_b in tensor_inputs[a:]:
+                size_a, size_b = _size(shape_a), _size(shape_b)
+                if pairs < (size_a * (size_a + 1) // 2 if name_a == name_b else size_a * size_b):
+                    continue  # not the whole block: its columns stay alone (and a 224x224x3 block is never listed)
                 wanted = [second_order.get((output, *sorted((first_a + i, first_b + j))))
                           for i in range(_size(shape_a)) for j in range(_size(shape_b))]
                 if all(p is not None for p in wanted):

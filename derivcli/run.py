@@ -66,6 +66,8 @@ XLA_LAPLACIAN_INPUTS = 16
 # Mixed partials of this order and above come from Taylor series along several
 # directions: with --engine auto in float64, and with --engine taylor.
 AUTO_MIXED_FROM = 6
+# The most multi-index entries (derivative columns times inputs) a plan holds: 1.6 GB of tuples.
+MAX_PLANNED_ENTRIES = 200_000_000
 AUTO_TAYLOR_FROM = 3
 TAYLOR_MIXED_FROM = 3
 # Memory that the batches waiting between the reader, the kernel and the writer may hold.
@@ -163,6 +165,17 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         _positions(request.wrt, inputs, "--wrt", "input")
         if request.wrt else [p for p in range(len(inputs)) if p not in held]
     )
+    # A column's multi-index holds one entry per input: the Jacobian of a 224x224x3 image would hold
+    # 150,528 squared of them. Refused in one line, before they are made, rather than met by the OOM killer.
+    asked = len(request.partials) + len(request.directions) + request.jacobian * len(wrt) \
+        + request.hessian * math.comb(len(wrt) + 1, 2) + request.laplacian
+    differentiated = len([m for m in outputs if m not in model.index_outputs])
+    entries = asked * differentiated * len(inputs)
+    if entries > MAX_PLANNED_ENTRIES:
+        raise UsageError(
+            f"{asked * differentiated:,} derivative columns over {len(inputs):,} inputs is more than derivcli plans in "
+            f"one run ({entries:,} multi-index entries, at most {MAX_PLANNED_ENTRIES:,}); restrict --wrt to part of "
+            "the input (--wrt x[0,0,0],x[0,1,0]) or pick columns with --partial")
     partials: list[MultiIndex] = [resolve_partial(p, inputs) for p in request.partials]
     vectors = [(resolve_direction(d, inputs), d.order) for d in request.directions]
     refuse_discrete(held, inputs, [("--wrt", [p]) for p in wrt]

@@ -470,3 +470,28 @@ def test_the_taylor_engine_covers_convolution_and_average_pooling(cli, engine):
     third = nth_pure_derivative(lambda x: twin(x, training=False)[:, 1], images, (3, 3, 0), 3).numpy()
     np.testing.assert_allclose(table["d2y/dx[2,3,0]^2"], second, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(table["d3y/dx[3,3,0]^3"], third, rtol=1e-9, atol=1e-12)
+
+
+def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_path):
+    """150,528 coordinates: values and chosen derivatives stream to NPZ; a text table of more than 10,000
+    columns and a full Jacobian (150,528 squared multi-index entries) are usage errors, not the OOM killer."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((224, 224, 3), name="image")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 8, strides=8, activation="tanh")(image))
+    keras.Model(image, keras.layers.Dense(3, activation="softmax")(pooled)).save(tmp_path / "big.keras")
+    images = RNG.uniform(0, 1, (2, 224, 224, 3)).astype(np.float32)
+    np.savez(tmp_path / "images.npz", image=images)
+    source = [tmp_path / "big.keras", "--npz", tmp_path / "images.npz", "--target", "top"]
+    chosen = cli("grad", *source, "--wrt", "x[0,0,0],x[111,37,2]", "-o", tmp_path / "out.npz")
+    assert chosen.exit_code == 0, chosen.stderr
+    with np.load(tmp_path / "out.npz") as arrays:
+        assert arrays["x"].shape == (2, 224, 224, 3) and arrays["dy/dx[111,37,2]"].shape == (2,)
+        np.testing.assert_array_equal(arrays["x"], images)
+    text = cli("eval", *source, "-f", "csv")
+    assert text.exit_code == 2
+    assert "150,530 columns is more than a text table takes (10,000); write NPZ or HDF5" in text.stderr
+    whole = cli("grad", *source, "-o", tmp_path / "jacobian.npz")
+    assert whole.exit_code == 2 and "150,528 derivative columns over 150,528 inputs is more than" in whole.stderr
+    assert not (tmp_path / "jacobian.npz").exists()
