@@ -191,7 +191,7 @@ def run_check(options: Any, request: Any, rtol: float | None, atol: float | None
         options.model, options.custom_objects, options.unsafe, options.dtype, options.names, options.output_names,
         options.target, options.logits)
     source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz, options.columns,
-                         delimiter=options.delimiter, tensors=loaded.tensors)
+                         delimiter=options.delimiter, tensors=loaded.tensors, hdf5_path=options.hdf5)
     points = read_all_points(source, len(loaded.coordinate_names), MAX_CHECK_POINTS)
     report = check_model(loaded, double or loaded, points, request, rtol, atol,
                          options.batch_size or DEFAULT_BATCH_SIZE, options.device)

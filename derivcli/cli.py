@@ -33,6 +33,7 @@ from derivcli.cli_options import (
     DirectionOption,
     ExprOption,
     GridOption,
+    Hdf5Option,
     ModelArgument,
     NamesOption,
     NpzOption,
@@ -448,6 +449,7 @@ def doctor_command(
     columns: ColumnsOption = None,
     delimiter: DelimiterOption = ",",
     npz: NpzOption = None,
+    hdf5: Hdf5Option = None,
     order: Annotated[int, typer.Option("--order", metavar="N", min=1, max=8, help="Highest order compared in float32 and float64.")] = 4,
     format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="text or json.")] = "text",
     names: NamesOption = None,
@@ -464,7 +466,7 @@ def doctor_command(
     from derivcli.doctor import diagnose_file
 
     chosen = _choice(format, "--format", ("text", "json"))
-    given = [o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v]
+    given = [o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5)) if v]
     if len(given) > 1:
         from derivcli.points import check_one_source
 
@@ -473,7 +475,7 @@ def doctor_command(
         model, custom_objects=list(custom_objects or []), unsafe=unsafe, names=_names_or_none(names, "--names"),
         output_names=_names_or_none(output_names, "--output-names"), at=[parse_at(a) for a in at or []],
         grid=[parse_grid(g) for g in grid or []], csv=csv, columns=_names_or_none(columns, "--columns"),
-        delimiter=_delimiter(delimiter), npz=npz,
+        delimiter=_delimiter(delimiter), npz=npz, hdf5=hdf5,
     ), order)
     if chosen == "json":
         sys.stdout.write(json.dumps({"model": model, "points": where, "findings": [f.as_dict() for f in findings]}, indent=2) + "\n")

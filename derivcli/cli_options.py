@@ -40,7 +40,8 @@ DelimiterOption = Annotated[
     str, typer.Option("--delimiter", metavar="CHAR", help="The --csv file's delimiter: one character, or tab "
                       "(for a ;-separated file: --delimiter ';').")
 ]
-NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input, or one array x of shape (N, d).", show_default=False)]
+NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input in its shape, (N, *shape), or one array x of shape (N, d).", show_default=False)]
+Hdf5Option = Annotated[str | None, typer.Option("--hdf5", metavar="FILE", help="An HDF5 file with one dataset per input at its root, as --npz takes arrays.", show_default=False)]
 FormatOption = Annotated[
     str | None,
     typer.Option("--format", "-f", metavar="FORMAT", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
@@ -112,6 +113,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("columns", ColumnsOption, None),
     ("delimiter", DelimiterOption, ","),
     ("npz", NpzOption, None),
+    ("hdf5", Hdf5Option, None),
     ("format", FormatOption, None),
     ("output", OutputOption, None),
     ("names", NamesOption, None),
@@ -207,16 +209,18 @@ def _common(
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
+    hdf5: str | None = None,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
     from derivcli.writers import choose_format, refuse_overwriting_inputs
 
-    check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz)) if v])
+    check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5))
+                      if v])
     if plot is None and (plot_axes or plot_at):
         raise UsageError(f"{'--plot-axes' if plot_axes else '--plot-at'} chooses what --plot draws: add --plot FILE.png "
                          "or --plot -")
-    refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz),
+    refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5),
                                        *(("--custom-objects", path) for path in custom_objects or [])])
     return CommonOptions(
         model=model,
@@ -230,6 +234,7 @@ def _common(
         columns=_names_or_none(columns, "--columns"),
         delimiter=_delimiter(delimiter),
         npz=npz,
+        hdf5=hdf5,
         format=choose_format(format, output, sys.stdout is not None and sys.stdout.isatty()),
         output=output,
         batch_size=_batch_size(batch_size),

@@ -40,6 +40,7 @@ class RunOptions:
     columns: list[str] | None = None
     delimiter: str = ","
     npz: str | None = None
+    hdf5: str | None = None
     format: str = "csv"
     output: str | None = None
     batch_size: int | None = None  # None: auto
@@ -127,7 +128,7 @@ def run_command(
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
-                         options.columns, options.shard, batch_size, options.delimiter, model.tensors)
+                         options.columns, options.shard, batch_size, options.delimiter, model.tensors, options.hdf5)
     if options.shard and options.output in (None, "-"):
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")

@@ -194,9 +194,10 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
         options.model, options.custom_objects, options.unsafe, "float32", options.names, options.output_names,
         getattr(options, "target", None), getattr(options, "logits", False))
     dimension = len(loaded.coordinate_names)
-    if options.at or options.grid or options.csv is not None or options.npz is not None:
+    if options.at or options.grid or options.csv is not None or options.npz is not None or options.hdf5 is not None:
         source = open_source(loaded.coordinate_names, options.at, options.grid, options.csv, options.npz,
-                             options.columns, delimiter=options.delimiter, tensors=loaded.tensors)
+                             options.columns, delimiter=options.delimiter, tensors=loaded.tensors,
+                             hdf5_path=options.hdf5)
         points = read_all_points(source, dimension, MAX_CHECK_POINTS)
         where = f"{len(points)} given point(s)"
     else:
@@ -204,5 +205,5 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
         held = len(loaded.discrete_positions)
         ids = f", ids 0 or 1 for the {held} discrete coordinate(s)" if held else ""
         where = (f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension - held}{ids} "
-                 "(give --at/--grid/--csv/--npz for yours)")
+                 "(give --at/--grid/--csv/--npz/--hdf5 for yours)")
     return where, run_doctor(loaded, double, points, order)

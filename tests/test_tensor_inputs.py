@@ -495,3 +495,48 @@ def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_p
     whole = cli("grad", *source, "-o", tmp_path / "jacobian.npz")
     assert whole.exit_code == 2 and "150,528 derivative columns over 150,528 inputs is more than" in whole.stderr
     assert not (tmp_path / "jacobian.npz").exists()
+
+
+def test_hdf5_points_are_read_as_npz_arrays_are(cli, models, tmp_path):
+    import h5py
+
+    images = RNG.uniform(-1, 1, (9, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    with h5py.File(tmp_path / "images.h5", "w") as handle:
+        handle["image"] = images
+        handle["label"] = np.arange(9)
+        handle.create_group("extra")["image"] = np.zeros(3)
+    expected = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-f", "csv")
+    given = cli("grad", models / "cnn.keras", "--hdf5", tmp_path / "images.h5", "-f", "csv")
+    assert given.exit_code == 0, given.stderr
+    assert given.stdout == expected.stdout
+    # Shards read their own rows by slice, and merge to the whole run.
+    base = ["grad", models / "cnn.keras", "--hdf5", tmp_path / "images.h5", "--batch-size", "4"]
+    assert cli(*base, "-o", tmp_path / "whole.csv").exit_code == 0
+    for k in range(2):
+        assert cli(*base, "--shard", f"{k}/2", "-o", tmp_path / f"part{k}.csv").exit_code == 0
+    assert cli("merge", tmp_path / "part0.csv", tmp_path / "part1.csv", "-o", tmp_path / "merged.csv").exit_code == 0
+    assert (tmp_path / "merged.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+def test_hdf5_that_reads_other_files_or_is_not_hdf5_is_refused(cli, models, tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "elsewhere.h5", "w") as handle:
+        handle["image"] = np.zeros((2, 6, 6, 1))
+    with h5py.File(tmp_path / "linked.h5", "w") as handle:
+        handle["image"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "image")
+    with h5py.File(tmp_path / "virtual.h5", "w") as handle:
+        layout = h5py.VirtualLayout(shape=(2, 6, 6, 1), dtype="f8")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "elsewhere.h5"), "image", shape=(2, 6, 6, 1))
+        handle.create_virtual_dataset("image", layout)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    for name, fragment in [("linked.h5", "no arrays named"), ("virtual.h5", "reads other files"),
+                           ("text.h5", "not an HDF5 file")]:
+        result = cli("grad", models / "cnn.keras", "--hdf5", tmp_path / name)
+        assert result.exit_code == 1 and fragment in result.stderr, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    special = cli("grad", models / "cnn.keras", "--hdf5", "/dev/zero")
+    assert special.exit_code == 1 and "not a regular file" in special.stderr
+    both = cli("grad", models / "cnn.keras", "--hdf5", tmp_path / "elsewhere.h5", "--at", "1")
+    assert both.exit_code == 2 and "--at and --hdf5 given together" in both.stderr

@@ -1,4 +1,4 @@
-"""`--npz FILE`: arrays read by offset, only the rows of each batch."""
+"""`--npz FILE` (and the base of `--hdf5 FILE`): named arrays read by offset, only the rows of each batch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,36 +15,33 @@ from derivcli.naming import summarized
 from derivcli.points.base import PointBatch, PointSource
 
 
-class NpzSource(PointSource):
-    """Arrays of an `.npz` file: one per input name, or one `x` of shape (N, d).
+class ArrayFileSource(PointSource):
+    """Points from named arrays of a file (NPZ, HDF5): one per input in its own shape, one 1-D array per
+    coordinate, or one `x` of shape (N, d). Each batch reads its own rows, so memory stays flat and a
+    shard near the end starts there. Subclasses open the file and its arrays (`open_array`)."""
 
-    Only the arrays' headers are read when the file is opened; each batch reads
-    its own rows, so memory stays flat and a shard near the end starts there.
-    """
+    kind = "arrays"
+    path: str
 
-    def __init__(self, path: str, input_names: Sequence[str], tensors: Sequence[tuple[str, tuple[int, ...]]] = ()) -> None:
-        self.path = path
-        if Path(path).exists() and not Path(path).is_file():
-            # A device (/dev/zero) would be read without end, a FIFO cannot seek: an .npz is read by offset.
-            raise RunError(f"cannot read NPZ {path}: not a regular file; an .npz is read by the offsets of its "
-                           "arrays, so save it to a file first")
-        try:
-            archive = zipfile.ZipFile(path)
-        except FileNotFoundError:
-            raise RunError(f"cannot read NPZ {path}: no such file") from None
-        except zipfile.BadZipFile:
-            if Path(path).is_file() and Path(path).read_bytes()[:6] == b"\x93NUMPY":
-                raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays") from None
-            raise RunError(f"cannot read NPZ {path}: not a zip archive (.npz files are written by numpy.savez)") from None
-        except OSError as error:
-            raise RunError(f"cannot read NPZ {path}: {error.strerror or error}") from None
-        self.archive = archive
-        files = [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+    def open_array(self, name: str, column: bool) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def choose_arrays(self, files: list[str], input_names: Sequence[str],
+                      tensors: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        """Finds the input arrays among `files` (see the class); sets `arrays`, `total`, `dimension`.
+
+        Raises:
+            RunError: no arrays for the inputs, or arrays of the wrong shapes or lengths.
+        """
+        path = self.path
         shaped = self._in_model_shapes(files, tensors)
         if shaped is not None:
             self.arrays = shaped
         elif all(name in files for name in input_names):
-            self.arrays = [_NpyRows(archive, path, name, column=True) for name in input_names]
+            self.arrays = [self.open_array(name, column=True) for name in input_names]
             lengths = {a.length for a in self.arrays}
             if len(lengths) > 1:
                 raise RunError(
@@ -51,7 +49,7 @@ class NpzSource(PointSource):
                     f"({', '.join(f'{n}: {a.length}' for n, a in zip(input_names, self.arrays))})"
                 )
         elif "x" in files:
-            whole = _NpyRows(archive, path, "x", column=False)
+            whole = self.open_array("x", column=False)
             width = whole.shape[1] if len(whole.shape) == 2 else None
             if not (width == len(input_names) or (len(whole.shape) == 1 and len(input_names) == 1)):
                 raise RunError(
@@ -68,7 +66,7 @@ class NpzSource(PointSource):
         self.passthrough_names = []
         self.total = self.arrays[0].length
 
-    def _in_model_shapes(self, files: list[str], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> list[_NpyRows] | None:
+    def _in_model_shapes(self, files: list[str], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> list[Any] | None:
         """One array per input in its own shape, (N, *shape) or the shape alone for one point; None when the
         file holds no array by an input's name (then flat arrays are looked for).
 
@@ -88,7 +86,7 @@ class NpzSource(PointSource):
             return None
         arrays = []
         for array_name, input_name, shape in chosen:
-            array = _NpyRows(self.archive, self.path, array_name, column=False)
+            array = self.open_array(array_name, column=False)
             if array.shape == shape:  # one point: the input's shape alone
                 array.one_point()
             elif array.shape[1:] != shape and not (len(array.shape) == 2 and array.shape[1] == math.prod(shape)) \
@@ -113,10 +111,72 @@ class NpzSource(PointSource):
                 parts = [array.read(low, high).reshape(high - low, -1) for array in self.arrays]
                 yield PointBatch(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
         finally:
-            self.archive.close()
+            self.close()
 
     def identity(self) -> list[object]:
-        return ["npz", [(a.name, a.shape, str(a.dtype)) for a in self.arrays], Path(self.path).stat().st_size]
+        return [self.kind.lower(), [(a.name, a.shape, str(a.dtype)) for a in self.arrays],
+                Path(self.path).stat().st_size]
+
+
+def refuse_special_file(path: str, kind: str) -> None:
+    """A device (/dev/zero) would be read without end, and a FIFO cannot seek: these files are read by offset."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise RunError(f"cannot read {kind} {path}: not a regular file; an {kind} is read by the offsets of its "
+                       "arrays, so save it to a file first")
+
+
+def checked_dtype(path: str, name: str, dtype: np.dtype) -> None:
+    """Refuses arrays that hold anything but integers and floats.
+
+    Raises:
+        RunError: Python objects (loading them would unpickle, which derivcli never does), text, dates...
+    """
+    if dtype.kind == "O":
+        raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers")
+    if dtype.kind not in "iuf":
+        raise RunError(f"{path}: array {name!r} holds {KINDS.get(dtype.kind, str(dtype))} "
+                       f"(dtype {dtype}); points are real numbers (integer or float arrays)")
+
+
+KINDS = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
+         "b": "booleans", "O": "Python objects"}
+
+
+def column_shape(path: str, name: str, shape: tuple[int, ...], column: bool) -> tuple[int, ...]:
+    """An array's shape, (N, 1) read as (N,) for a coordinate's column, which must be 1-D."""
+    if column and len(shape) == 2 and shape[1] == 1:
+        shape = (shape[0],)
+    if column and len(shape) != 1:
+        raise RunError(f"{path}: array {name!r} has shape {shape}, expected a 1-D array")
+    return tuple(shape)
+
+
+class NpzSource(ArrayFileSource):
+    """Arrays of an `.npz` file; only their headers are read when it is opened."""
+
+    kind = "NPZ"
+
+    def __init__(self, path: str, input_names: Sequence[str], tensors: Sequence[tuple[str, tuple[int, ...]]] = ()) -> None:
+        self.path = path
+        refuse_special_file(path, "NPZ")
+        try:
+            archive = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise RunError(f"cannot read NPZ {path}: no such file") from None
+        except zipfile.BadZipFile:
+            if Path(path).is_file() and Path(path).read_bytes()[:6] == b"\x93NUMPY":
+                raise RunError(f"{path} is a single .npy array, not an .npz archive of named arrays") from None
+            raise RunError(f"cannot read NPZ {path}: not a zip archive (.npz files are written by numpy.savez)") from None
+        except OSError as error:
+            raise RunError(f"cannot read NPZ {path}: {error.strerror or error}") from None
+        self.archive = archive
+        self.choose_arrays([name[:-4] for name in archive.namelist() if name.endswith(".npy")], input_names, tensors)
+
+    def open_array(self, name: str, column: bool) -> _NpyRows:
+        return _NpyRows(self.archive, self.path, name, column)
+
+    def close(self) -> None:
+        self.archive.close()
 
 
 class _NpyRows:
@@ -125,9 +185,6 @@ class _NpyRows:
     A stored (uncompressed, as `numpy.savez` writes) member is read at the rows'
     byte offset; a compressed one is decompressed up to them, a fast scan.
     """
-
-    KINDS = {"c": "complex numbers", "U": "text", "S": "bytes", "V": "records", "M": "dates", "m": "durations",
-             "b": "booleans", "O": "Python objects"}
 
     def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool) -> None:
         self.archive, self.path, self.name = archive, path, name
@@ -141,15 +198,8 @@ class _NpyRows:
                 self.data_start = member.tell()
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
             raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
-        if self.dtype.kind == "O":  # loading it would unpickle, which derivcli never does
-            raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers")
-        if self.dtype.kind not in "iuf":
-            raise RunError(f"{path}: array {name!r} holds {self.KINDS.get(self.dtype.kind, str(self.dtype))} "
-                           f"(dtype {self.dtype}); points are real numbers (integer or float arrays)")
-        if column and len(shape) == 2 and shape[1] == 1:
-            shape = (shape[0],)
-        if column and len(shape) != 1:
-            raise RunError(f"{path}: array {name!r} has shape {shape}, expected a 1-D array")
+        checked_dtype(path, name, self.dtype)
+        shape = column_shape(path, name, tuple(shape), column)
         self.shape = tuple(shape)
         self.length = shape[0] if shape else 0
         self.width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1

@@ -29,6 +29,7 @@ def open_source(
     batch_size: int | None = None,
     delimiter: str = ",",
     tensors: Sequence[tuple[str, tuple[int, ...]]] = (),
+    hdf5_path: str | None = None,
 ) -> PointSource:
     """Opens the one point source given on the command line, or its `shard` K/N.
 
@@ -41,9 +42,10 @@ def open_source(
     if shard is not None:
         refuse_unshardable("--csv", csv_path)
         refuse_unshardable("--npz", npz_path)
+        refuse_unshardable("--hdf5", hdf5_path)
     if delimiter != "," and csv_path is None:
         raise UsageError("--delimiter applies to --csv only")
-    source = _open_one(input_names, at, grid, csv_path, npz_path, columns, delimiter, tensors)
+    source = _open_one(input_names, at, grid, csv_path, npz_path, columns, delimiter, tensors, hdf5_path)
     if shard is None:
         return source
     if isinstance(source, CsvSource):
@@ -89,11 +91,12 @@ def _open_one(
     columns: Sequence[str] | None,
     delimiter: str = ",",
     tensors: Sequence[tuple[str, tuple[int, ...]]] = (),
+    hdf5_path: str | None = None,
 ) -> PointSource:
     given = [
         name for name, present in
         (("--at", bool(at)), ("--grid", bool(grid)), ("--csv", csv_path is not None),
-         ("--npz", npz_path is not None))
+         ("--npz", npz_path is not None), ("--hdf5", hdf5_path is not None))
         if present
     ]
     check_one_source(given)
@@ -105,6 +108,10 @@ def _open_one(
         return GridSource(grid, input_names)
     if csv_path is not None:
         return CsvSource(csv_path, input_names, columns, delimiter)
+    if hdf5_path is not None:
+        from derivcli.points.hdf5 import Hdf5Source
+
+        return Hdf5Source(hdf5_path, input_names, tensors)
     assert npz_path is not None
     if not Path(npz_path).exists():
         raise RunError(f"cannot read NPZ {npz_path}: no such file")
@@ -114,7 +121,7 @@ def _open_one(
 def check_one_source(given: Sequence[str]) -> None:
     """Raises UsageError unless exactly one point source was given."""
     if not given:
-        raise UsageError("no points: give one of --at, --grid, --csv or --npz")
+        raise UsageError("no points: give one of --at, --grid, --csv, --npz or --hdf5")
     if len(given) > 1:
         raise UsageError(
             f"{' and '.join(given)} given together: give exactly one point source"
