@@ -520,9 +520,9 @@ def points_in_dtype(
             value, kind = values[row, column], held[positions[column]]
             fix = "; use --dtype float64 (whole numbers to 2**53)" if abs(value) > exact and value == round(value) \
                 and np.dtype(dtype) == np.float32 else ""
+            takes = "0 or 1" if kind == "bool" else f"whole numbers up to {exact:.0f} in {np.dtype(dtype).name}"
             raise RunError(f"{names[positions[column]]}={value:g} (point {first_row + row + 1:,}) is not a value of "
-                           f"the {kind} input: it takes whole numbers{' 0 or 1' if kind == 'bool' else ''} up to "
-                           f"{exact:.0f} in {np.dtype(dtype).name}{fix}")
+                           f"the {kind} input: it takes {takes}{fix}")
     with np.errstate(over="ignore"):
         converted = coordinates.astype(dtype)
     overflow = np.isinf(converted) & np.isfinite(coordinates)
