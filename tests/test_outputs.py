@@ -127,6 +127,7 @@ def test_too_many_columns_is_a_usage_error():
         coordinate_names = [f"x{i}" for i in range(10)]
         output_names = ["y"]
         discrete_positions: dict[int, str] = {}
+        index_outputs: set[int] = set()
 
     with pytest.raises(Exception, match="92,378 partial derivatives over 10 inputs"):
         plan(Wide(), DerivativeRequest(order=10))
