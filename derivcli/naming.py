@@ -13,6 +13,7 @@ that a name a table prints is the name an option takes back.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,15 +55,8 @@ def output_names(outputs: Sequence[Shaped]) -> list[str]:
     """One name per scalar output: `y`, `y0 …`, or `y[i,j]` for one output of rank 2 and more."""
     if len(outputs) == 1 and len(outputs[0].shape) >= 2:
         return element_names("y", outputs[0].shape)
-    total = sum(_size(info.shape) for info in outputs)
+    total = sum(math.prod(info.shape) for info in outputs)
     return ["y"] if total == 1 else [f"y{i}" for i in range(total)]
-
-
-def _size(shape: Sequence[int]) -> int:
-    size = 1
-    for dimension in shape:
-        size *= dimension
-    return size
 
 
 def split_names(text: str) -> list[str]:
@@ -80,12 +74,6 @@ def split_names(text: str) -> list[str]:
             start = position + 1
     parts.append(text[start:])
     return parts
-
-
-def tensor_members(name: str, names: Sequence[str]) -> list[str]:
-    """The element names of the tensor `name` among `names` (`image` -> `image[0,0,0]` …); [] if none."""
-    prefix = name + "["
-    return [candidate for candidate in names if candidate.startswith(prefix)]
 
 
 def derivative_column(output: str, index: MultiIndex, input_names: Sequence[str]) -> str:
@@ -123,9 +111,10 @@ def direction_column(output: str, vector: Sequence[float], order: int) -> str:
 def expand_tensors(names: Sequence[str], known: Sequence[str]) -> list[str]:
     """`names` with each input's own name (`image`, `feat`, or `x` of a single input) replaced by its elements."""
     expanded: list[str] = []
+    known_names = set(known)
     for name in names:
         element = re.compile(re.escape(name) + r"(\[[\d,]+\]|\d+)\Z")
-        members = [] if name in known else [candidate for candidate in known if element.match(candidate)]
+        members = [] if name in known_names else [candidate for candidate in known if element.match(candidate)]
         expanded += members or [name]
     return expanded
 
@@ -182,7 +171,7 @@ def shaped_arrays(
         (`dy2/dx`, shape of the input), and each Hessian block between two whole tensor inputs
         (`d2y/dx^2`: (*shape, *shape); `d2y/dadb`: (*shape_a, *shape_b)).
     """
-    arrays = [ShapedArray(name, tuple(range(first, first + _size(shape))), tuple(shape))
+    arrays = [ShapedArray(name, tuple(range(first, first + math.prod(shape))), tuple(shape))
               for name, shape, first in tensor_inputs]
     if tensor_output is not None:
         name, shape, positions = tensor_output
@@ -198,17 +187,17 @@ def shaped_arrays(
     outputs = list(dict.fromkeys(output for _, output, _ in derivatives))
     for output in outputs:
         for name, shape, first in tensor_inputs:
-            wanted = [first_order.get((output, first + k)) for k in range(_size(shape))]
+            wanted = [first_order.get((output, first + k)) for k in range(math.prod(shape))]
             if all(p is not None for p in wanted):
                 arrays.append(ShapedArray(f"d{output}/d{name}", tuple(wanted), tuple(shape)))  # type: ignore[arg-type]
         pairs = sum(1 for key in second_order if key[0] == output)
         for a, (name_a, shape_a, first_a) in enumerate(tensor_inputs):
             for name_b, shape_b, first_b in tensor_inputs[a:]:
-                size_a, size_b = _size(shape_a), _size(shape_b)
+                size_a, size_b = math.prod(shape_a), math.prod(shape_b)
                 if pairs < (size_a * (size_a + 1) // 2 if name_a == name_b else size_a * size_b):
                     continue  # not the whole block: its columns stay alone (and a 224x224x3 block is never listed)
                 wanted = [second_order.get((output, *sorted((first_a + i, first_b + j))))
-                          for i in range(_size(shape_a)) for j in range(_size(shape_b))]
+                          for i in range(math.prod(shape_a)) for j in range(math.prod(shape_b))]
                 if all(p is not None for p in wanted):
                     block = f"d2{output}/d{name_a}^2" if name_a == name_b else f"d2{output}/d{name_a}d{name_b}"
                     arrays.append(ShapedArray(block, tuple(wanted), (*shape_a, *shape_b)))  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import queue
@@ -131,14 +132,16 @@ def _positions(names: Sequence[str], known: Sequence[str], option: str, what: st
     """The positions of `names` in `known`; a tensor's name (`--wrt image`) stands for all its elements."""
     from derivcli.naming import expand_tensors, summarized
 
+    # By dictionary: `--wrt image` of a 224x224x3 input expands to 150,528 names, and list.index is linear.
+    place = {name: position for position, name in enumerate(known)}
     expanded = expand_tensors(names, known)
-    unknown = [n for n in expanded if n not in known]
+    unknown = [n for n in expanded if n not in place]
     if unknown:
         raise UsageError(
             f"{option} {','.join(names)}: {', '.join(map(repr, unknown))} is not an {what} "
             f"({what}s: {summarized(known)})"
         )
-    return [known.index(n) for n in expanded]
+    return [place[n] for n in expanded]
 
 
 def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
@@ -221,7 +224,7 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
             raise UsageError(f"--expr {expression.text!r}: target is the index --target picked, a whole number that "
                              "has no derivative; differentiate y")
     names += [e.name for e in expressions]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)  # linear: 12,288 columns of an image
     if duplicates:
         raise UsageError(f"column {duplicates[0]!r} is asked for twice")
     clash = sorted(set(inputs) & set(names))
