@@ -32,6 +32,7 @@ from derivcli.cli_options import (
     DelimiterOption,
     DirectionOption,
     ExprOption,
+    LogitsOption,
     GridOption,
     Hdf5Option,
     ModelArgument,
@@ -45,6 +46,7 @@ from derivcli.cli_options import (
     PlotAtOption,
     PlotAxesOption,
     RtolOption,
+    TargetOption,
     TracebackOption,
     UnsafeOption,
     WrtOption,
@@ -52,6 +54,7 @@ from derivcli.cli_options import (
     _delimiter,
     _names_or_none,
     _number,
+    parse_target,
     with_shared_options,
 )
 from derivcli.errors import CheckFailed, DerivcliError, ExitStatus, Terminated, UsageError, printable, styled
@@ -454,6 +457,8 @@ def doctor_command(
     format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="text or json.")] = "text",
     names: NamesOption = None,
     output_names: OutputNamesOption = None,
+    target: TargetOption = None,
+    logits: LogitsOption = False,
     custom_objects: CustomObjectsOption = None,
     unsafe: UnsafeOption = False,
     traceback: TracebackOption = False,
@@ -475,7 +480,7 @@ def doctor_command(
         model, custom_objects=list(custom_objects or []), unsafe=unsafe, names=_names_or_none(names, "--names"),
         output_names=_names_or_none(output_names, "--output-names"), at=[parse_at(a) for a in at or []],
         grid=[parse_grid(g) for g in grid or []], csv=csv, columns=_names_or_none(columns, "--columns"),
-        delimiter=_delimiter(delimiter), npz=npz, hdf5=hdf5,
+        delimiter=_delimiter(delimiter), npz=npz, hdf5=hdf5, target=parse_target(target), logits=logits,
     ), order)
     if chosen == "json":
         sys.stdout.write(json.dumps({"model": model, "points": where, "findings": [f.as_dict() for f in findings]}, indent=2) + "\n")

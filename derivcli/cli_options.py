@@ -60,9 +60,10 @@ WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]"
 OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]
 TargetOption = Annotated[
     str | None,
-    typer.Option("--target", metavar="top|INDEX",
-                 help="Differentiate one output element per point: top (the largest, a classifier's prediction) or "
-                      "INDEX (a fixed one); the result is y, with its index in a column target.", show_default=False),
+    typer.Option("--target", metavar="top|NAME|INDEX",
+                 help="Differentiate one output element per point: top (the largest, a classifier's prediction), "
+                      "NAME (the index in a column or array of the points, such as labels) or INDEX (a fixed one); "
+                      "the result is y, with its index in a column target.", show_default=False),
 ]
 LogitsOption = Annotated[
     bool, typer.Option("--logits", metavar="", help="Leave out a final softmax or sigmoid (a classifier's logits: "
@@ -249,19 +250,21 @@ def _common(
         plot=plot,
         plot_axes=_names_or_none(plot_axes, "--plot-axes"),
         plot_at=[parse_at(a) for a in plot_at or []],
-        target=_target(target),
+        target=parse_target(target),
         logits=logits,
     )
 
 
-def _target(text: str | None) -> str | int | None:
-    """`--target top` or `--target INDEX`."""
+def parse_target(text: str | None) -> str | int | None:
+    """`--target top`, `--target INDEX` or `--target NAME` (a column or array of labels)."""
     if text is None or text.strip() == "top":
         return None if text is None else "top"
     if text.strip().isdigit():
         return int(text)
-    raise UsageError(f"--target {text!r}: give top (the largest output element at each point) or an output index "
-                     "such as 3")
+    if text.strip().isidentifier():
+        return text.strip()
+    raise UsageError(f"--target {text!r}: give top (the largest output element at each point), an output index "
+                     "such as 3, or the name of a column or array of labels")
 
 
 PartialOption = Annotated[

@@ -129,6 +129,8 @@ def run_command(
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
                          options.columns, options.shard, batch_size, options.delimiter, model.tensors, options.hdf5)
+    for note in source.notes:
+        warn(note)
     if options.shard and options.output in (None, "-"):
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")

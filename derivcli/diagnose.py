@@ -362,7 +362,7 @@ def first_nonfinite_layer(model: Any, point: Any) -> tuple[str, str] | None:
         return None
     coordinates = tf.constant(np.asarray(point)[None, :], tf.as_dtype(model.dtype))
     pieces, start = [], 0
-    for info in model.inputs:
+    for info in model.model_inputs:
         pieces.append(tf.reshape(coordinates[:, start : start + info.size], (-1, *info.shape)))
         start += info.size
     with tf.GradientTape(persistent=True) as tape:

@@ -70,13 +70,29 @@ class LoadedModel:
     saved_object: Any = None
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
-    target: str | int | None = None  # --target: "top" or an output index; the outputs are then y and target
+    target: str | int | None = None  # --target: "top", an output index, or a label input's name; outputs y, target
+    target_classes: int = 0  # with --target: the output elements the index picks among
     _frozen: Any = None
 
     @property
     def index_outputs(self) -> set[int]:
         """Outputs that are indices, not values of the function (`target`): never differentiated."""
         return {1} if self.target is not None else set()
+
+    @property
+    def label_input(self) -> bool:
+        """`--target NAME`: the last input is the labels' column, an index held like a token id."""
+        return isinstance(self.target, str) and self.target != "top"
+
+    @property
+    def model_inputs(self) -> list[TensorInfo]:
+        """The inputs the model itself takes (without `--target NAME`'s labels)."""
+        return self.inputs[:-1] if self.label_input else self.inputs
+
+    @property
+    def index_bounds(self) -> dict[int, int]:
+        """Held coordinates that index the outputs (`--target NAME`'s labels), by position, with the outputs' count."""
+        return {len(self.coordinate_names) - 1: self.target_classes} if self.label_input else {}
 
     @property
     def discrete_positions(self) -> dict[int, str]:
@@ -112,6 +128,8 @@ class LoadedModel:
             return self._frozen(coordinates)  # the signature's graph widened to float64, --target in it
         with exact_constants(self.dtype):
             values = self._call_flat(coordinates, tf)
+        if self.label_input:
+            return targeted(values, tf.cast(coordinates[:, -1], tf.int32), tf)
         return values if self.target is None else targeted(values, self.target, tf)
 
     def frozen(self) -> Any:
@@ -124,14 +142,14 @@ class LoadedModel:
 
     def _call_flat(self, coordinates: Any, tf: Any) -> Any:
         pieces, start = [], 0
-        for info in self.inputs:
+        for info in self.model_inputs:
             piece = coordinates[:, start : start + info.size]
             pieces.append(tf.reshape(piece, (-1, *info.shape)))
             start += info.size
         if self.kind == "keras":
             # Token ids and categories reach the model in their own dtype, as whole numbers (`points_in_dtype`).
             pieces = [tf.cast(piece, info.dtype) if is_discrete(info.dtype) else piece
-                      for piece, info in zip(pieces, self.inputs)]
+                      for piece, info in zip(pieces, self.model_inputs)]
             arguments = pieces[0] if len(pieces) == 1 else pieces
             results = tf.nest.flatten(self.keras_model(arguments, training=False))
         else:
@@ -214,14 +232,17 @@ def exact_constants(dtype: str) -> Iterator[None]:
 HIDDEN_AT_IMPORT = ("matplotlib", "matplotlib.pyplot", "jax")
 
 
-def targeted(values: Any, target: str | int, tf: Any) -> Any:
+def targeted(values: Any, target: Any, tf: Any) -> Any:
     """(batch, 2): the output element `target` picks at each point (the largest for `top`), and its index.
 
+    `target` is "top", an index, or a tensor of indices, one per point (`--target NAME`'s labels).
     The index is piecewise constant in the point, so the picked value's derivatives are that
     element's (where two elements tie for the largest, the first is taken, as `argmax` does).
     """
-    if target == "top":
+    if isinstance(target, str):
         index = tf.argmax(values, axis=1, output_type=tf.int32)
+    elif not isinstance(target, int):
+        index = target
     else:
         index = tf.fill(tf.shape(values)[:1], tf.constant(int(target), tf.int32))
     picked = tf.gather(values, index, axis=1, batch_dims=1)
@@ -611,15 +632,16 @@ def load_model(
             raise UsageError(f"--logits: {path} is a SavedModel; derivcli leaves a final softmax or sigmoid out "
                              "of .keras and .h5 models only (save the model with model.save('model.keras'))")
         loaded = _load_saved_model(model_path, tf)
+        loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
         if target is not None:
             _set_target(loaded, target, output_names)
         if dtype == "float64":
             loaded = _widened(loaded)
     else:
         loaded = _load_keras(model_path, kind, custom_objects_files, unsafe, dtype, logits)
+        loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
         if target is not None:
             _set_target(loaded, target, output_names)
-    loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
     if target is None:
         loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
     return loaded
@@ -633,10 +655,17 @@ def _set_target(model: LoadedModel, target: str | int, output_names: Sequence[st
     """
     if output_names:
         raise UsageError("--target gives one output, y, and its index, target: leave out --output-names")
-    if target != "top" and not 0 <= int(target) < len(model.output_names):
+    if isinstance(target, int) and not 0 <= target < len(model.output_names):
         raise UsageError(f"--target {target}: the model has {len(model.output_names)} output elements "
                          f"(indices 0 to {len(model.output_names) - 1})")
-    model.target = target
+    if isinstance(target, str) and target != "top":  # the labels: read with the points, held as an input
+        if target in {*model.coordinate_names, *(name.partition("[")[0] for name in model.coordinate_names),
+                      *(info.name for info in model.inputs), "y", "target"}:
+            raise UsageError(f"--target {target}: {target!r} names an input or an output; the labels' column or "
+                             "array needs a name of its own")
+        model.inputs = [*model.inputs, TensorInfo(target, (), "int64")]
+        model.coordinate_names = [*model.coordinate_names, target]
+    model.target, model.target_classes = target, len(model.output_names)
     model.output_names = ["y", "target"]
 
 

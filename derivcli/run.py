@@ -260,7 +260,7 @@ def refuse_discrete(held: dict[int, str], inputs: Sequence[str], asked: Sequence
         if discrete:
             name = inputs[discrete[0]]
             raise UsageError(
-                f"{option}: {name} is a discrete input ({held[discrete[0]]}: token ids or categories), and a "
+                f"{option}: {name} is a discrete input ({held[discrete[0]]}: token ids, categories or labels), and a "
                 "derivative with respect to a discrete input does not exist; derivcli holds it at its values and "
                 "differentiates with respect to the others (an Embedding's effect is a derivative with respect to "
                 "the layer's output, not its ids)")
@@ -451,7 +451,7 @@ def compute(
     row = source.start  # the batch's first point in the whole run: it decides the kernel's XLA
     try:
         for index, batch in enumerate(reading):
-            coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names, held, row)
+            coordinates = points_in_dtype(batch.coordinates, dtype, model.coordinate_names, held, row, model.index_bounds)
             if index == 0:
                 check_batch_independence(model, coordinates)
             in_place, own_rows = in_the_runs_batch(coordinates, row, batch_size, source.run_total)
@@ -501,17 +501,26 @@ def in_the_runs_batch(
 
 def points_in_dtype(
     coordinates: np.ndarray, dtype: np.dtype, names: Sequence[str], held: dict[int, str] | None = None,
-    first_row: int = 0,
+    first_row: int = 0, bounds: dict[int, int] | None = None,
 ) -> np.ndarray:
     """The points in the compute dtype.
 
     `held`: the coordinates of integer and boolean inputs, which must be whole numbers that the
     compute dtype carries exactly (2**24 in float32, 2**53 in float64): a token id is never rounded.
+    `bounds`: held coordinates that index the outputs (`--target NAME`), with the outputs' count.
 
     Raises:
         RunError: a finite coordinate beyond the dtype's range (1e308 is inf in float32); a held
-            coordinate that is not a whole number, or beyond what the dtype holds exactly.
+            coordinate that is not a whole number, or beyond what the dtype holds exactly; an index
+            beyond the outputs.
     """
+    for position, count in (bounds or {}).items():
+        values = coordinates[:, position]
+        outside = ~((values >= 0) & (values < count) & (values == np.round(values)))
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise RunError(f"{names[position]}={values[row]:g} (point {first_row + row + 1:,}) is not an output index: "
+                           f"--target {names[position]} picks one of the model's {count} output elements (0 to {count - 1})")
     if held:
         positions = sorted(held)
         values = coordinates[:, positions]
@@ -743,7 +752,8 @@ def evaluate(
     names = planned.names
     kernel = make_kernel(model, planned, device, points=len(coordinates), batch_size=batch_size)
     dtype = np.dtype(model.dtype)
-    coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names, model.discrete_positions)
+    coordinates = points_in_dtype(coordinates, dtype, model.coordinate_names, model.discrete_positions,
+                                  bounds=model.index_bounds)
     coordinates = coordinates.astype(np.float64)
     check_batch_independence(model, coordinates[:batch_size].astype(dtype))
     parts = [
@@ -809,8 +819,18 @@ def layout_for(model: LoadedModel, source: PointSource, planned: Plan) -> Layout
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
         np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record, source.total,
-        shaped_arrays_of(model, planned),
+        shaped_arrays_of(model, planned), list(source.passthrough_shapes), integer_columns(model, planned),
     )
+
+
+def integer_columns(model: LoadedModel, planned: Plan) -> dict[int, np.dtype]:
+    """The float columns that hold whole numbers, by position among coordinates and values, with the dtype NPZ and HDF5
+    write them in: integer and boolean inputs in theirs, `--target`'s index as int64."""
+    columns = {position: np.dtype(dtype) for position, dtype in model.discrete_positions.items()}
+    dimension = len(model.coordinate_names)
+    index_names = {model.output_names[m] for m in model.index_outputs}
+    columns.update({dimension + j: np.dtype(np.int64) for j, name in enumerate(planned.names) if name in index_names})
+    return columns
 
 
 def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
@@ -819,7 +839,7 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
 
     dimension = len(model.coordinate_names)
     tensor_inputs, first = [], 0
-    for info in model.inputs:
+    for info in model.model_inputs:
         names = model.coordinate_names[first:first + info.size]
         base = names[0].partition("[")[0]
         if len(info.shape) >= 2 and all(name.startswith(base + "[") for name in names):  # not renamed by --names

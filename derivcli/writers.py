@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -88,10 +89,19 @@ class Layout:
     shard_record: ShardRecord | None = None  # written beside text shards, inside NPZ/HDF5 ones
     total_rows: int | None = None  # the rows to come, when known in advance
     shaped: list[ShapedArray] = dataclasses.field(default_factory=list)  # NPZ/HDF5 arrays in the model's shapes
+    # Pass-through arrays (NPZ, HDF5 points): (name, dtype, shape of a row), their elements the columns in order.
+    passthrough_shapes: list[tuple[str, np.dtype, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    # Float columns of whole numbers (integer inputs, --target's index), by position: NPZ and HDF5 write them so.
+    integer_columns: dict[int, np.dtype] = dataclasses.field(default_factory=dict)
 
     @property
     def float_names(self) -> list[str]:
         return self.coordinate_names + self.value_names
+
+    def array_dtype(self, array: ShapedArray) -> np.dtype:
+        """The dtype NPZ and HDF5 write `array` in: an integer input's own, else the compute dtype."""
+        kinds = {self.integer_columns.get(position) for position in array.columns}
+        return kinds.pop() if len(kinds) == 1 and None not in kinds else self.dtype
 
     def float_arrays(self) -> list[ShapedArray]:
         """What NPZ and HDF5 write of the float columns: the shaped arrays, and every other column alone,
@@ -103,6 +113,19 @@ class Layout:
     @property
     def header(self) -> list[str]:
         return self.coordinate_names + self.passthrough_names + self.value_names
+
+
+def as_text(column: list[str] | np.ndarray) -> list[str]:
+    """A pass-through column as text cells: CSV's as they are; an array's numbers as their shortest spelling
+    (booleans true and false), its text as it is."""
+    if not isinstance(column, np.ndarray):
+        return column
+    if column.dtype.kind in "US":
+        return [cell.decode("utf-8", "replace") if isinstance(cell, bytes) else str(cell) for cell in column.tolist()]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.cast(pa.array(column), pa.string()).to_pylist()
 
 
 def format_floats(block: np.ndarray) -> list[list[str]]:
@@ -362,7 +385,7 @@ class TextWriter(Writer):
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self._start_once()
         self.row_count += len(coordinates)
-        self.write_formatted(coordinates, passthrough, values)
+        self.write_formatted(coordinates, [as_text(column) for column in passthrough], values)
 
     def write_formatted(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         """Formats and writes one batch."""
@@ -442,6 +465,9 @@ class JsonWriter(TextWriter):
     def start(self) -> None:
         self.keys = [json.dumps(name) + ": " for name in self.layout.header]
         float_positions = set(range(len(self.layout.coordinate_names)))
+        numeric = [dtype.kind in "biuf" for _, dtype, shape in self.layout.passthrough_shapes
+                   for _ in range(math.prod(shape))]  # an array's numbers and booleans are JSON's
+        float_positions |= {len(self.layout.coordinate_names) + j for j, number in enumerate(numeric) if number}
         first_value = len(self.layout.coordinate_names) + len(self.layout.passthrough_names)
         float_positions |= set(range(first_value, len(self.layout.header)))
         self.float_positions = float_positions
@@ -572,7 +598,7 @@ class ColumnSpoolWriter(Writer):
             open(Path(self.spool_dir.name) / f"{j}.raw", "wb")  # noqa: SIM115
             for j in range(len(self.arrays))
         ]
-        self.passthrough: list[list[str]] = [[] for _ in layout.passthrough_names]
+        self.passthrough: list[list[Any]] = [[] for _ in layout.passthrough_names]  # each column's pieces
         self.rows = 0
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
@@ -580,9 +606,10 @@ class ColumnSpoolWriter(Writer):
             [coordinates.astype(self.layout.dtype), values.astype(self.layout.dtype)], axis=1
         )
         for array, spool in zip(self.arrays, self.spools):  # each row's elements together: (rows, *shape)
-            spool.write(np.ascontiguousarray(block[:, array.columns]).tobytes())
+            data = block[:, array.columns].astype(self.layout.array_dtype(array), copy=False)
+            spool.write(np.ascontiguousarray(data).tobytes())
         for kept, new in zip(self.passthrough, passthrough):
-            kept.extend(new)
+            kept.append(new)
         self.rows += len(block)
 
     @property
@@ -600,13 +627,13 @@ class ColumnSpoolWriter(Writer):
         for j, shaped in enumerate(self.arrays):
             path = Path(self.spool_dir.name) / f"{j}.raw"
             shape = (*self.shape, *shaped.shape)
+            dtype = self.layout.array_dtype(shaped)
             if self.rows == 0:
-                array = np.empty(shape, dtype=self.layout.dtype)
+                array = np.empty(shape, dtype=dtype)
             else:
-                array = np.memmap(path, dtype=self.layout.dtype, mode="r", shape=shape)
+                array = np.memmap(path, dtype=dtype, mode="r", shape=shape)
             arrays.append((shaped.name, array))
-        for name, cells in zip(self.layout.passthrough_names, self.passthrough):
-            arrays.append((name, np.array(cells, dtype=str)))
+        arrays += self.passthrough_arrays()
         if self.layout.grid_axes:
             arrays.append(("grid_axes", np.array(self.layout.grid_axes, dtype=str)))
         if self.layout.shard is not None:
@@ -616,6 +643,19 @@ class ColumnSpoolWriter(Writer):
                 arrays.append((SHARD_RECORD_KEY, np.array([sealed.to_json()], dtype=str)))
             if self.layout.grid_shape:
                 arrays.append((GRID_SHAPE_KEY, np.array(self.layout.grid_shape, dtype=np.int64)))
+        return arrays
+
+    def passthrough_arrays(self) -> list[tuple[str, np.ndarray]]:
+        """The pass-through columns as arrays: CSV's as text, NPZ's and HDF5's in their dtype and shape."""
+        if not self.layout.passthrough_shapes:
+            return [(name, np.array(list(itertools.chain.from_iterable(pieces)), dtype=str))
+                    for name, pieces in zip(self.layout.passthrough_names, self.passthrough)]
+        arrays, first = [], 0
+        for name, dtype, shape in self.layout.passthrough_shapes:
+            columns = [np.concatenate(pieces) if pieces else np.empty(0, dtype)
+                       for pieces in self.passthrough[first:first + math.prod(shape)]]
+            arrays.append((name, np.stack(columns, axis=1).reshape(-1, *shape)))
+            first += math.prod(shape)
         return arrays
 
     def close(self) -> None:

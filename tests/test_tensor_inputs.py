@@ -243,9 +243,10 @@ def test_a_hessian_of_a_sequence_input_is_one_block_of_shape_n_shape_shape(cli, 
 
 def test_shaped_shards_merge_to_the_whole_run(cli, models, tmp_path):
     images = RNG.uniform(-1, 1, (11, 6, 6, 1))
-    np.savez(tmp_path / "images.npz", image=images)
-    base = ["grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--batch-size", "4"]
+    np.savez(tmp_path / "images.npz", image=images, label=np.arange(11) % 4, onehot=np.eye(4)[np.arange(11) % 4])
+    base = ["grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--batch-size", "4", "--target", "label"]
     assert cli(*base, "-o", tmp_path / "whole.npz").exit_code == 0
+    assert sorted(np.load(tmp_path / "whole.npz").files) == ["dy/dx", "label", "onehot", "target", "x", "y"]
     for k in range(3):
         assert cli(*base, "--shard", f"{k}/3", "-o", tmp_path / f"part{k}.npz").exit_code == 0
     merged = cli("merge", *[tmp_path / f"part{k}.npz" for k in range(3)], "-o", tmp_path / "merged.npz")
@@ -401,13 +402,102 @@ def test_logits_leave_out_a_softmax_layer_or_activation(cli, models, tmp_path):
 @pytest.mark.parametrize(("options", "status", "fragment"), [
     (["--logits"], 2, "ends in no softmax or sigmoid to leave out (its output layers: dense"),
     (["--target", "5"], 2, "--target 5: the model has 1 output elements"),
-    (["--target", "label"], 2, "give top (the largest output element at each point) or an output index"),
+    (["--target", "-1"], 2, "give top (the largest output element at each point), an output index"),
+    (["--target", "x"], 2, "--target x: 'x' names an input or an output"),
     (["--target", "top", "--output-names", "u"], 2, "leave out --output-names"),
 ])
 def test_target_and_logits_errors(cli, models, options, status, fragment):
     result = cli("grad", models / "gru.keras", "--at", ",".join(["0.1"] * 10), *options)
     assert result.exit_code == status, result.stderr
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_target_name_takes_each_points_class_from_its_labels(cli, models, tmp_path):
+    images, labels = RNG.uniform(-1, 1, (6, 6, 6, 1)), np.array([0, 3, 1, 2, 3, 0], dtype=np.int32)
+    np.savez(tmp_path / "images.npz", image=images, label=labels)
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv",
+                 "--target", "label")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    assert list(table)[36:40] == ["label", "y", "target", "dy/dx[0,0,0]"]  # the labels, held as the points' own
+    assert "dy/dlabel" not in table
+    values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
+    np.testing.assert_array_equal(table["target"], labels)
+    np.testing.assert_allclose(table["y"], values[np.arange(6), labels], rtol=1e-12)
+    for i, j in [(0, 0), (3, 4), (5, 5)]:
+        np.testing.assert_allclose(table[f"dy/dx[{i},{j},0]"], jac[np.arange(6), labels, i, j, 0], rtol=1e-10, atol=1e-13)
+    # The same labels as a CSV column, read from standard input, and their second derivatives.
+    text = "a,b,label\n0.3,-0.2,2\n0.1,0.5,0\n"
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((2,))
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4, activation="tanh")(inputs))
+                ).save(tmp_path / "vector.keras")
+    csv_result = cli("hessian", tmp_path / "vector.keras", "--csv", "-", "--target", "label", "--logits", "--dtype",
+                     "float64", "--names", "a,b", "-f", "csv", input=text)
+    assert csv_result.exit_code == 0, csv_result.stderr
+    hessians = read_csv(csv_result.stdout)
+    weights = float64_twin(tmp_path / "vector.keras").get_weights()
+    for row, (point, label) in enumerate([([0.3, -0.2], 2), ([0.1, 0.5], 0)]):
+        h = np.tanh(np.array(point) @ weights[0] + weights[1])  # logit = sum_k w2[k, label] tanh(a_k)
+        curvature = -2 * h * (1 - h**2) * weights[2][:, label]  # d2 tanh(a) / da2 = -2 tanh (1 - tanh^2)
+        expected = (weights[0] * curvature) @ weights[0].T
+        assert hessians["target"][row] == label
+        np.testing.assert_allclose([hessians["d2y/da^2"][row], hessians["d2y/dadb"][row], hessians["d2y/db^2"][row]],
+                                   [expected[0, 0], expected[0, 1], expected[1, 1]], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("arrays", "fragment"), [
+    ({"label": np.array([0, 4])}, "label=4 (point 2) is not an output index: --target label picks one of the model's "
+                                  "4 output elements (0 to 3)"),
+    ({"label": np.array([0, 1.5])}, "label=1.5 (point 2) is not an output index"),
+    ({}, "no array named 'label'"),
+])
+def test_labels_that_are_not_output_indices_are_one_line_errors(cli, models, tmp_path, arrays, fragment):
+    np.savez(tmp_path / "images.npz", image=RNG.uniform(-1, 1, (2, 6, 6, 1)), **arrays)
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--target", "label", "-f", "csv")
+    assert result.exit_code == 1 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+def test_other_arrays_pass_through_in_their_dtype_and_shape(cli, models, tmp_path, suffix):
+    import h5py
+
+    images = RNG.uniform(-1, 1, (5, 6, 6, 1))
+    arrays = {"image": images, "ids": np.arange(2**40, 2**40 + 5, dtype=np.int64), "mask": np.eye(5, 3, dtype=bool),
+              "weight": np.linspace(0, 1, 5, dtype=np.float32), "classes": np.arange(4)}
+    points = tmp_path / f"points{suffix}"
+    if suffix == ".npz":
+        np.savez(points, **arrays)
+    else:
+        with h5py.File(points, "w") as handle:
+            for name, array in arrays.items():
+                handle[name] = array
+    option = "--npz" if suffix == ".npz" else "--hdf5"
+    text = cli("eval", models / "cnn.keras", option, points, "--target", "top", "-f", "csv")
+    assert text.exit_code == 0, text.stderr
+    assert "array 'classes' of shape (4,) is not one row per point (5 points)" in text.stderr
+    table = read_csv(text.stdout)
+    assert list(table)[36:] == ["ids", "mask0", "mask1", "mask2", "weight", "y", "target"]
+    assert text.stdout.splitlines()[1].split(",")[36] == str(2**40)  # not through float32
+    assert list(table["mask1"]) == ["false", "true", "false", "false", "false"]
+    np.testing.assert_array_equal(table["weight"].astype(np.float32), arrays["weight"])
+    out = tmp_path / f"out{suffix}"
+    binary = cli("grad", models / "cnn.keras", option, points, "--target", "top", "-o", out)
+    assert binary.exit_code == 0, binary.stderr
+    from derivcli.writers import read_columns
+
+    result = read_columns(str(out))
+    for name in ("ids", "mask", "weight"):
+        assert result[name].dtype == arrays[name].dtype and result[name].shape == arrays[name].shape, name
+        np.testing.assert_array_equal(result[name], arrays[name])
+    assert result["target"].dtype == np.int64 and "classes" not in result
+    assert result["dy/dx"].shape == (5, 6, 6, 1)
+    jsonl = cli("eval", models / "cnn.keras", option, points, "--target", "top", "-f", "jsonl")
+    first = json.loads(jsonl.stdout.splitlines()[0])
+    assert first["ids"] == 2**40 and first["mask0"] is True and first["target"] in range(4)
 
 
 def test_the_index_target_picked_has_no_derivative(cli, models, tmp_path):

@@ -14,7 +14,8 @@ class PointBatch:
     """A batch of points: coordinates in input order and pass-through cells."""
 
     coordinates: np.ndarray  # (rows, inputs), float64
-    passthrough: list[list[str]] = field(default_factory=list)  # one list per column
+    # One per column: CSV's cells as text, or an NPZ/HDF5 array's column in its dtype.
+    passthrough: list[list[str] | np.ndarray] = field(default_factory=list)
     stalled: bool = False  # the input paused after these rows: compute them now, not when a batch is full
 
 
@@ -22,7 +23,9 @@ class PointSource:
     """A stream of points for the inputs `input_names`.
 
     Attributes:
-        passthrough_names: columns carried through unchanged (CSV only).
+        passthrough_names: columns carried through unchanged (CSV's other columns, NPZ's and HDF5's other arrays).
+        passthrough_shapes: for arrays, (name, dtype, shape of one row) of each, whose elements are the columns in order.
+        notes: what a user should know about the points (an array not passed through).
         grid_shape: the grid's shape for `--grid`, else None.
         grid_axes: the inputs along the grid's axes, in order.
         total: the number of points when known in advance, else None.
@@ -30,6 +33,8 @@ class PointSource:
     """
 
     passthrough_names: list[str]
+    passthrough_shapes: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    notes: list[str] = []
     grid_shape: tuple[int, ...] | None = None
     grid_axes: list[str] | None = None
     total: int | None = None
@@ -91,7 +96,7 @@ def rebatch(blocks: Iterator[PointBatch], batch_size: int, first_row: int = 0) -
                 return
             continue
         coordinates = np.concatenate([part.coordinates for part in parts])
-        passthrough = [list(itertools.chain.from_iterable(column)) for column in zip(*(part.passthrough for part in parts))]
+        passthrough = [joined(column) for column in zip(*(part.passthrough for part in parts))]
         start = 0
         flush = block is None or block.stalled  # the end, or a pause of the input: the rest goes now
         while rows - start >= size or (flush and start < rows):
@@ -100,3 +105,10 @@ def rebatch(blocks: Iterator[PointBatch], batch_size: int, first_row: int = 0) -
             start, size = end, batch_size
         parts = [PointBatch(coordinates[start:], [c[start:] for c in passthrough])]
         rows -= start
+
+
+def joined(pieces: tuple[list[str] | np.ndarray, ...]) -> list[str] | np.ndarray:
+    """One pass-through column's pieces as one: a list of text cells, or an array."""
+    if pieces and isinstance(pieces[0], np.ndarray):
+        return np.concatenate(pieces)
+    return list(itertools.chain.from_iterable(pieces))

@@ -37,8 +37,8 @@ class Hdf5Source(ArrayFileSource):
                  and isinstance(self.handle[name], h5py.Dataset)]
         self.choose_arrays(names, input_names, tensors)
 
-    def open_array(self, name: str, column: bool) -> _DatasetRows:
-        return _DatasetRows(self.handle, self.path, name, column)
+    def open_array(self, name: str, column: bool, passthrough: bool = False) -> _DatasetRows:
+        return _DatasetRows(self.handle, self.path, name, column, passthrough)
 
     def close(self) -> None:
         self.handle.close()
@@ -47,14 +47,14 @@ class Hdf5Source(ArrayFileSource):
 class _DatasetRows:
     """Rows of one HDF5 dataset, read by slice (`_NpyRows`'s interface)."""
 
-    def __init__(self, handle: Any, path: str, name: str, column: bool) -> None:
+    def __init__(self, handle: Any, path: str, name: str, column: bool, passthrough: bool = False) -> None:
         self.path, self.name = path, name
         self.dataset = handle[name]
         if self.dataset.is_virtual or self.dataset.external:
             raise RunError(f"{path}: dataset {name!r} reads other files (a virtual dataset or external storage); "
                            "derivcli reads data stored in the file itself")
         self.dtype = np.dtype(self.dataset.dtype)
-        checked_dtype(path, name, self.dtype)
+        checked_dtype(path, name, self.dtype, passthrough)
         self.shape = column_shape(path, name, tuple(self.dataset.shape), column)
         self.length = self.shape[0] if self.shape else 0
         self.width = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
@@ -67,8 +67,12 @@ class _DatasetRows:
 
     def read(self, low: int, high: int) -> np.ndarray:
         """Rows [low, high) as float64, of shape (high - low, width)."""
+        return self.read_raw(low, high).astype(np.float64)
+
+    def read_raw(self, low: int, high: int) -> np.ndarray:
+        """Rows [low, high) in the dataset's dtype, of shape (high - low, width)."""
         try:
             data = self.dataset[()][None] if self.single else self.dataset[low:high]
         except OSError as error:
             raise RunError(f"cannot read HDF5 {self.path}: dataset {self.name!r}: {error}") from None
-        return np.asarray(data).reshape(high - low, self.width).astype(np.float64)
+        return np.asarray(data).reshape(high - low, self.width)

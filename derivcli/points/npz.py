@@ -23,7 +23,10 @@ class ArrayFileSource(PointSource):
     kind = "arrays"
     path: str
 
-    def open_array(self, name: str, column: bool) -> Any:
+    passthrough_arrays: list[Any]
+    notes: list[str]
+
+    def open_array(self, name: str, column: bool, passthrough: bool = False) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -58,13 +61,35 @@ class ArrayFileSource(PointSource):
                 )
             self.arrays = [whole]
         else:
+            missing = [name for name, _ in tensors if name not in files]
+            if 0 < len(missing) < len(tensors):
+                raise RunError(f"{path}: no array named {missing[0]!r} for input {missing[0]!r} "
+                               f"(arrays: {', '.join(files)})")
             raise RunError(
                 f"{path}: no arrays named {summarized(input_names)} and no array 'x' "
                 f"(arrays: {', '.join(files) or 'none'})"
             )
         self.dimension = len(input_names)
-        self.passthrough_names = []
         self.total = self.arrays[0].length
+        self._choose_passthrough([name for name in files if name not in {a.name for a in self.arrays}])
+
+    def _choose_passthrough(self, others: list[str]) -> None:
+        """The file's other arrays of one row per point (labels, ids) pass through to the output, in their dtype
+        and shape; in text an array of more than one dimension is one column per element (`onehot3`)."""
+        from derivcli.naming import element_names
+
+        self.passthrough_arrays, self.passthrough_names, self.notes = [], [], []
+        for name in others:
+            array = self.open_array(name, column=False, passthrough=True)
+            if self.total == 1 and array.shape == () and self.arrays[0].shape[0] == 1:
+                array.one_point()
+            if not array.shape or array.shape[0] != self.total:
+                self.notes.append(f"{self.path}: array {name!r} of shape {array.shape} is not one row per point "
+                                  f"({self.total:,} points): it is not passed through to the output")
+                continue
+            self.passthrough_arrays.append(array)
+            self.passthrough_names += element_names(name, array.shape[1:])
+        self.passthrough_shapes = [(a.name, a.dtype, a.shape[1:]) for a in self.passthrough_arrays]
 
     def _in_model_shapes(self, files: list[str], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> list[Any] | None:
         """One array per input in its own shape, (N, *shape) or the shape alone for one point; None when the
@@ -109,7 +134,9 @@ class ArrayFileSource(PointSource):
         try:
             for low, high in aligned_cuts(start, stop, batch_size):
                 parts = [array.read(low, high).reshape(high - low, -1) for array in self.arrays]
-                yield PointBatch(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+                passthrough = [column for array in self.passthrough_arrays
+                               for column in array.read_raw(low, high).reshape(high - low, -1).T]
+                yield PointBatch(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], passthrough)
         finally:
             self.close()
 
@@ -125,14 +152,19 @@ def refuse_special_file(path: str, kind: str) -> None:
                        "arrays, so save it to a file first")
 
 
-def checked_dtype(path: str, name: str, dtype: np.dtype) -> None:
-    """Refuses arrays that hold anything but integers and floats.
+def checked_dtype(path: str, name: str, dtype: np.dtype, passthrough: bool = False) -> None:
+    """Refuses arrays that hold anything but integers and floats (and, passed through, booleans and text).
 
     Raises:
         RunError: Python objects (loading them would unpickle, which derivcli never does), text, dates...
     """
     if dtype.kind == "O":
         raise RunError(f"{path}: array {name!r} holds Python objects; save it as an array of numbers")
+    if passthrough and dtype.kind in "biufUS":
+        return
+    if passthrough:
+        raise RunError(f"{path}: array {name!r} holds {KINDS.get(dtype.kind, str(dtype))} (dtype {dtype}); arrays "
+                       "passed through to the output hold numbers, booleans or text")
     if dtype.kind not in "iuf":
         raise RunError(f"{path}: array {name!r} holds {KINDS.get(dtype.kind, str(dtype))} "
                        f"(dtype {dtype}); points are real numbers (integer or float arrays)")
@@ -172,8 +204,8 @@ class NpzSource(ArrayFileSource):
         self.archive = archive
         self.choose_arrays([name[:-4] for name in archive.namelist() if name.endswith(".npy")], input_names, tensors)
 
-    def open_array(self, name: str, column: bool) -> _NpyRows:
-        return _NpyRows(self.archive, self.path, name, column)
+    def open_array(self, name: str, column: bool, passthrough: bool = False) -> _NpyRows:
+        return _NpyRows(self.archive, self.path, name, column, passthrough)
 
     def close(self) -> None:
         self.archive.close()
@@ -186,7 +218,7 @@ class _NpyRows:
     byte offset; a compressed one is decompressed up to them, a fast scan.
     """
 
-    def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool) -> None:
+    def __init__(self, archive: zipfile.ZipFile, path: str, name: str, column: bool, passthrough: bool = False) -> None:
         self.archive, self.path, self.name = archive, path, name
         self.info = archive.getinfo(name + ".npy")
         self.stored_at: int | None = None  # the array's first byte in the archive file (stored members)
@@ -198,7 +230,7 @@ class _NpyRows:
                 self.data_start = member.tell()
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
             raise RunError(f"cannot read NPZ {path}: array {name!r}: {error}") from None
-        checked_dtype(path, name, self.dtype)
+        checked_dtype(path, name, self.dtype, passthrough)
         shape = column_shape(path, name, tuple(shape), column)
         self.shape = tuple(shape)
         self.length = shape[0] if shape else 0
@@ -216,6 +248,10 @@ class _NpyRows:
 
     def read(self, low: int, high: int) -> np.ndarray:
         """Rows [low, high) as float64, of shape (high - low, width), each row's elements in C order."""
+        return self.read_raw(low, high).astype(np.float64)
+
+    def read_raw(self, low: int, high: int) -> np.ndarray:
+        """Rows [low, high) in the array's dtype, of shape (high - low, width), each row's elements in C order."""
         size = self.dtype.itemsize
         if self.fortran and self.width > 1:  # column-major: each column's rows lie apart
             columns = [self._bytes((j * self.length + low) * size, (high - low) * size) for j in range(self.width)]
@@ -223,9 +259,9 @@ class _NpyRows:
             # The columns run over the trailing axes in Fortran order: back to C order.
             trailing = self.shape[1:]
             stacked = stacked.reshape(high - low, *trailing[::-1]).transpose(0, *range(len(trailing), 0, -1))
-            return stacked.reshape(high - low, self.width).astype(np.float64)
+            return stacked.reshape(high - low, self.width)
         raw = self._bytes(low * self.width * size, (high - low) * self.width * size)
-        return np.frombuffer(raw, self.dtype).reshape(high - low, self.width).astype(np.float64)
+        return np.frombuffer(raw, self.dtype).reshape(high - low, self.width)
 
     def _bytes(self, offset: int, count: int) -> bytes:
         try:

@@ -27,6 +27,8 @@ class ShardSource(PointSource):
         self.whole_total = source.total
         self.total = self.stop - self.start
         self.passthrough_names = source.passthrough_names
+        self.passthrough_shapes = source.passthrough_shapes
+        self.notes = source.notes
         self.grid_shape = source.grid_shape
         self.grid_axes = source.grid_axes
 
