@@ -83,8 +83,9 @@ ShardOption = Annotated[
 TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.")]
 PlotOption = Annotated[
     str | None,
-    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run: FILE.png, "
-                 ".svg or .pdf, or - for the terminal (curves on 1-D grids, heatmaps on 2-D grids).", show_default=False),
+    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run (curves on "
+                 "1-D grids, heatmaps on 2-D grids), or the first images of an image model and their gradients: "
+                 "FILE.png, .svg or .pdf, or - for the terminal.", show_default=False),
 ]
 PlotAxesOption = Annotated[
     str | None,

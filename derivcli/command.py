@@ -141,9 +141,10 @@ def run_command(
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                          batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
-        from derivcli.plots import PlotWriter, Tee
+        from derivcli.plots import ImagePlotWriter, PlotWriter, Tee
 
-        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot, source.axes)
+        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot, source.axes) if options.grid \
+            else ImagePlotWriter(layout, options, terminal_plot)
     writer = open_writer(options.format, layout, options.output)
     if options.plot is not None:
         writer = Tee(writer, picture)

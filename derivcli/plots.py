@@ -45,6 +45,8 @@ class PlotData:
     values: dict[str, np.ndarray]
     marked: list[str] = field(default_factory=list)
     label: str = ""
+    image: bool = False  # an image's (column, row) axes: row 0 at the top, square pixels
+    centred: list[str] = field(default_factory=list)  # signed columns: a diverging map centred at zero
 
     @classmethod
     def from_columns(cls, columns: dict[str, np.ndarray], grid_axes: Sequence[str], value_names: Sequence[str],
@@ -183,10 +185,18 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
                 if row == last_row:
                     panel.set_xlabel(axis_names[0])
             else:
-                mesh = panel.pcolormesh(coordinates[0], coordinates[1], values.T, shading="nearest", cmap="viridis")
+                colours: dict[str, Any] = {"cmap": "viridis"}
+                if name in result.centred:
+                    finite = np.abs(values[np.isfinite(values)])
+                    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+                    colours = {"cmap": "RdBu_r", "vmin": -bound, "vmax": bound}
+                mesh = panel.pcolormesh(coordinates[0], coordinates[1], values.T, shading="nearest", **colours)
                 figure.colorbar(mesh, ax=panel, label=name)
                 panel.set_xlabel(axis_names[0])
                 panel.set_ylabel(axis_names[1])
+                if result.image:
+                    panel.invert_yaxis()
+                    panel.set_aspect("equal")
                 if mark is not None:
                     panel.plot([coordinates[0][mark[0]]], [coordinates[1][mark[1]]], "x", color="red", markersize=10,
                                markeredgewidth=2)
@@ -220,13 +230,10 @@ def check_plot_path(path: str, option: str = "--plot") -> None:
 
 
 def check_plot_request(options: Any) -> None:
-    """`--plot` is for `--grid` points, unsharded, into a picture file or the terminal."""
+    """`--plot` is for `--grid` points or image inputs, unsharded, into a picture file or the terminal."""
     from derivcli.writers import refuse_overwriting_inputs
 
     check_plot_path(options.plot)
-    if not options.grid:
-        raise UsageError("--plot draws results on a --grid; for --at, --csv or --npz points, write a file "
-                         "(-o FILE.csv) and plot its columns with your own tool")
     if options.shard:
         raise UsageError("--plot with --shard: merge the shard files (-o merged.npz), then derivcli plot merged.npz")
     if options.plot != "-":
@@ -284,10 +291,83 @@ class PlotWriter(Writer):
         self.block = np.empty((0, 0))
 
 
+# --plot of an image model draws its first points: the input and its derivative arrays, one column of panels each.
+IMAGE_POINTS = 4
+# At most this many derivative arrays per point (a 1,000-class Jacobian has 1,000).
+IMAGE_PANELS = 6
+
+
+class ImagePlotWriter(Writer):
+    """`--plot` for a model whose input is an image (or a sequence): for the first points, the input and each
+    derivative of an output with respect to it, as heatmaps in the image's own rows and columns.
+
+    Channels are shown summed (the input's mean over them); derivatives use a diverging map centred at zero.
+    """
+
+    def __init__(self, layout: Layout, options: Any, terminal: Callable[[list[tuple[PlotData, View]]], None] | None) -> None:
+        super().__init__(layout, None)
+        dimension = len(layout.coordinate_names)
+        images = [a for a in layout.shaped if max(a.columns) < dimension and len(a.shape) in (2, 3)]
+        if not images:
+            raise UsageError("--plot draws results on a --grid, or the inputs and gradients of an image or sequence "
+                             "model; for these points write a file (-o FILE.csv) and plot its columns with your own tool")
+        if options.plot_axes or options.plot_at:
+            raise UsageError("--plot-axes and --plot-at choose a grid's axes; an image is drawn by its rows and columns")
+        self.image = images[0]
+        self.derivatives = [a for a in layout.shaped if a.shape == self.image.shape and min(a.columns) >= dimension
+                            and a.name.endswith("/d" + self.image.name)]
+        self.left_out = max(0, len(self.derivatives) - IMAGE_PANELS)
+        self.derivatives = self.derivatives[:IMAGE_PANELS]
+        self.target = dimension + layout.value_names.index("target") if "target" in layout.value_names else None
+        self.options, self.terminal = options, terminal
+        self.block = np.empty((0, dimension + len(layout.value_names)))
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        wanted = IMAGE_POINTS - len(self.block)
+        if wanted > 0:
+            rows = np.concatenate([coordinates[:wanted], values[:wanted]], axis=1).astype(np.float64)
+            self.block = np.concatenate([self.block, rows])
+
+    def panels(self) -> list[tuple[PlotData, View]]:
+        """One result per point: its image and derivative arrays."""
+        shape = self.image.shape
+        height, width = shape[0], shape[1]
+        axes = [("column", np.arange(width, dtype=np.float64)), ("row", np.arange(height, dtype=np.float64))]
+        channels = f" (sum of {shape[2]} channels)" if len(shape) == 3 and shape[2] > 1 else ""
+        results = []
+        for number, row in enumerate(self.block, 1):
+            def picture(array: Any, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+                values = row[list(array.columns)].reshape(shape)
+                return (reduce(values, axis=2) if len(shape) == 3 else values).T  # (columns, rows)
+
+            values = {f"{self.image.name}{' (channel mean)' if channels else ''}": picture(self.image, np.mean)}
+            values.update({f"{a.name}{channels}": picture(a, np.sum) for a in self.derivatives})
+            label = f"point {number}" + (f", target {row[self.target]:.0f}" if self.target is not None else "")
+            results.append(PlotData(axes, values, label=label, image=True, centred=list(values)[1:]))
+        return [(result, View([0, 1], {}, "")) for result in results]
+
+    def close(self) -> None:
+        drawn = self.panels()
+        if not drawn:
+            return
+        if self.options.plot == "-":
+            if self.terminal is not None:
+                self.terminal(drawn)
+            return
+        figure = build_figure([result for result, _ in drawn], [view for _, view in drawn])
+        if self.left_out:
+            figure.suptitle(f"the first {IMAGE_PANELS} derivative arrays of {IMAGE_PANELS + self.left_out} "
+                            "(choose with --outputs or --target)", fontsize=9)
+        save_figure(figure, self.options.plot)
+
+    def abort(self) -> None:
+        self.block = np.empty((0, 0))
+
+
 class Tee(Writer):
     """The output writer and the plot, fed the same batches; the plot is drawn after the output is complete."""
 
-    def __init__(self, main: Writer, plot: PlotWriter) -> None:
+    def __init__(self, main: Writer, plot: PlotWriter | ImagePlotWriter) -> None:
         self.main, self.plot = main, plot
         self.layout, self.file = main.layout, main.file
 
@@ -402,8 +482,12 @@ def render_terminal(data: PlotData | Sequence[tuple[PlotData, View]], stream: IO
     for result, chosen in pairs:
         axis_names = [result.axes[i][0] for i in chosen.drawn]
         coordinates = [result.axes[i][1] for i in chosen.drawn]
+        if result.image:  # row 0 at the top: the rows run down the screen
+            coordinates[1] = coordinates[1][::-1]
         for name, array in result.values.items():
             values = chosen.slice(np.asarray(array, dtype=np.float64))
+            if result.image:
+                values = values[:, ::-1]
             title = " ".join(filter(None, [result.label, name, f"at {chosen.note}" if chosen.note else ""]))
             finite = values[np.isfinite(values)]
             low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)

@@ -630,3 +630,26 @@ def test_hdf5_that_reads_other_files_or_is_not_hdf5_is_refused(cli, models, tmp_
     assert special.exit_code == 1 and "not a regular file" in special.stderr
     both = cli("grad", models / "cnn.keras", "--hdf5", tmp_path / "elsewhere.h5", "--at", "1")
     assert both.exit_code == 2 and "--at and --hdf5 given together" in both.stderr
+
+
+def test_plot_draws_the_first_images_and_their_gradients(cli, models, tmp_path, monkeypatch):
+    images, labels = RNG.uniform(-1, 1, (6, 6, 6, 1)), np.array([3, 1, 0, 2, 2, 1])
+    np.savez(tmp_path / "images.npz", image=images, label=labels)
+    base = ["grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--target", "label", "--logits"]
+    picture = cli(*base, "--plot", tmp_path / "p.png", "-o", tmp_path / "out.npz")
+    assert picture.exit_code == 0, picture.stderr
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    result = np.load(tmp_path / "out.npz")
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setenv("LINES", "200")
+    terminal = cli(*base, "--plot", "-", "-o", tmp_path / "again.npz")
+    assert terminal.exit_code == 0, terminal.stderr
+    titles = [line for line in terminal.stdout.splitlines() if line.startswith("point ")]
+    expected = []
+    for k in range(4):  # the first four points, each its image and the gradient of its labelled logit
+        for name, array in (("x", result["x"][k]), ("dy/dx", result["dy/dx"][k])):
+            expected.append(f"point {k + 1}, target {labels[k]} {name}: {array.min():.4g} to {array.max():.4g}")
+    assert titles == expected
+    assert "row 5 .. 0 (up)" in terminal.stdout  # row 0 of the image at the top
+    vector = cli("grad", models / "gru.keras", "--npz", tmp_path / "images.npz", "--plot", "p.png")
+    assert vector.exit_code in (1, 2) and len(vector.stderr.strip().splitlines()) == 1
