@@ -70,6 +70,8 @@ class LoadedModel:
     saved_object: Any = None
     signature_input_keys: list[str] = field(default_factory=list)
     signature_output_keys: list[str] = field(default_factory=list)
+    # --logits on a SavedModel: its frozen graph with the final squash left out, (batch, inputs) -> (batch, outputs).
+    logits_graph: Any = None
     target: str | int | None = None  # --target: "top", an output index, or a label input's name; outputs y, target
     target_classes: int = 0  # with --target: the output elements the index picks among
     _frozen: Any = None
@@ -152,6 +154,8 @@ class LoadedModel:
                       for piece, info in zip(pieces, self.model_inputs)]
             arguments = pieces[0] if len(pieces) == 1 else pieces
             results = tf.nest.flatten(self.keras_model(arguments, training=False))
+        elif self.logits_graph is not None:
+            return tf.cast(self.logits_graph(coordinates[:, :sum(info.size for info in self.model_inputs)]), self.dtype)
         else:
             by_key = {
                 key: tf.cast(piece, self.signature.structured_input_signature[1][key].dtype)
@@ -628,10 +632,9 @@ def load_model(
             from derivcli.safety import check_saved_model
 
             check_saved_model(model_path)
-        if logits:
-            raise UsageError(f"--logits: {path} is a SavedModel; derivcli leaves a final softmax or sigmoid out "
-                             "of .keras and .h5 models only (save the model with model.save('model.keras'))")
         loaded = _load_saved_model(model_path, tf)
+        if logits:
+            _graph_without_final_squash(loaded)
         loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
         if target is not None:
             _set_target(loaded, target, output_names)
@@ -645,6 +648,21 @@ def load_model(
     if target is None:
         loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
     return loaded
+
+
+def _graph_without_final_squash(model: LoadedModel) -> None:
+    """`--logits` on a SavedModel: the signature's graph, frozen, with the softmax or sigmoid it ends in left out.
+
+    Raises:
+        UsageError: the graph's output does not end in a softmax or sigmoid.
+    """
+    from derivcli.engine.graph import freeze, without_final_squash
+
+    frozen = freeze(model.call_flat, len(model.coordinate_names), model.dtype)
+    graph, last = without_final_squash(frozen)
+    if graph is None:
+        raise UsageError(f"--logits: {model.path} ends in no softmax or sigmoid to leave out (its graph ends in {last})")
+    model.logits_graph = graph
 
 
 def _set_target(model: LoadedModel, target: str | int, output_names: Sequence[str] | None) -> None:

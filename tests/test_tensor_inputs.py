@@ -526,8 +526,36 @@ def test_an_exported_savedmodel_with_an_image_input(cli, models, tmp_path):
     top = values.argmax(axis=1)
     np.testing.assert_array_equal(table["target"], top)
     np.testing.assert_allclose(table["dy/dx[3,3,0]"], jac[np.arange(3), top, 3, 3, 0], rtol=1e-9, atol=1e-12)
-    refused = cli("grad", exported, "--npz", tmp_path / "images.npz", "--logits")
-    assert refused.exit_code == 2 and "is a SavedModel" in refused.stderr
+    # --logits: the graph's final Softmax op is left out; the logits' derivatives, from the float64 twin's logits
+    # layer, for each image's labelled class.
+    labels = np.array([2, 0, 3])
+    np.savez(tmp_path / "labelled.npz", image=images, label=labels)
+    logits = cli("hessian", exported, "--npz", tmp_path / "labelled.npz", "--dtype", "float64", "-f", "csv",
+                 "--target", "label", "--logits", "--wrt", "x[1,1,0],x[2,3,0]")
+    assert logits.exit_code == 0, logits.stderr
+    table = read_csv(logits.stdout)
+    twin = float64_twin(models / "cnn.keras")
+    logits_model = keras.Model(twin.inputs, twin.get_layer("logits").output)
+    values, (jac,) = jacobian(logits_model, [images])
+    np.testing.assert_allclose(table["y"], values[np.arange(3), labels], rtol=1e-12)
+    import tensorflow as tf
+
+    x = tf.constant(images)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            picked = tf.gather(logits_model(x, training=False), labels, axis=1, batch_dims=1)
+        gradient = inner.gradient(picked, x)[:, 2, 3, 0]
+    second = outer.gradient(gradient, x).numpy()
+    np.testing.assert_allclose(table["d2y/dx[1,1,0]dx[2,3,0]"], second[:, 1, 1, 0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["d2y/dx[2,3,0]^2"], second[:, 2, 3, 0], rtol=1e-9, atol=1e-12)
+    linear = tmp_path / "linear"
+    inputs = keras.Input((3,))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).export(linear, verbose=False)
+    refused = cli("eval", linear, "--at", "1,2,3", "--logits")
+    assert refused.exit_code == 2 and "ends in no softmax or sigmoid to leave out (its graph ends in BiasAdd" \
+        in refused.stderr
 
 
 def nth_pure_derivative(function, x, index, order):

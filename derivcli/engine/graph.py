@@ -130,6 +130,35 @@ def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: st
     return FrozenFunction(graph_def, frozen.inputs[0].name, frozen.outputs[0].name, rewritten, low_precision)
 
 
+# Ops a frozen output passes through unchanged in value on the way from a final squash (`without_final_squash`).
+PASS_THROUGH_OPS = {"Identity", "IdentityN", "Reshape", "Cast", "Squeeze", "ExpandDims"}
+SQUASH_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}
+
+
+def without_final_squash(frozen: FrozenFunction) -> tuple[FrozenFunction | None, str]:
+    """`--logits` for a graph: the frozen function with the softmax or sigmoid its output ends in made an Identity
+    (None when it ends in neither), and the op it ends in.
+
+    The output is followed back through ops that only reshape or rename it; a squash applied to
+    only part of the output (one of several heads concatenated) is not looked for.
+    """
+    graph_def = type(frozen.graph_def)()
+    graph_def.CopyFrom(frozen.graph_def)
+    by_name = {node.name: node for node in graph_def.node}
+    node = by_name.get(frozen.target.split(":")[0])
+    while node is not None and node.op in PASS_THROUGH_OPS and node.input:
+        node = by_name.get(node.input[0].split(":")[0].lstrip("^"))
+    if node is None or node.op not in SQUASH_OPS:
+        return None, f"{node.op} ({node.name})" if node is not None else "an op outside the graph"
+    kind = SQUASH_OPS[node.op]
+    node.op = "Identity"
+    for attribute in list(node.attr):
+        if attribute not in ("T", "_output_shapes"):
+            del node.attr[attribute]
+    return FrozenFunction(graph_def, frozen.source, frozen.target, dict(frozen.rewritten),
+                          list(frozen.low_precision)), f"{kind} ({node.name})"
+
+
 def _rewrite(node: Any, rewritten: dict[str, int]) -> None:
     if node.op in STRAIGHT_THROUGH_OPS:
         raise RunError(
