@@ -68,9 +68,12 @@ class Timings:
     first_points: int
     rest: float  # seconds for the other points
     rows: int
+    engine: str = ""  # the engine that served, and why not Taylor series where they were wanted
 
     def line(self) -> str:
         parts = [f"model loaded in {self.load:.2f} s (TensorFlow import included)"]
+        if self.engine:
+            parts.append(f"engine: {self.engine}")
         if self.first_batch is not None:
             parts.append(f"first batch of {self.first_points:,} point(s) in {self.first_batch:.2f} s (tracing included)")
             rest = self.rows - self.first_points
@@ -165,7 +168,8 @@ def run_command(
     finished = time.perf_counter()
     summary.timings = Timings(
         loaded - started, first_batch[0][0] - computing if first_batch else None,
-        first_batch[0][1] if first_batch else 0, finished - first_batch[0][0] if first_batch else 0.0, summary.rows)
+        first_batch[0][1] if first_batch else 0, finished - first_batch[0][0] if first_batch else 0.0, summary.rows,
+        getattr(kernel, "engine", ""))
     for message in result_warnings(model, summary):
         warn(message)
     gate(options, model.coordinate_names, summary, planned.first_gated, warn)

@@ -353,11 +353,15 @@ def make_kernel(
     # Derivatives differentiate the model's function, free of the graph's gradient conventions
     # (`engine.graph`); values alone need no frozen graph.
     function = model.frozen() if planned.highest_order >= 1 else model.call_flat
-    return DerivativeKernel(
+    kernel = DerivativeKernel(
         function, len(model.coordinate_names), planned.columns, model.dtype,
         device=select_device(device), combine=planned.combine, taylor=program, xla_from=xla_from,
         interpolate_from=interpolate_from, batch_size=batch_size,
     )
+    # What --timings reports: which engine serves, and why not Taylor series where they were wanted.
+    kernel.engine = "Taylor series (tapes for first derivatives)" if program is not None else \
+        f"nested tapes (Taylor series do not cover {reason})" if wanted else "nested tapes"
+    return kernel
 
 
 def taylor_program_for(model: LoadedModel) -> tuple[Any, str]:

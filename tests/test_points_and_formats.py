@@ -317,6 +317,7 @@ def test_timings_tell_start_up_from_streaming(model_factory, cli):
     (line,) = timed.stderr.splitlines()
     assert line.startswith("derivcli: timings: model loaded in ")
     assert "first batch of 4 point(s) in " in line and "; the other 6 in " in line and line.endswith(" points/s)")
+    assert "; engine: nested tapes; " in line  # a gradient: no Taylor series wanted
 
 
 def test_unicode_line_separators_stay_inside_their_cells(model_factory, cli, tmp_path):

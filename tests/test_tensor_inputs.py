@@ -590,6 +590,43 @@ def test_the_taylor_engine_covers_convolution_and_average_pooling(cli, engine):
     np.testing.assert_allclose(table["d3y/dx[3,3,0]^3"], third, rtol=1e-9, atol=1e-12)
 
 
+def test_the_taylor_engine_covers_max_pooling_and_embeddings(cli, tmp_path, token_model):
+    """Max pooling (each window's largest entry, picked where the value's maximum is) and an Embedding over held
+    token ids, at orders 3 and in a Laplacian, against nested plain GradientTapes on the float64 twins."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(6)
+    image = keras.Input((6, 6, 1))
+    pooled = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(2, 3, activation="tanh")(image))
+    keras.Model(image, keras.layers.Dense(1)(keras.layers.Flatten()(pooled))).save(tmp_path / "maxpool.keras")
+    images = RNG.uniform(-1, 1, (5, 6, 6, 1))
+    np.savez(tmp_path / "images.npz", image=images)
+    source = ["--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv", "--engine", "taylor"]
+    result = cli("deriv", tmp_path / "maxpool.keras", *source, "--partial", "x[2,2,0]^3", "--partial", "x[1,3,0]^2")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    twin = float64_twin(tmp_path / "maxpool.keras")
+    x = tf.constant(images)
+    np.testing.assert_allclose(table["d3y/dx[2,2,0]^3"],
+                               nth_pure_derivative(lambda v: twin(v)[:, 0], x, (2, 2, 0), 3).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(table["d2y/dx[1,3,0]^2"],
+                               nth_pure_derivative(lambda v: twin(v)[:, 0], x, (1, 3, 0), 2).numpy(), rtol=1e-9, atol=1e-12)
+    timed = cli("laplacian", tmp_path / "maxpool.keras", *source[:-2], "--timings")
+    assert "engine: Taylor series" in timed.stderr, timed.stderr
+    laplacian = read_csv(timed.stdout)["laplacian(y)"]
+    expected = sum(nth_pure_derivative(lambda v: twin(v)[:, 0], x, (i, j, 0), 2).numpy()
+                   for i in range(6) for j in range(6))
+    np.testing.assert_allclose(laplacian, expected, rtol=1e-9, atol=1e-12)
+    folder, ids, values = token_model
+    tokens = cli("deriv", folder / "tokens.keras", "--npz", folder / "points.npz", "--dtype", "float64", "-f", "csv",
+                 "--engine", "taylor", "--partial", "feat0^3")
+    assert tokens.exit_code == 0, tokens.stderr
+    embedded = float64_twin(folder / "tokens.keras")
+    third = nth_pure_derivative(lambda v: embedded([tf.constant(ids), v])[:, 0], tf.constant(values), (0,), 3)
+    np.testing.assert_allclose(read_csv(tokens.stdout)["d3y/dfeat0^3"], third.numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_path):
     """150,528 coordinates: values and chosen derivatives stream to NPZ; a text table of more than 10,000
     columns and a full Jacobian (150,528 squared multi-index entries) are usage errors, not the OOM killer."""

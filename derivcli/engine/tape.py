@@ -258,6 +258,8 @@ class DerivativeKernel:
         >>> kernel(np.array([[0.5]]))  # dy/dx at x = 0.5
     """
 
+    engine = ""  # which engine serves, and why not Taylor series where they were wanted (`run.make_kernel`)
+
     def __init__(
         self,
         function: Callable[[tf.Tensor], tf.Tensor],

@@ -75,10 +75,12 @@ CONSTANT_OPS = {"ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank", "NoO
 SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
 # Sorting (sparsemax sorts its inputs): a permutation, so piecewise linear like relu.
 SORTING_OPS = {"TopKV2"}
+# Max pooling picks one entry of each window: piecewise linear like relu (NHWC, as Keras runs it).
+POOLING_OPS = {"MaxPool"}
 # Control flow: a loop's body runs a number of times known only when it runs.
 LOOP_OPS = {"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"}
 COVERED_OPS = LINEAR_OPS | AFFINE_OPS | BILINEAR_OPS | DIVISION_OPS | PIECEWISE_OPS | SMOOTH_OPS | CONSTANT_OPS \
-    | SOFTMAX_OPS | SORTING_OPS
+    | SOFTMAX_OPS | SORTING_OPS | POOLING_OPS
 
 
 def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -134,6 +136,8 @@ class TaylorProgram:
                 )
             if any(_carries_values(t) for t in op.outputs) and op.type not in COVERED_OPS - {"NoOp"}:
                 raise NotCovered(f"op {op.type} ({op.name})")
+            if op.type in POOLING_OPS and op.get_attr("data_format") != b"NHWC":
+                raise NotCovered(f"op {op.type} ({op.name}) in {op.get_attr('data_format').decode()} layout")
             if op.type not in CONSTANT_OPS:
                 varying.update(t.name for t in op.outputs if _carries_values(t))
         return cls(ops, source, target)
@@ -303,6 +307,8 @@ class _Pusher:
             return [self.softmax(op, inputs[0])]
         if kind in SORTING_OPS:
             return self.top_k(op, inputs)
+        if kind in POOLING_OPS:
+            return [self.max_pool(op, inputs[0])]
         unary = kind not in ("Maximum", "Minimum", "SquaredDifference") and not any(
             isinstance(v, tuple) for v in inputs[1:])
         if self.collapsed and unary:
@@ -488,6 +494,21 @@ class _Pusher:
             return tf.gather(coefficient, chosen, batch_dims=coefficient.shape.rank - 1)
 
         return [(values,) + tuple(permuted(c) for c in u[1:]), indices]
+
+    def max_pool(self, op: Any, u: Series) -> Series:
+        """Each window's largest entry: every coefficient is taken where coefficient 0's maximum is (the first of
+        equal ones, as the pooling's gradient takes it; the maximum has no derivative at a tie)."""
+        values, argmax = tf.nn.max_pool_with_argmax(
+            u[0], op.get_attr("ksize"), op.get_attr("strides"), op.get_attr("padding").decode(),
+            include_batch_in_index=True)
+
+        def picked(coefficient: tf.Tensor) -> tf.Tensor:
+            if coefficient.shape.rank > u[0].shape.rank:  # the axis of directions
+                flat = tf.reshape(coefficient, [tf.shape(coefficient)[0], -1])
+                return tf.gather(flat, argmax, axis=1)
+            return tf.gather(tf.reshape(coefficient, [-1]), argmax)
+
+        return (values,) + tuple(picked(c) for c in u[1:])
 
     def square_root(self, u: Series, first: tf.Tensor) -> Series:
         """s^2 = u: s_k = (u_k - sum_{j=1..k-1} s_j s_{k-j}) / (2 s_0)."""
