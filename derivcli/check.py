@@ -139,6 +139,12 @@ def check_model(
     from derivcli.run import evaluate, forward_function, plan
 
     planned = plan(model, request)
+    if any(column.block is not None for column in planned.columns):
+        from derivcli.errors import UsageError
+
+        raise UsageError(f"check compares each derivative column with finite differences: a gradient over "
+                         f"{len(planned.columns[-1].block or ()):,} inputs is too many; pick columns with --partial "
+                         "or restrict --wrt")
     automatic = evaluate(model, points, request, batch_size, device)
     derivatives = [
         (name, column.output, column.partial)

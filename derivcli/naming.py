@@ -155,7 +155,7 @@ class ShapedArray:
 def shaped_arrays(
     tensor_inputs: Sequence[tuple[str, tuple[int, ...], int]],
     tensor_output: tuple[str, tuple[int, ...], Sequence[int]] | None,
-    derivatives: Sequence[tuple[int, str, MultiIndex]],
+    derivatives: Sequence[tuple[int, str, tuple[int, ...]]],
 ) -> list[ShapedArray]:
     """The arrays in the model's shapes that a table's columns make up.
 
@@ -164,7 +164,8 @@ def shaped_arrays(
             first coordinate); coordinate positions are also float-column positions.
         tensor_output: (name, shape, float positions of its elements' values) for one output of rank >= 2
             whose every element is in the table, else None.
-        derivatives: (float position, output name, multi-index) of each derivative column of order 1 or 2.
+        derivatives: (float position, output name, the inputs differentiated, by position, with repeats) of each
+            derivative column of order 1 or 2.
 
     Returns:
         The input arrays, the output array, each gradient of an output with respect to a whole tensor input
@@ -178,8 +179,7 @@ def shaped_arrays(
         arrays.append(ShapedArray(name, tuple(positions), tuple(shape)))
     first_order: dict[tuple[str, int], int] = {}
     second_order: dict[tuple[str, int, int], int] = {}
-    for position, output, index in derivatives:
-        differentiated = [p for p, power in enumerate(index) for _ in range(power)]
+    for position, output, differentiated in derivatives:
         if len(differentiated) == 1:
             first_order[(output, differentiated[0])] = position
         elif len(differentiated) == 2:

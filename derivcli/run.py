@@ -69,6 +69,8 @@ XLA_LAPLACIAN_INPUTS = 16
 AUTO_MIXED_FROM = 6
 # The most multi-index entries (derivative columns times inputs) a plan holds: 1.6 GB of tuples.
 MAX_PLANNED_ENTRIES = 200_000_000
+# A Jacobian over this many inputs or more is planned as one gradient block per output, not a column per input.
+GRADIENT_BLOCK_FROM = 1024
 AUTO_TAYLOR_FROM = 3
 TAYLOR_MIXED_FROM = 3
 # Memory that the batches waiting between the reader, the kernel and the writer may hold.
@@ -170,7 +172,9 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     )
     # A column's multi-index holds one entry per input: the Jacobian of a 224x224x3 image would hold
     # 150,528 squared of them. Refused in one line, before they are made, rather than met by the OOM killer.
-    asked = len(request.partials) + len(request.directions) + request.jacobian * len(wrt) \
+    # A Jacobian over many inputs is one gradient block per output (`Column.block`), with no multi-index per column.
+    blocks = request.jacobian and len(wrt) >= GRADIENT_BLOCK_FROM
+    asked = len(request.partials) + len(request.directions) + (request.jacobian and not blocks) * len(wrt) \
         + request.hessian * math.comb(len(wrt) + 1, 2) + request.laplacian
     differentiated = len([m for m in outputs if m not in model.index_outputs])
     entries = asked * differentiated * len(inputs)
@@ -184,7 +188,9 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     refuse_discrete(held, inputs, [("--wrt", [p]) for p in wrt]
                     + [("--partial", [p for p, power in enumerate(index) if power]) for index in partials]
                     + [("--direction", [p for p, v in enumerate(vector) if v]) for vector, _ in vectors])
-    if request.jacobian:
+    if blocks:
+        partials.append(None)  # the gradient block's place among the derivatives
+    elif request.jacobian:
         partials += all_partials(1, wrt, len(inputs))
     if request.hessian:
         partials += all_partials(2, wrt, len(inputs))
@@ -197,12 +203,16 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
         partials += all_partials(request.order, wrt, len(inputs))
     zero = (0,) * len(inputs)
     columns = [Column(m, zero) for m in outputs]
-    names = [model.output_names[m] for m in outputs]
+    names: list[str | tuple[str, ...]] = [model.output_names[m] for m in outputs]  # a block's: one per input
     for m in outputs:
         output_name = model.output_names[m]
         if m in model.index_outputs:  # --target's index: a value, never differentiated
             continue
         for index in partials:
+            if index is None:
+                columns.append(Column(m, zero, block=tuple(wrt)))
+                names.append(tuple(f"d{output_name}/d{inputs[p]}" for p in wrt))  # derivative_column's, in O(D)
+                continue
             columns.append(Column(m, index))
             names.append(derivative_column(output_name, index, inputs))
         for vector, order in vectors:
@@ -214,7 +224,8 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
     # The same derivative asked for twice (a --partial that --order also covers) is one column,
     # where it was first asked for; two expressions of one name may mean different things.
     first_asked = dict.fromkeys(zip(columns, names))
-    columns, names = [c for c, _ in first_asked], [n for _, n in first_asked]
+    columns = [c for c, _ in first_asked]
+    names = [n for _, entry in first_asked for n in (entry if isinstance(entry, tuple) else (entry,))]
     expressions = parse_expressions(request.expressions, inputs, model.output_names)
     refuse_discrete(held, inputs, [("--expr", [p for p, power in enumerate(d.index) if power])
                                    for e in expressions for d in e.derivatives if isinstance(d, Derivative)])
@@ -701,6 +712,7 @@ def auto_batch_size(model: LoadedModel, planned: Plan, parameters: int) -> int:
     itemsize = np.dtype(model.dtype).itemsize
     passes = 1 + sum(c.order for c in planned.columns) + 2 * len(planned.columns)
     per_point = itemsize * max(parameters, 1000) / 16 * passes
+    per_point += 8 * itemsize * (len(model.coordinate_names) + len(planned.names))  # a row, in and out, a few copies
     fitting = int(min(65536, max(256, available_memory() / 8 // per_point)))
     return 1 << (fitting.bit_length() - 1)
 
@@ -854,9 +866,14 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
             and planned.names[:len(model.output_names)] == model.output_names:
         base = model.output_names[0].partition("[")[0]
         tensor_output = (base, model.outputs[0].shape, range(dimension, dimension + len(model.output_names)))
-    derivatives = [(dimension + j, model.output_names[column.output], column.partial)
-                   for j, column in enumerate(planned.columns)
-                   if column.along is None and column.laplacian_over is None and 1 <= sum(column.partial) <= 2]
+    derivatives, position = [], dimension
+    for column in planned.columns:
+        output = model.output_names[column.output]
+        if column.block is not None:
+            derivatives += [(position + k, output, (p,)) for k, p in enumerate(column.block)]
+        elif column.along is None and column.laplacian_over is None and 1 <= sum(column.partial) <= 2:
+            derivatives.append((position, output, tuple(p for p, power in enumerate(column.partial) for _ in range(power))))
+        position += column.width
     if not tensor_inputs and tensor_output is None:
         return []
     return shaped_arrays(tensor_inputs, tensor_output, derivatives)

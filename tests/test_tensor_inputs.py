@@ -628,8 +628,9 @@ def test_the_taylor_engine_covers_max_pooling_and_embeddings(cli, tmp_path, toke
 
 
 def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_path):
-    """150,528 coordinates: values and chosen derivatives stream to NPZ; a text table of more than 10,000
-    columns and a full Jacobian (150,528 squared multi-index entries) are usage errors, not the OOM killer."""
+    """150,528 coordinates: values, chosen derivatives and the whole gradient (one block, not a column per
+    input) stream to NPZ; a text table of more than 10,000 columns and a full Hessian (150,528 squared
+    multi-index entries) are usage errors, not the OOM killer."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -647,9 +648,51 @@ def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_p
     text = cli("eval", *source, "-f", "csv")
     assert text.exit_code == 2
     assert "150,530 columns is more than a text table takes (10,000); write NPZ or HDF5" in text.stderr
-    whole = cli("grad", *source, "-o", tmp_path / "jacobian.npz")
-    assert whole.exit_code == 2 and "150,528 derivative columns over 150,528 inputs is more than" in whole.stderr
-    assert not (tmp_path / "jacobian.npz").exists()
+    whole = cli("grad", *source, "--logits", "-o", tmp_path / "gradient.npz")
+    assert whole.exit_code == 0, whole.stderr
+    with np.load(tmp_path / "gradient.npz") as arrays:
+        gradient, target = arrays["dy/dx"], arrays["target"]
+    assert gradient.shape == (2, 224, 224, 3)
+    # The logit is a mean of tanh(conv) over 28 x 28 patches: each pixel's derivative, by a float64 tape.
+    import tensorflow as tf
+
+    twin = float64_twin(tmp_path / "big.keras")
+    logits = keras.Model(twin.inputs, twin.layers[-1].input)
+    head = twin.layers[-1]
+    x = tf.constant(images.astype(np.float64))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        picked = tf.gather(tf.matmul(logits(x), head.kernel) + head.bias, target, axis=1, batch_dims=1)
+    # float32 against float64: sums of 192 (the conv) and 784 (the mean) terms, each off by under 1e-5 relative.
+    np.testing.assert_allclose(gradient, tape.gradient(picked, x).numpy(), rtol=2e-4, atol=1e-7)
+    hessian = cli("hessian", *source, "-o", tmp_path / "hessian.npz")
+    assert hessian.exit_code == 2 and "derivative columns over 150,528 inputs is more than" in hessian.stderr
+    assert not (tmp_path / "hessian.npz").exists()
+
+
+def test_a_jacobian_in_gradient_blocks_is_the_jacobian_column_by_column(cli, models, tmp_path, monkeypatch):
+    """Over GRADIENT_BLOCK_FROM inputs a Jacobian is one gradient per output: the same columns, names and bits
+    as a column per input, with --wrt subsets, several outputs, a NaN value and shaped results."""
+    import derivcli.run
+
+    images = RNG.uniform(-1, 1, (5, 6, 6, 1))
+    images[3, 2, 2, 0] = np.nan
+    np.savez(tmp_path / "images.npz", image=images)
+    runs = [("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-f", "csv"),
+            ("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-f", "csv", "--wrt", "x[5,5,0],x[0,1,0]",
+             "--outputs", "y2,y0"),
+            ("grad", models / "two.keras", "--at", ",".join(["0.3"] * 19), "-f", "csv", "--dtype", "float64")]
+    by_column = [cli(*run) for run in runs]
+    shaped = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-o", tmp_path / "columns.npz")
+    monkeypatch.setattr(derivcli.run, "GRADIENT_BLOCK_FROM", 1)
+    for run, expected in zip(runs, by_column):
+        blocked = cli(*run)
+        assert expected.exit_code == 0 and blocked.exit_code == 0, blocked.stderr
+        assert blocked.stdout == expected.stdout
+    assert "nan" in by_column[0].stdout.splitlines()[4]
+    assert shaped.exit_code == 0 and cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-o",
+                                         tmp_path / "blocks.npz").exit_code == 0
+    assert (tmp_path / "blocks.npz").read_bytes() == (tmp_path / "columns.npz").read_bytes()
 
 
 def test_hdf5_points_are_read_as_npz_arrays_are(cli, models, tmp_path):

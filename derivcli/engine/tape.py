@@ -55,11 +55,19 @@ class Column:
     laplacian_over: tuple[int, ...] | None = None
     along: tuple[float, ...] | None = None
     along_order: int = 0
+    block: tuple[int, ...] | None = None  # a gradient block: the first derivatives along these inputs, one column each
 
     @property
     def order(self) -> int:
-        """The derivative's order: 2 for a Laplacian."""
+        """The derivative's order: 2 for a Laplacian, 1 for a gradient block."""
+        if self.block is not None:
+            return 1
         return sum(self.partial) + self.along_order + 2 * (self.laplacian_over is not None)
+
+    @property
+    def width(self) -> int:
+        """How many value columns it fills: a gradient block one per input."""
+        return len(self.block) if self.block is not None else 1
 
 
 def undefined_where_not_finite(derivative: tf.Tensor, *lower: tf.Tensor) -> tf.Tensor:
@@ -221,7 +229,18 @@ class DerivativeGraph:
             terms.append(self.derivative(output, tuple(index)))
         return tf.add_n(terms)
 
+    def block(self, output: int, positions: tuple[int, ...]) -> tf.Tensor:
+        """First derivatives of `output` along `positions`, (batch, len(positions)): one gradient, no column per input
+        (a 224x224x3 image's gradient is 150,528 columns)."""
+        gradient = self.gradient(output, (0,) * self.dimension)
+        if positions != tuple(range(self.dimension)):
+            gradient = tf.gather(gradient, list(positions), axis=1)
+        finite = tf.math.is_finite(self.values[:, output])[:, None]
+        return tf.where(finite, gradient, tf.constant(float("nan"), gradient.dtype))
+
     def column(self, column: Column) -> tf.Tensor:
+        if column.block is not None:
+            return self.block(column.output, column.block)
         if column.along is not None:
             return self.directional(column.output, column.along, column.along_order)
         if column.laplacian_over is not None:
@@ -304,9 +323,16 @@ class DerivativeKernel:
         if self.combine is not None:
             results += self.combine(graph)
         batch = tf.shape(coordinates)[0]
-        results = [tf.broadcast_to(tf.cast(r, coordinates.dtype), [batch]) for r in results]
         if not results:
             return tf.zeros((batch, 0), coordinates.dtype)
+        if any(column.block is not None for column in self.columns):  # gradient blocks: (batch, k) pieces
+            pieces = [tf.cast(r, coordinates.dtype) if column.block is not None
+                      else tf.broadcast_to(tf.cast(r, coordinates.dtype), [batch])[:, None]
+                      for column, r in zip(self.columns, results)]
+            pieces += [tf.broadcast_to(tf.cast(r, coordinates.dtype), [batch])[:, None]
+                       for r in results[len(self.columns):]]
+            return tf.concat(pieces, axis=1)
+        results = [tf.broadcast_to(tf.cast(r, coordinates.dtype), [batch]) for r in results]
         return tf.stack(results, axis=1)
 
     def __call__(self, coordinates: np.ndarray, batch_index: int | None = None) -> np.ndarray:
