@@ -317,7 +317,7 @@ def test_naming_an_integer_input_for_a_derivative_is_a_usage_error(cli, token_mo
     command, *rest = options
     result = cli(command, folder / "tokens.keras", "--npz", folder / "points.npz", *rest)
     assert result.exit_code == 2, result.stderr
-    assert "is a discrete input (int32: token ids or categories), and a derivative with respect to a discrete input " \
+    assert "is a discrete input (int32: token ids, categories or labels), and a derivative with respect to a discrete input " \
            "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -699,7 +699,7 @@ def test_hdf5_points_are_read_as_npz_arrays_are(cli, models, tmp_path):
     import h5py
 
     images = RNG.uniform(-1, 1, (9, 6, 6, 1))
-    np.savez(tmp_path / "images.npz", image=images)
+    np.savez(tmp_path / "images.npz", image=images, label=np.arange(9))  # the labels pass through in both
     with h5py.File(tmp_path / "images.h5", "w") as handle:
         handle["image"] = images
         handle["label"] = np.arange(9)
