@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from derivcli.errors import RunError, UsageError
-from derivcli.naming import coordinate_names, output_names
+from derivcli.naming import coordinate_names, output_names, summarized
 
 LOAD_HINT = "derivcli reads .keras files, .h5/.hdf5 files and SavedModel directories"
 
@@ -74,6 +74,7 @@ class LoadedModel:
     logits_graph: Any = None
     target: str | int | None = None  # --target: "top", an output index, or a label input's name; outputs y, target
     target_classes: int = 0  # with --target: the output elements the index picks among
+    input_names: list[str] | None = None  # --names given one per input: the inputs' new names
     _frozen: Any = None
 
     @property
@@ -109,8 +110,10 @@ class LoadedModel:
 
     @property
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        """The inputs as (name, shape without the batch axis): what an NPZ of points in the model's shapes holds."""
-        return [(info.name, info.shape) for info in self.inputs]
+        """The inputs as (name, shape without the batch axis): what an NPZ of points in the model's shapes holds
+        (by the names `--names` gave the inputs, if it named them whole)."""
+        names = (self.input_names or [])[:len(self.inputs)]
+        return [(names[k] if k < len(names) else info.name, info.shape) for k, info in enumerate(self.inputs)]
 
     @property
     def parameter_count(self) -> int:
@@ -635,14 +638,14 @@ def load_model(
         loaded = _load_saved_model(model_path, tf)
         if logits:
             _graph_without_final_squash(loaded)
-        loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
+        _rename_inputs(loaded, names)
         if target is not None:
             _set_target(loaded, target, output_names)
         if dtype == "float64":
             loaded = _widened(loaded)
     else:
         loaded = _load_keras(model_path, kind, custom_objects_files, unsafe, dtype, logits)
-        loaded.coordinate_names = _rename(loaded.coordinate_names, names, "--names", "input")
+        _rename_inputs(loaded, names)
         if target is not None:
             _set_target(loaded, target, output_names)
     if target is None:
@@ -685,6 +688,23 @@ def _set_target(model: LoadedModel, target: str | int, output_names: Sequence[st
         model.coordinate_names = [*model.coordinate_names, target]
     model.target, model.target_classes = target, len(model.output_names)
     model.output_names = ["y", "target"]
+
+
+def _rename_inputs(model: LoadedModel, names: Sequence[str] | None) -> None:
+    """`--names`: one name per coordinate, or one per input (`--names image,feat` names a tensor input's
+    elements `image[3,2,0]`, and its array in an NPZ or HDF5 of points)."""
+    from derivcli.naming import element_names
+
+    tensors = any(len(info.shape) >= 2 for info in model.inputs)
+    if names is not None and tensors and len(names) == len(model.inputs) != len(model.coordinate_names):
+        model.coordinate_names = [n for new, info in zip(names, model.inputs) for n in element_names(new, info.shape)]
+        model.input_names = list(names)
+        return
+    if names is not None and tensors and len(names) != len(model.coordinate_names):
+        raise UsageError(f"--names {','.join(names)}: {len(names)} name(s) for {len(model.coordinate_names)} input "
+                         f"coordinates ({summarized(model.coordinate_names)}) or {len(model.inputs)} input(s) "
+                         f"({', '.join(info.name for info in model.inputs)})")
+    model.coordinate_names = _rename(model.coordinate_names, names, "--names", "input")
 
 
 def _rename(current: list[str], new: Sequence[str] | None, option: str, what: str) -> list[str]:

@@ -761,3 +761,25 @@ def test_plot_draws_the_first_images_and_their_gradients(cli, models, tmp_path, 
     assert "row 5 .. 0 (up)" in terminal.stdout  # row 0 of the image at the top
     vector = cli("grad", models / "gru.keras", "--npz", tmp_path / "images.npz", "--plot", "p.png")
     assert vector.exit_code in (1, 2) and len(vector.stderr.strip().splitlines()) == 1
+
+
+def test_names_rename_tensor_inputs_whole(cli, models, tmp_path):
+    """--names with one name per input names a tensor's elements by index, its arrays in points and results."""
+    pictures, features = RNG.uniform(-1, 1, (3, 4, 4, 1)), RNG.uniform(-1, 1, (3, 3))
+    np.savez(tmp_path / "points.npz", photo=pictures, extra=features)
+    renamed = cli("grad", models / "two.keras", "--npz", tmp_path / "points.npz", "--names", "photo,extra",
+                  "-o", tmp_path / "renamed.npz", "--dtype", "float64")
+    assert renamed.exit_code == 0, renamed.stderr
+    np.savez(tmp_path / "original.npz", picture=pictures, feat=features)
+    original = cli("grad", models / "two.keras", "--npz", tmp_path / "original.npz", "-o", tmp_path / "original_out.npz",
+                   "--dtype", "float64")
+    assert original.exit_code == 0, original.stderr
+    new, old = np.load(tmp_path / "renamed.npz"), np.load(tmp_path / "original_out.npz")
+    assert sorted(new.files) == sorted(f.replace("picture", "photo").replace("feat", "extra") for f in old.files)
+    np.testing.assert_array_equal(new["dy1/dphoto"], old["dy1/dpicture"])
+    np.testing.assert_array_equal(new["dy0/dextra1"], old["dy0/dfeat1"])
+    text = cli("grad", models / "two.keras", "--npz", tmp_path / "points.npz", "--names", "photo,extra", "-f", "csv",
+               "--wrt", "photo[3,2,0],extra2")
+    assert text.stdout.splitlines()[0].endswith('"dy0/dphoto[3,2,0]",dy0/dextra2,"dy1/dphoto[3,2,0]",dy1/dextra2')
+    wrong = cli("grad", models / "two.keras", "--npz", tmp_path / "points.npz", "--names", "a,b,c")
+    assert wrong.exit_code == 2 and "3 name(s) for 19 input coordinates" in wrong.stderr and "or 2 input(s)" in wrong.stderr
