@@ -163,7 +163,8 @@ def report_rows(report: CheckReport) -> tuple[Any, list[list[str]], np.ndarray]:
     from derivcli.writers import Layout
 
     layout = Layout([], ["column", "status", "points", "kink_points"],
-                    ["max_abs_error", "max_rel_error", "fd_error_estimate", "tolerance"], np.dtype(np.float64))
+                    ["max_abs_error", "max_rel_error", "fd_error_estimate", "tolerance"], np.dtype(np.float64),
+                    table_digits=3)  # a person wants an error's size; csv and json keep every digit
     text = [[c.name for c in report.columns], [c.status for c in report.columns],
             [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]]
     values = np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate, c.tolerance] for c in report.columns])

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -86,6 +87,27 @@ def _silence_stdout() -> None:
         pass
 
 
+def _spaced_point(arguments: Sequence[str], message: str) -> str | None:
+    """`--at 0.5 1`: the point's values written apart, which the parser takes for an extra argument; the fix."""
+    if "unexpected extra argument" not in message and "No such option" not in message:
+        return None
+    for position, argument in enumerate(arguments[:-2]):
+        if argument == "--at":
+            values = [arguments[position + 1]]
+            for following in arguments[position + 2:]:
+                if following.startswith("-") and not following[1:2].isdigit() and following[1:2] != ".":
+                    break
+                values.append(following)
+            if len(values) > 1 and all(NUMBER_LIKE.fullmatch(value) for value in values[1:]):
+                return (f"--at {' '.join(values)}: a point's values are separated by commas, not spaces: "
+                        f"--at {','.join(values)}")
+    return None
+
+
+# A value on the command line that reads as a number (`1`, `-0.5`, `2e-3`).
+NUMBER_LIKE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 class DerivcliGroup(TyperGroup):
     """The command group; its `main` maps every exception to one line and a status."""
 
@@ -131,7 +153,8 @@ class DerivcliGroup(TyperGroup):
                 context = getattr(error, "ctx", None)
                 named = arguments[0] if arguments and arguments[0] in self.commands else None
                 where = context.command_path if context is not None else f"derivcli {named}" if named else "derivcli"
-                _fail_line(f"{error.format_message()} (see '{where} --help')".replace("\n", " "))
+                _fail_line(_spaced_point(arguments, error.format_message())
+                           or f"{error.format_message()} (see '{where} --help')".replace("\n", " "))
                 status = getattr(error, "exit_code", ExitStatus.USAGE)
         except (typer.Abort, KeyboardInterrupt):
             _fail_line("interrupted")
@@ -262,6 +285,12 @@ def _warn(options: CommonOptions, message: str) -> None:
         sys.stderr.write(f"{styled('derivcli: warning:', 'warning', sys.stderr)} {printable(message)}\n")
 
 
+def _inform(options: CommonOptions, message: str) -> None:
+    """Information, not a warning: printed on a terminal, or with --verbose; never with --quiet."""
+    if not options.quiet and (options.verbose or sys.stderr.isatty()):
+        sys.stderr.write(f"derivcli: {printable(message)}\n")
+
+
 def _progress(total: int | None, batch_size: int, quiet: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
     """A progress bar on standard error for long runs on a terminal, else nothing."""
     long_run = total is None or total > 8 * batch_size
@@ -286,6 +315,7 @@ def _run_request(options: CommonOptions, request: Any) -> Any:
         progress=lambda total, batch_size: _progress(
             total, batch_size, options.quiet or (options.output in (None, "-") and _stdout_is_terminal())),
         terminal_plot=_terminal_plot(options),
+        inform=lambda message: _inform(options, message),
     )
     if options.timings:
         sys.stderr.write(f"derivcli: timings: {summary.timings.line()}\n")
@@ -491,7 +521,8 @@ def doctor_command(
             sys.stdout.write(f"{finding.severity:7s} {finding.check:{width}s}  {finding.message}\n")
     errors = [f for f in findings if f.severity == "error"]
     if errors:
-        raise CheckFailed(f"doctor found {len(errors)} error(s); first: {errors[0].check}: {errors[0].message}")
+        raise CheckFailed(f"doctor found {len(errors)} error(s) ({', '.join(f.check for f in errors)}); each finding "
+                          "is on standard output")  # said once there, not again here
 
 
 @app.command("version", cls=DerivcliCommand, epilog=examples("derivcli version", "derivcli version --devices"))

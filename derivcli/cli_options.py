@@ -70,6 +70,9 @@ LogitsOption = Annotated[
                                                      "a saturated softmax has vanishing gradients).")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", metavar="", help="Also print information that is not a "
+                                                                          "warning (a passing gate's margin), as a "
+                                                                          "terminal shows it without asking.")]
 MaxAbsOption = Annotated[
     str | None,
     typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
@@ -132,6 +135,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("max_abs", MaxAbsOption, None),
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
+    ("verbose", VerboseOption, False),
     ("timings", TimingsOption, False),
     ("plot", PlotOption, None),
     ("plot_axes", PlotAxesOption, None),
@@ -211,7 +215,7 @@ def _common(
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
-    hdf5: str | None = None,
+    hdf5: str | None = None, verbose: bool = False,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -244,6 +248,7 @@ def _common(
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
         quiet=quiet,
+        verbose=verbose,
         max_abs=_number(max_abs, "--max-abs", "0.01"),
         strict=strict,
         shard=parse_shard_option(shard) if shard else None,

@@ -48,6 +48,7 @@ class RunOptions:
     device: str = "auto"
     engine: str = "auto"
     quiet: bool = False
+    verbose: bool = False  # --verbose: information that is not a warning, even off a terminal
     max_abs: float | None = None
     strict: bool = False
     shard: tuple[int, int] | None = None
@@ -94,6 +95,7 @@ def _no_progress(total: int | None, batch_size: int) -> tuple[None, Callable[[],
 def run_command(
     options: RunOptions, request: Any, warn: Warn = lambda message: None,
     progress: ProgressFactory = _no_progress, terminal_plot: Callable[[Any], None] | None = None,
+    inform: Callable[[str], None] = lambda message: None,
 ) -> Any:
     """Loads, plans, computes and writes one derivative command; applies the gates.
 
@@ -101,6 +103,8 @@ def run_command(
         options: the validated options.
         request: a `run.DerivativeRequest`.
         warn: receives each warning (the command line prints them unless --quiet).
+        inform: receives information that is not a warning (a passing gate's margin; the command line prints it on
+            a terminal, or with --verbose).
         progress: makes the progress bar (the command line's shows on a terminal).
         terminal_plot: draws `--plot -` figures (given the plot's data); None leaves them out.
 
@@ -172,7 +176,7 @@ def run_command(
         getattr(kernel, "engine", ""))
     for message in result_warnings(model, summary):
         warn(message)
-    gate(options, model.coordinate_names, summary, planned.first_gated, warn)
+    gate(options, model.coordinate_names, summary, planned.first_gated, inform)
     return summary
 
 
@@ -210,7 +214,7 @@ def result_warnings(model: Any, summary: Any) -> list[str]:
     return messages
 
 
-def gate(options: RunOptions, coordinate_names: Sequence[str], summary: Any, first_gated: int, warn: Warn) -> None:
+def gate(options: RunOptions, coordinate_names: Sequence[str], summary: Any, first_gated: int, inform: Warn) -> None:
     """`--strict` and `--max-abs`: CheckFailed (exit status 3) with a one-line summary when they fail.
 
     The output is complete and kept either way: the gate judges the numbers,
@@ -230,7 +234,7 @@ def gate(options: RunOptions, coordinate_names: Sequence[str], summary: Any, fir
     point = format_point(coordinate_names, summary.worst_point[worst])
     if value > options.max_abs:
         raise CheckFailed(f"max |{name}| = {value:.6g} at {point} exceeds --max-abs {options.max_abs:g}")
-    warn(f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
+    inform(f"max |{name}| = {value:.6g} at {point}, within --max-abs {options.max_abs:g}")
 
 
 __all__ = ["RunOptions", "Timings", "gate", "run_command"]

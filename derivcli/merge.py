@@ -57,6 +57,11 @@ def binary_record(path: str, columns: dict[str, np.ndarray]) -> ShardRecord:
     return record
 
 
+# What each part of a run's identity is, for the message about a shard of another run.
+RUN_PARTS = {"model": "another model (its file's bytes differ)", "points": "other points",
+             "columns": "other columns (names or derivatives asked)", "dtype": "another --dtype"}
+
+
 def in_shard_order(paths: Sequence[str], records: Sequence[ShardRecord]) -> list[int]:
     """The positions of `paths` in K order, once the records prove one whole run.
 
@@ -70,8 +75,11 @@ def in_shard_order(paths: Sequence[str], records: Sequence[ShardRecord]) -> list
             raise RunError(f"merge: {path} is shard {record.index}/{record.count} and {first_path} is "
                            f"{first.index}/{first.count}: the shards of one run share N")
         if record.run != first.run or record.total_rows != first.total_rows:
-            raise RunError(f"merge: {path} is from another run than {first_path} (another model, points, "
-                           "columns or dtype); merge the shards of one run")
+            differ = [what for key, what in RUN_PARTS.items() if record.parts.get(key) != first.parts.get(key)]
+            if record.total_rows != first.total_rows and "other points" not in differ:
+                differ.append(f"other points ({record.total_rows:,} against {first.total_rows:,})")
+            raise RunError(f"merge: {path} is from another run than {first_path}: "
+                           f"{', '.join(differ) or 'another model, points, columns or dtype'}; merge the shards of one run")
         if record.rows != record.expected_rows:
             raise RunError(f"merge: {path} holds {record.rows} rows; shard {record.index}/{record.count} of "
                            f"{record.total_rows} points holds {record.expected_rows}: rerun it")
@@ -154,11 +162,19 @@ def merge(paths: Sequence[str], output: str | None) -> None:
         records = [text_record(path) for path in paths]
         paths = [paths[i] for i in in_shard_order(paths, records)]
     if output not in (None, "-") and EXTENSIONS.get(Path(output).suffix.lower()) != format_name:
-        raise UsageError(f"merge: -o {output} must have the shards' format ({format_name})")
+        suffix = {"hdf5": ".h5"}.get(format_name, f".{format_name}")
+        raise UsageError(f"merge: the shards are {format_name.upper()}, and -o {output} would be another format: "
+                         f"write -o {Path(output).with_suffix(suffix)} (merge joins shards, it does not convert them)")
     if output in (None, "-"):
         if format_name in ("npz", "hdf5"):
             raise UsageError(f"merge: {format_name} shards merge into a file: add -o FILE")
-        merge_text(paths, format_name, sys.stdout)
+        from derivcli.run import PipeClosed
+
+        try:
+            merge_text(paths, format_name, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `merge ... | head`: the reader has what it wanted; the command line ends quietly
+            raise PipeClosed() from None
         return
     target = AtomicFile(output)
     try:

@@ -462,7 +462,9 @@ def terminal_size(stream: IO[str] | None) -> tuple[int, int]:
     """Columns and lines of the terminal behind `stream`, else COLUMNS/LINES, else 80 x 24."""
     try:
         size = os.get_terminal_size(stream.fileno())  # type: ignore[union-attr]
-        return size.columns, size.lines
+        if size.columns > 0 and size.lines > 0:  # `script` and some CI runners report 0 x 0
+            return size.columns, size.lines
+        raise OSError("a terminal of no size")
     except (AttributeError, OSError, ValueError):
         import shutil
 

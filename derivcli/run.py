@@ -829,9 +829,10 @@ def layout_for(model: LoadedModel, source: PointSource, planned: Plan) -> Layout
         )
     record = None
     if source.shard is not None:
-        identity = run_identity(model.path, [
-            source.identity(), model.coordinate_names, source.passthrough_names, value_names, model.dtype])
-        record = ShardRecord(*source.shard, run=identity, total_rows=source.run_total)
+        identity, parts = run_identity(model.path, {
+            "points": source.identity(), "columns": [model.coordinate_names, source.passthrough_names, value_names],
+            "dtype": model.dtype})
+        record = ShardRecord(*source.shard, run=identity, total_rows=source.run_total, parts=parts)
     return Layout(
         list(model.coordinate_names), list(source.passthrough_names), list(value_names),
         np.dtype(model.dtype), source.grid_shape, source.grid_axes, source.shard, record, source.total,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from derivcli.errors import RunError, UsageError
@@ -119,6 +119,7 @@ class ShardRecord:
     Attributes:
         index, count: K and N.
         run: the run's identity (model, points, columns, dtype), equal in every shard of one run.
+        parts: the identity's parts, each on its own (`run_identity`): what differs in a shard of another run.
         total_rows: M, the points of the whole run.
         rows: the rows this shard holds.
         sha256: of the shard file's bytes (text formats; NPZ/HDF5 hold the record inside).
@@ -130,6 +131,7 @@ class ShardRecord:
     total_rows: int
     rows: int = 0
     sha256: str | None = None
+    parts: dict[str, str] = field(default_factory=dict)  # a digest of each of model, points, columns, dtype
 
     def to_json(self) -> str:
         return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True)
@@ -169,8 +171,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def run_identity(model_path: str, parts: Sequence[object]) -> str:
-    """A digest of the model's bytes and of what shapes the table (names, points, dtype).
+def run_identity(model_path: str, parts: dict[str, object]) -> tuple[str, dict[str, str]]:
+    """A digest of the model's bytes and of what shapes the table (`parts`: points, columns, dtype), and one
+    digest of each (`model` and the parts), so that merge can say which differs.
 
     Shards of one run agree on it; a shard of another model, grid, CSV or
     request does not, and merge refuses to join it.
@@ -181,5 +184,7 @@ def run_identity(model_path: str, parts: Sequence[object]) -> str:
     for path in files:
         digest.update(str(path.relative_to(model) if model.is_dir() else "").encode())
         digest.update(file_sha256(path).encode())
-    digest.update(json.dumps([str(part) for part in parts]).encode())
-    return digest.hexdigest()[:32]
+    each = {"model": digest.hexdigest()[:16]}
+    each.update({name: hashlib.sha256(json.dumps(str(part)).encode()).hexdigest()[:16] for name, part in parts.items()})
+    whole = hashlib.sha256(json.dumps(each, sort_keys=True).encode()).hexdigest()[:32]
+    return whole, each

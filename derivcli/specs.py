@@ -91,6 +91,10 @@ def parse_grid(text: str) -> GridAxis:
         name, body = (part.strip() for part in body.split("=", 1))
         _check_name(name, "--grid", text)
     fields = body.split(":")
+    if len(fields) == 1 and re.fullmatch(r"\s*[-+]?[\d.]+(?:[eE][-+]?\d+)?\s*", body):
+        value = body.strip()
+        raise UsageError(f"--grid {text!r}: a grid axis is START:STOP:NUM; to hold {name or 'an input'} at {value}, "
+                         f"write --grid {name + '=' if name else ''}{value}:{value}:1")
     if len(fields) != 3:
         raise UsageError(
             f"--grid {text!r}: expected START:STOP:NUM, for example x=-3:3:61 "
@@ -220,6 +224,11 @@ def parse_partial(text: str) -> dict[str, int]:
         UsageError: an empty part, a bad name, or a power that is not a
             positive integer.
     """
+    column = re.fullmatch(r"\s*d(\d*)\w*/((?:d[^d].*)+)", text)
+    if column:  # a column name pasted back: d2y/dx0^2, d3y/dx0dx1^2
+        spec = ",".join(part for part in re.split(r"(?:^|(?<=[\w\]]))d(?=[A-Za-z_\[])", column[2]) if part)
+        raise UsageError(f"--partial {text!r} is a column's name; --partial names the inputs to differentiate by: "
+                         f"--partial {spec} (x0^2 for d2y/dx0^2, x0,x1 for d2y/dx0dx1)")
     powers: dict[str, int] = {}
     for part in split_names(text):
         name, caret, power_text = part.strip().partition("^")
@@ -274,12 +283,25 @@ def resolve_partial(
     index = [0] * len(input_names)
     for name, power in powers.items():
         if name not in input_names:
-            raise UsageError(
-                f"{option}: {name!r} is not an input of the model "
-                f"(inputs: {summarized(input_names)}); rename inputs with --names"
-            )
+            joined = _as_inputs(name, set(input_names))
+            hint = f"; did you mean {','.join(joined)} (inputs separated by commas)?" if joined else \
+                "; rename inputs with --names"
+            raise UsageError(f"{option}: {name!r} is not an input of the model (inputs: {summarized(input_names)}){hint}")
         index[input_names.index(name)] += power
     return tuple(index)
+
+
+def _as_inputs(text: str, inputs: set[str]) -> list[str] | None:
+    """`text` as input names written together (`x0x1` is x0 then x1), the fewest; None when it is not."""
+    best: list[list[str] | None] = [[]] + [None] * len(text)
+    for end in range(1, len(text) + 1):
+        for start in range(end):
+            if best[start] is not None and text[start:end] in inputs:
+                candidate = best[start] + [text[start:end]]  # type: ignore[operator]
+                if best[end] is None or len(candidate) < len(best[end]):  # type: ignore[arg-type]
+                    best[end] = candidate
+    found = best[len(text)]
+    return found if found is not None and len(found) > 1 else None
 
 
 def all_partials(order: int, positions: Sequence[int], dimension: int) -> list[MultiIndex]:

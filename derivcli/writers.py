@@ -93,6 +93,7 @@ class Layout:
     passthrough_shapes: list[tuple[str, np.dtype, tuple[int, ...]]] = dataclasses.field(default_factory=list)
     # Float columns of whole numbers (integer inputs, --target's index), by position: NPZ and HDF5 write them so.
     integer_columns: dict[int, np.dtype] = dataclasses.field(default_factory=dict)
+    table_digits: int | None = None  # significant digits the table format shows (check's errors: 3); None: all
 
     @property
     def float_names(self) -> list[str]:
@@ -502,57 +503,82 @@ class JsonWriter(TextWriter):
 class TableWriter(TextWriter):
     """An aligned table for a person, streamed: each batch's rows are printed as soon as they are computed.
 
-    Column widths are fixed from the header and the first batch (a later, longer
-    cell pushes its row out rather than holding every row back). A table wider
-    than the terminal is never cropped: its value columns are cut into panels
-    that each repeat the coordinates (and pass-through columns), printed one after
-    the other for every batch. A run of a single point is a vertical name/value list.
+    Each number column keeps one notation and one width from the first batch on
+    (`ColumnFormat`), so every line of a long stream has the same length. A table
+    wider than the terminal is printed as one block of name/value pairs per point,
+    laid across the terminal's width, and a note on standard error says so: no
+    column is pushed thousands of lines down. A run of a single point is a
+    vertical name/value list.
     """
 
     GAP = "  "
 
     def start(self) -> None:
         self.widths: list[int] = []
-        self.panels: list[list[int]] = []
+        self.formats: list[ColumnFormat | None] = []
         self.vertical = self.layout.total_rows == 1
+        self.blocks = False
+        self.points = 0
+
+    def write_formatted(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        block = self.float_block(coordinates, values)
+        if self.vertical:  # one point: every digit, as the machine formats write it
+            columns = format_floats(block)
+        else:
+            if not self.formats:
+                self.formats = [ColumnFormat.of(block[:4096, j], self.layout.dtype, self.layout.table_digits)
+                                for j in range(block.shape[1])]
+            columns = [form.cells(block[:, j]) for j, form in enumerate(self.formats)]  # type: ignore[union-attr]
+        d = len(self.layout.coordinate_names)
+        self.write_columns(columns[:d] + passthrough + columns[d:])
 
     def _plan(self, columns: list[list[str]]) -> None:
         header = [printable(name) for name in self.layout.header]
-        self.widths = [max([len(name), *(len(cell) for cell in column[:4096])]) for name, column in zip(header, columns)]
-        key = len(self.layout.coordinate_names) + len(self.layout.passthrough_names)
-        width = self._terminal_width()
-        key_width = 1 + sum(self.widths[:key]) + len(self.GAP) * key
-        panels: list[list[int]] = []
-        current: list[int] = []
-        used = key_width
-        for j in range(key, len(header)):
-            need = self.widths[j] + len(self.GAP)
-            if current and used + need > width:
-                panels.append(current)
-                current, used = [], key_width
-            current.append(j)
-            used += need
-        panels.append(current)
-        self.panels = [list(range(key)) + panel for panel in panels]
-        self.numeric = [name not in self.layout.passthrough_names for name in self.layout.header]
+        key = len(self.layout.coordinate_names)
+        passthrough = range(key, key + len(self.layout.passthrough_names))
+        self.numeric = [j not in passthrough for j in range(len(header))]
+        float_positions = [j for j in range(len(header)) if self.numeric[j]]
+        reserved = {j: form.width for j, form in zip(float_positions, self.formats) if form is not None}
+        self.widths = [max([len(name), reserved.get(j, 0), *(len(cell) for cell in column[:4096])])
+                       for j, (name, column) in enumerate(zip(header, columns))]
         self.header = header
-        if len(self.panels) == 1:  # one panel: its header once, at the top
-            self.stream.write(self._line(self.panels[0], header, bold=True))
+        width = self._terminal_width()
+        needed = 1 + sum(self.widths) + len(self.GAP) * (len(self.widths) - 1)
+        if needed > width:
+            self.blocks = True
+            self.pair_width = max(map(len, header)) + len(self.GAP) + max(self.widths)
+            self.per_line = max(1, (width - 1 + len(self.GAP)) // (self.pair_width + len(self.GAP)))
+            sys.stderr.write(f"derivcli: note: the table's {len(header):,} columns need {needed:,} characters and the "
+                             f"terminal has {width:,}: each point is a block of name/value pairs (--format csv keeps "
+                             "one row per point)\n")
+            sys.stderr.flush()
+            return
+        self.stream.write(self._line(header, bold=True))
 
     def _terminal_width(self) -> int:
-        """The terminal's width; COLUMNS when set; else no limit (a file or a pipe takes any width)."""
-        try:
-            if self.stream.isatty():
-                return os.get_terminal_size(self.stream.fileno()).columns
-        except (AttributeError, OSError, ValueError):
-            pass
-        columns = os.environ.get("COLUMNS", "")
-        return int(columns) if columns.isdigit() and int(columns) > 0 else 1 << 30
+        """The terminal's width; else COLUMNS; else 80 on a terminal that reports 0 (`script`, some CI runners);
+        else no limit (a file or a pipe takes any width)."""
+        return terminal_columns(self.stream) or (1 << 30)
 
-    def _line(self, panel: list[int], cells: Sequence[str], bold: bool = False) -> str:
-        parts = [(cells[j].rjust(self.widths[j]) if self.numeric[j] else cells[j].ljust(self.widths[j])) for j in panel]
+    def _line(self, cells: Sequence[str], bold: bool = False) -> str:
+        parts = [(cell.rjust(width) if numeric else cell.ljust(width))
+                 for cell, width, numeric in zip(cells, self.widths, self.numeric)]
         text = " " + self.GAP.join(parts).rstrip() + "\n"
         return styled(text[:-1], "bold", self.stream) + "\n" if bold else text
+
+    def _block(self, cells: Sequence[str]) -> str:
+        """One point as name/value pairs across the terminal: its coordinates (and pass-through cells), then values."""
+        self.points += 1
+        key = len(self.layout.coordinate_names) + len(self.layout.passthrough_names)
+        names_width = self.pair_width - len(self.GAP) - max(self.widths)
+        lines = [styled(f" point {self.points:,}", "bold", self.stream) + "\n"]
+        for part in (range(key), range(key, len(cells))):
+            pairs = [f"{self.header[j].ljust(names_width)}{self.GAP}"
+                     f"{cells[j].rjust(max(self.widths)) if self.numeric[j] else cells[j].ljust(max(self.widths))}"
+                     for j in part]
+            for start in range(0, len(pairs), self.per_line):
+                lines.append(" " + self.GAP.join(pairs[start:start + self.per_line]).rstrip() + "\n")
+        return "".join(lines)
 
     def write_columns(self, columns: list[list[str]]) -> None:
         if self.vertical:
@@ -569,15 +595,111 @@ class TableWriter(TextWriter):
         if not self.widths:
             self._plan(columns)
         rows = list(zip(*columns))
-        for panel in self.panels:
-            lines = [self._line(panel, self.header, bold=True)] if len(self.panels) > 1 else []
-            lines.extend(self._line(panel, row) for row in rows)
-            self.stream.write("".join(lines))
+        if self.blocks:
+            self.stream.write("".join(self._block(row) for row in rows))
+        else:
+            self.stream.write("".join(self._line(row) for row in rows))
         self.stream.flush()
 
     def finish(self) -> None:
         if not self.widths and not self.vertical:  # no rows: the header alone
+            self.formats = [None] * len(self.layout.float_names)
             self._plan([[] for _ in self.layout.header])
+
+
+def terminal_columns(stream: Any) -> int | None:
+    """The width of the terminal behind `stream`; COLUMNS where it reports 0 or is not one; 80 for a terminal
+    that reports 0 and no COLUMNS; None for a file or a pipe without COLUMNS."""
+    columns = os.environ.get("COLUMNS", "")
+    given = int(columns) if columns.isdigit() and int(columns) > 0 else None
+    try:
+        if stream.isatty():
+            size = os.get_terminal_size(stream.fileno()).columns
+            return size if size > 0 else given or 80
+    except (AttributeError, OSError, ValueError):
+        pass
+    return given
+
+
+# Characters a table column keeps beyond its first batch's widest number: two more digits (an integer grown
+# a hundredfold), or room to round a longer number into.
+EXPONENT_ROOM = 2
+
+
+@dataclass
+class ColumnFormat:
+    """How a table writes one number column: positional or scientific notation, in a fixed width.
+
+    Chosen from the first batch: scientific where the magnitudes reach below 1e-4 or from 1e9 up,
+    positional elsewhere; the width is the first batch's widest cell, with room for a sign and two
+    more characters (`EXPONENT_ROOM`). A later
+    number that does not fit is rounded to the digits that fit, in the column's notation: the table
+    may round such a cell; csv, tsv, json and npz keep every digit.
+    """
+
+    scientific: bool
+    width: int
+    dtype: np.dtype
+    digits: int | None = None  # significant digits; None: the shortest that read back to the same number
+
+    @classmethod
+    def of(cls, values: np.ndarray, dtype: np.dtype, digits: int | None = None) -> ColumnFormat:
+        finite = np.abs(values[np.isfinite(values)])
+        nonzero = finite[finite > 0]
+        scientific = bool(nonzero.size) and (nonzero.min() < 1e-4 or nonzero.max() >= 1e9)
+        form = cls(scientific, 0, np.dtype(dtype), digits)
+        cells = form.cells(values, fit=False)
+        sign = 0 if (values < 0).any() else 1
+        form.width = max([len(cell) for cell in cells] + [3]) + sign + EXPONENT_ROOM
+        return form
+
+    def cells(self, values: np.ndarray, fit: bool = True) -> list[str]:
+        values = values.astype(self.dtype, copy=False)
+        if self.digits is not None:
+            cells = [_rounded(v, self.digits, self.scientific) for v in values]
+        elif self.scientific:
+            cells = [_scientific(v) for v in values]
+        else:
+            cells = format_floats(values[:, None])[0]
+        if fit and self.width:
+            for i, cell in enumerate(cells):
+                if len(cell) > self.width:
+                    cells[i] = _scientific(values[i], self.width) if self.scientific else _positional(values[i], self.width)
+        return cells
+
+
+def _positional(value: np.floating, width: int) -> str:
+    """`value` in positional notation rounded to fit `width` characters; in scientific notation where its whole
+    part alone is wider."""
+    text = np.format_float_positional(value, unique=True, trim="-")
+    decimals = len(text.partition(".")[2])
+    while len(text) > width and decimals > 0:
+        decimals -= 1
+        text = np.format_float_positional(value, precision=decimals, unique=False, trim="-")
+    return text if len(text) <= width else _scientific(value, width)
+
+
+def _rounded(value: np.floating, digits: int, scientific: bool) -> str:
+    """`value` to `digits` significant digits, in scientific or positional notation."""
+    if not np.isfinite(value):
+        return _scientific(value)
+    if scientific:
+        return np.format_float_scientific(value, precision=digits - 1, unique=False, trim="-", exp_digits=2)
+    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+
+
+def _scientific(value: np.floating, width: int | None = None) -> str:
+    """`value` in scientific notation: its shortest digits, or as many as fit in `width` characters."""
+    if not np.isfinite(value):
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    if width is None:
+        return np.format_float_scientific(value, unique=True, trim="-", exp_digits=2)
+    text = np.format_float_scientific(value, unique=True, trim="-", exp_digits=2)
+    precision = len(text.split("e")[0].lstrip("-").replace(".", "")) - 1
+    while len(text) > width and precision > 0:
+        precision -= 1
+        text = np.format_float_scientific(value, precision=precision, unique=False, trim="-", exp_digits=2)
+    return text
 
 
 class ColumnSpoolWriter(Writer):

@@ -79,6 +79,16 @@ def test_closed_pipe_ends_quietly():
     assert result.returncode == 0
 
 
+def test_merge_into_a_closed_pipe_ends_quietly(tmp_path):
+    for k in range(2):
+        run_installed("eval", "sample_models/softplus_2d.keras", "--grid", "-1:1:200", "--shard", f"{k}/2",
+                      "-o", str(tmp_path / f"part{k}.csv"))  # 40,000 rows: more than a pipe's buffer
+    command = f"{derivcli_executable()} merge {tmp_path}/part0.csv {tmp_path}/part1.csv | head -2"
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, cwd=ROOT, timeout=120)
+    assert result.stdout.startswith(b"x0,x1,y\n") and result.stdout.count(b"\n") == 2
+    assert result.stderr == b"" and result.returncode == 0
+
+
 def default_interrupt() -> None:
     """SIGINT back to its default in the child: a suite started as a background job of a
     non-interactive shell inherits SIGINT ignored, and Python (rightly) keeps it ignored."""

@@ -50,6 +50,9 @@ def assert_one_line_error(result, status: int, *fragments: str) -> None:
         (["--at", "1,2", "--names", "a"], 2, ["1 name(s) for 2 input(s)"]),
         (["--at", "1,2", "--names", "a,a"], 2, ["named twice"]),
         (["--at", "1,2", "--bogus"], 2, ["No such option: --bogus"]),
+        (["--at", "0.5", "1"], 2, ["--at 0.5 1: a point's values are separated by commas, not spaces: --at 0.5,1"]),
+        (["--at", "0.5", "-1"], 2, ["--at 0.5,-1"]),
+        (["--grid", "x1=0", "--grid", "x0=0:1:3"], 2, ["to hold x1 at 0, write --grid x1=0:0:1"]),
         (["--at", "1,2", "--batch-size", "0"], 2, ["--batch-size"]),
     ],
 )
@@ -60,7 +63,10 @@ def test_usage_errors(cli, args, status, fragments):
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [("z", "'z' is not an input"), ("x0^0", "positive whole number"), ("x0,", "empty input name"),
-     ("x0^a", "positive whole number"), ("1x", "not a valid name")],
+     ("x0^a", "positive whole number"), ("1x", "not a valid name"),
+     ("d2y/dx0^2", "is a column's name; --partial names the inputs to differentiate by: --partial x0^2"),
+     ("d3y/dx0dx1^2", "--partial x0,x1^2"),
+     ("x0x1", "did you mean x0,x1 (inputs separated by commas)?")],
 )
 def test_bad_partial_specs(cli, spec, fragment):
     assert_one_line_error(cli("deriv", SAMPLE, "--at", "1,2", "--partial", spec), 2, fragment)

@@ -217,7 +217,10 @@ def test_max_abs_gate_and_strict(cli, tmp_path):
     assert target.exists(), "the gate judges the numbers; the file is still written"
     passing = cli(*base, "--max-abs", "100")
     assert passing.exit_code == 0
-    assert "within --max-abs 100" in passing.stderr
+    assert passing.stderr == ""  # a gate that passes is information, not a warning: off a terminal, only on request
+    verbose = cli(*base, "--max-abs", "100", "--verbose")
+    assert verbose.exit_code == 0 and verbose.stderr.startswith("derivcli: max |res| = ")
+    assert "within --max-abs 100" in verbose.stderr and "warning" not in verbose.stderr
 
 
 def test_nan_is_reported_with_its_first_point_and_strict_fails(cli):

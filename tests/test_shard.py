@@ -353,6 +353,8 @@ def shard_sets(tmp_path_factory):
             assert result.exit_code == 0, result.stderr
         runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:6", "--shard", "1/4", "-o", str(folder / f"other1{suffix}")])
         runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:5", "--shard", "1/5", "-o", str(folder / f"five1{suffix}")])
+        runner.invoke(app, ["grad", MODEL, "--grid", "-1:1:5", "--batch-size", "6", "--shard", "1/4", "--dtype",
+                            "float64", "-o", str(folder / f"float64{suffix}")])
     return folder
 
 
@@ -361,7 +363,8 @@ def shard_sets(tmp_path_factory):
     (["part0", "part1", "part3"], ["1 shard(s) missing (2/4)", "give all of 0/4 to 3/4"]),
     (["part0"], ["3 shard(s) missing (1/4, 2/4, 3/4)"]),
     (["part0", "part1", "part1", "part2", "part3"], ["shard 1/4 is given twice"]),
-    (["part0", "other1", "part2", "part3"], ["from another run"]),
+    (["part0", "other1", "part2", "part3"], ["from another run", ": other points;"]),
+    (["part0", "float64", "part2", "part3"], ["from another run", ": another --dtype;"]),
     (["part0", "five1", "part2", "part3"], ["share N"]),
 ])
 def test_merge_refuses_a_bad_set_in_every_format(cli, shard_sets, tmp_path, suffix, names, fragments):
@@ -417,6 +420,10 @@ def test_shard_errors(cli, tmp_path):
     assert_one_line_error(cli("grad", MODEL, "--at", "1,2", "--shard", "3/3"), 2, "0 <= K < N")
     assert_one_line_error(cli("grad", MODEL, "--csv", "-", "--shard", "0/2", input="x0,x1\n1,2\n"), 2, "not standard input")
     assert_one_line_error(cli("merge", tmp_path / "p.npz", tmp_path / "x.csv"), 2, "share one extension")
+    for k in range(2):
+        assert cli("grad", MODEL, "--grid", "-1:1:3", "--shard", f"{k}/2", "-o", tmp_path / f"p{k}.csv").exit_code == 0
+    assert_one_line_error(cli("merge", tmp_path / "p0.csv", tmp_path / "p1.csv", "-o", tmp_path / "mix.npz"), 2,
+                          "the shards are CSV, and -o", "write -o", "mix.csv")
     result = cli("grad", MODEL, "--at", "1,2", "--shard", "0/2", "--format", "csv")
     assert result.exit_code == 0 and "write each shard with -o FILE" in result.stderr
 

@@ -78,20 +78,53 @@ def test_a_slow_producer_on_a_pipe_gets_its_rows_at_once(tmp_path):
     assert process.wait(timeout=60) == 0
 
 
-def test_wide_tables_wrap_into_panels_never_dropping_a_column(model_factory):
-    _, path = model_factory("tanh", 4, 1)  # a 4-input Hessian: 4 + 1 + 10 columns
-    status, shown, _ = run_in_pty("hessian", str(path), "--at", "0.1,0.2,0.3,0.4", "--at", "1,2,3,4", columns=70)
+@pytest.mark.parametrize("columns", [0, 40, 80, 200])
+def test_a_wide_table_is_a_block_per_point_that_fits_the_terminal(model_factory, columns):
+    """A 4-input Hessian (4 + 1 + 10 columns, 167 characters): one table where it fits; else one block of
+    name/value pairs per point, every column once and in order, no line wider than the terminal, and a note.
+    A terminal that reports 0 x 0 (`script`, some CI runners) is taken as 80 wide."""
+    _, path = model_factory("tanh", 4, 1)
+    status, shown, _ = run_in_pty("hessian", str(path), "--at", "0.1,0.2,0.3,0.4", "--at", "1,2,3,4",
+                                  columns=columns, lines=0 if columns == 0 else 24, env={"COLUMNS": ""})
     assert status == 0, shown
     lines = visible(shown)
-    assert max(map(len, lines)) <= 70
-    headers = [line.split() for line in lines if line.split()[0] == "x0"]
-    assert len(headers) >= 2  # several panels, each starting with the coordinates
-    for header in headers:
-        assert header[:4] == ["x0", "x1", "x2", "x3"]
-    names = [name for header in headers for name in header[4:]]
-    expected = ["y"] + [f"d2y/dx{i}^2" if i == j else f"d2y/dx{i}dx{j}" for i in range(4) for j in range(i, 4)]
-    assert names == expected  # every column, once, in order
-    assert sum(line.split()[0] in ("0.1", "1") for line in lines) == 2 * len(headers)
+    notes = [line for line in lines if line.startswith("derivcli: note: ")]
+    table = [line for line in lines if not line.startswith("derivcli: note: ")]
+    width = columns or 80
+    assert max(map(len, table)) <= width
+    expected = ["x0", "x1", "x2", "x3", "y"] + [f"d2y/dx{i}^2" if i == j else f"d2y/dx{i}dx{j}"
+                                                 for i in range(4) for j in range(i, 4)]
+    if columns == 200:
+        assert not notes and table[0].split() == expected and len(table) == 3
+        return
+    assert len(notes) == 1 and f"the terminal has {width}" in notes[0] and "--format csv" in notes[0]
+    starts = [k for k, line in enumerate(table) if line.split() == ["point", "1"] or line.split() == ["point", "2"]]
+    assert len(starts) == 2
+    for first, last in ((starts[0], starts[1]), (starts[1], len(table))):
+        words = [word for line in table[first + 1:last] for word in line.split()]
+        assert words[0::2] == expected  # name, value, name, value ...
+    assert [float(w) for w in " ".join(table[starts[1] + 1:]).split()[1:8:2]] == [1, 2, 3, 4]
+
+
+def test_a_long_stream_keeps_one_width_and_one_notation_per_column(tmp_path):
+    """Widths and notations are fixed from the first batch: every line of the table has the same length,
+    and a column is positional or scientific throughout (a later number that does not fit is rounded to fit)."""
+    from derivcli.writers import Layout, TableWriter
+
+    layout = Layout(["x"], [], ["small", "big"], np.dtype(np.float64))
+    out = tmp_path / "t.txt"
+    writer = TableWriter(layout, str(out))
+    rng = np.random.default_rng(0)
+    for batch in range(20):
+        x = rng.uniform(-1, 1, (50, 1)) * (10.0 ** (batch % 5))
+        values = np.column_stack([rng.uniform(-1, 1, 50) * 1e-7 * 10.0 ** (batch % 3), rng.uniform(0, 1, 50) * 3.0])
+        writer.write(x, [], values)
+    writer.close()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 1000 and len({len(line) for line in lines[1:]}) == 1
+    small = [line.split()[1] for line in lines[1:]]
+    assert all("e-" in cell for cell in small)  # never 0.0000056 beside 8.3e-07
+    assert not any("e" in line.split()[2] for line in lines[1:])
 
 
 def test_one_point_is_a_vertical_list(cli):
