@@ -125,6 +125,14 @@ class DerivcliGroup(TyperGroup):
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115
         warnings.simplefilter("ignore")  # no raw Python warning reaches standard error: derivcli says what matters
         arguments = list(sys.argv[1:] if args is None else args)
+        if "_DERIVCLI_COMPLETE" in os.environ:  # a shell asks for completions: Typer's classes for bash, zsh, fish
+            from typer._completion_classes import completion_init
+
+            completion_init()
+        for flag in ("--show-completion", "--install-completion"):  # the shell is optional: this one by default
+            if flag in arguments and (arguments.index(flag) + 1 == len(arguments)
+                                      or arguments[arguments.index(flag) + 1].startswith("-")):
+                arguments.insert(arguments.index(flag) + 1, "this")
         show_traceback = "--traceback" in arguments
         extra.pop("standalone_mode", None)
         previous = signal.getsignal(signal.SIGTERM)
@@ -201,13 +209,21 @@ class DerivcliCommand(TyperCommand):
         return pieces
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
+        """Arguments, then the options in panels (each option's `rich_help_panel`), in `HELP_PANELS` order."""
         arguments = [(p.metavar or p.name.upper(), p.help or "") for p in self.get_params(ctx)
                      if p.param_type_name == "argument"]
-        options = [r for p in self.get_params(ctx) if p.param_type_name == "option" and (r := p.get_help_record(ctx))]
-        for title, rows in (("Arguments", arguments), ("Options", options)):
-            if rows:
+        panels: dict[str, list[tuple[str, str]]] = {"Arguments": arguments}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "option" and (row := param.get_help_record(ctx)):
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(row)
+        for title in sorted(panels, key=lambda t: HELP_PANELS.index(t) if t in HELP_PANELS else len(HELP_PANELS)):
+            if panels[title]:
                 with formatter.section(title):
-                    formatter.write_dl(rows)
+                    formatter.write_dl(panels[title])
+
+
+# The order of the panels of a command's --help.
+HELP_PANELS = ["Arguments", "Points", "Derivatives", "Model", "Output", "Computation", "Gates", "Pictures", "Options"]
 
 
 def examples(*lines: str) -> str:
@@ -221,7 +237,7 @@ app = typer.Typer(
     epilog=examples("derivcli grad sample_models/shifted_square.h5 --at 0.5",
                     "derivcli deriv sample_models/square_tanh.keras --grid -1:1:5 -p x -p x^2",
                     "derivcli COMMAND --help   (each command's options and examples)"),
-    add_completion=True,
+    add_completion=False,  # derivcli's own --show-completion/--install-completion take the shell as a value
     rich_markup_mode=None,  # plain help: option text such as [default: ...] is shown as written
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -266,11 +282,47 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+def _completion(install: bool) -> Callable[[Any, Any, str | None], None]:
+    """`--show-completion SHELL` and `--install-completion SHELL`: the completion script of bash, zsh or fish
+    (without SHELL: the shell derivcli runs under), printed or installed."""
+
+    def callback(ctx: Any, param: Any, value: str | None) -> None:
+        if value is None or ctx.resilient_parsing:
+            return
+        from typer._completion_shared import _get_shell_name, get_completion_script
+        from typer._completion_shared import install as install_script
+
+        shell = (_get_shell_name() or "") if value == "this" else value
+        if shell not in COMPLETION_SHELLS:
+            given = f"{param.opts[0]}: this shell ({shell or 'unknown'}) is not" if value == "this" \
+                else f"{param.opts[0]} {value}: not"
+            raise UsageError(f"{given} bash, zsh or fish; give one of them")
+        if install:
+            _, path = install_script(shell=shell, prog_name="derivcli", complete_var="_DERIVCLI_COMPLETE")
+            typer.echo(f"{shell} completion installed in {path}; it takes effect in a new shell")
+        else:
+            typer.echo(get_completion_script(prog_name="derivcli", complete_var="_DERIVCLI_COMPLETE", shell=shell))
+        raise typer.Exit()
+
+    return callback
+
+
 @app.callback()
 def main(
     version: Annotated[
         bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the versions of derivcli, Python, TensorFlow, Keras and NumPy, and exit (derivcli version --devices adds the devices TensorFlow sees).")
     ] = False,
+    show_completion: Annotated[str | None, typer.Option(
+        "--show-completion", metavar="[bash|zsh|fish]", callback=_completion(install=False),
+        is_eager=True, expose_value=False, autocompletion=lambda: list(COMPLETION_SHELLS),
+        help="Print the completion script of bash, zsh or fish (without a value: this shell's), and exit.")] = None,
+    install_completion: Annotated[str | None, typer.Option(
+        "--install-completion", metavar="[bash|zsh|fish]", callback=_completion(install=True),
+        is_eager=True, expose_value=False, autocompletion=lambda: list(COMPLETION_SHELLS),
+        help="Install completion for bash, zsh or fish (without a value: this shell), and exit.")] = None,
 ) -> None:
     """Derivatives of saved Keras models, from the shell.
 

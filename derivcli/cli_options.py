@@ -24,84 +24,91 @@ from derivcli.specs import parse_at, parse_grid, parse_names
 ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A .keras or .h5 file, or a SavedModel directory.", show_default=False)]
 CustomObjectsOption = Annotated[
     list[str] | None,
-    typer.Option("--custom-objects", metavar="FILE.py", help="A Python file defining the model's custom classes (repeatable).", show_default=False),
+    typer.Option("--custom-objects", metavar="FILE.py", help="A Python file defining the model's custom classes (repeatable).", show_default=False, rich_help_panel="Model"),
 ]
-UnsafeOption = Annotated[bool, typer.Option("--unsafe", metavar="", help="Allow Lambda layers (runs the file's Python code).")]
-NamesOption = Annotated[str | None, typer.Option("--names", metavar="NAME[,NAME...]", help="Rename the inputs: a,b,... (count must match).", show_default=False)]
-OutputNamesOption = Annotated[str | None, typer.Option("--output-names", metavar="NAME[,NAME...]", help="Rename the outputs: u,v,...", show_default=False)]
-AtOption = Annotated[list[str] | None, typer.Option("--at", metavar="POINT", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False)]
+UnsafeOption = Annotated[bool, typer.Option("--unsafe", metavar="", help="Allow Lambda layers (runs the file's Python code).", rich_help_panel="Model")]
+NamesOption = Annotated[str | None, typer.Option("--names", metavar="NAME[,NAME...]", help="Rename the inputs: a,b,... (count must match).", show_default=False, rich_help_panel="Model")]
+OutputNamesOption = Annotated[str | None, typer.Option("--output-names", metavar="NAME[,NAME...]", help="Rename the outputs: u,v,...", show_default=False, rich_help_panel="Model")]
+AtOption = Annotated[list[str] | None, typer.Option("--at", metavar="POINT", help="One point: 0.5, 1,2 or x=1,y=2 (repeatable).", show_default=False, rich_help_panel="Points")]
 GridOption = Annotated[
     list[str] | None,
-    typer.Option("--grid", metavar="[NAME=]START:STOP:NUM", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False),
+    typer.Option("--grid", metavar="[NAME=]START:STOP:NUM", help="NAME=START:STOP:NUM for one input, or START:STOP:NUM for the rest (repeatable).", show_default=False, rich_help_panel="Points"),
 ]
-CsvOption = Annotated[str | None, typer.Option("--csv", metavar="FILE", help="A CSV file with a header row; - reads standard input.", show_default=False)]
-ColumnsOption = Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="CSV columns to take as the inputs, in order.", show_default=False)]
+CsvOption = Annotated[str | None, typer.Option("--csv", metavar="FILE", help="A CSV file with a header row; - reads standard input.", show_default=False, rich_help_panel="Points")]
+ColumnsOption = Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="CSV columns to take as the inputs, in order.", show_default=False, rich_help_panel="Points")]
 DelimiterOption = Annotated[
     str, typer.Option("--delimiter", metavar="CHAR", help="The --csv file's delimiter: one character, or tab "
-                      "(for a ;-separated file: --delimiter ';').")
+                      "(for a ;-separated file: --delimiter ';').", rich_help_panel="Points")
 ]
-NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input in its shape, (N, *shape), or one array x of shape (N, d).", show_default=False)]
-Hdf5Option = Annotated[str | None, typer.Option("--hdf5", metavar="FILE", help="An HDF5 file with one dataset per input at its root, as --npz takes arrays.", show_default=False)]
+NpzOption = Annotated[str | None, typer.Option("--npz", metavar="FILE", help="An .npz with one array per input in its shape, (N, *shape), or one array x of shape (N, d).", show_default=False, rich_help_panel="Points")]
+Hdf5Option = Annotated[str | None, typer.Option("--hdf5", metavar="FILE", help="An HDF5 file with one dataset per input at its root, as --npz takes arrays.", show_default=False, rich_help_panel="Points")]
+def _formats() -> list[str]:
+    """The --format values, for shell completion (the writers, numpy with them, load only when asked)."""
+    from derivcli.writers import FORMATS
+
+    return list(FORMATS)
+
+
 FormatOption = Annotated[
     str | None,
-    typer.Option("--format", "-f", metavar="FORMAT", help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False),
+    typer.Option("--format", "-f", metavar="FORMAT", autocompletion=_formats, help="table, csv, tsv, json, jsonl, npz or hdf5 [default: table on a terminal, else csv, or from -o].", show_default=False, rich_help_panel="Output"),
 ]
-OutputOption = Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE (atomically); the extension picks the format.", show_default=False)]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE (atomically); the extension picks the format.", show_default=False, rich_help_panel="Output")]
 BatchSizeOption = Annotated[
     str | None,
-    typer.Option("--batch-size", metavar="N|auto", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False),
+    typer.Option("--batch-size", metavar="N|auto", help="Points per compiled batch, or auto (from the model size and free memory) [default: auto].", show_default=False, rich_help_panel="Computation"),
 ]
-DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", help="float32, or float64 to evaluate in double precision.")]
-DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", help="auto, cpu or gpu.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", autocompletion=lambda: ["float32", "float64"], help="float32, or float64 to evaluate in double precision.", rich_help_panel="Computation")]
+DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", autocompletion=lambda: ["auto", "cpu", "gpu"], help="auto, cpu or gpu.", rich_help_panel="Computation")]
 EngineOption = Annotated[
-    str, typer.Option("--engine", metavar="auto|taylor|tape", help="auto (Taylor series where the model's ops are covered, in runs of order >= 3 or with a Laplacian: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).")
+    str, typer.Option("--engine", metavar="auto|taylor|tape", autocompletion=lambda: ["auto", "taylor", "tape"], help="auto (Taylor series where the model's ops are covered, in runs of order >= 3 or with a Laplacian: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).", rich_help_panel="Computation")
 ]
-WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False)]
-OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False)]
+WrtOption = Annotated[str | None, typer.Option("--wrt", metavar="NAME[,NAME...]", help="Differentiate with respect to these inputs only: x,y.", show_default=False, rich_help_panel="Derivatives")]
+OutputsOption = Annotated[str | None, typer.Option("--outputs", metavar="NAME[,NAME...]", help="Report these outputs only: y0,y2.", show_default=False, rich_help_panel="Derivatives")]
 TargetOption = Annotated[
     str | None,
     typer.Option("--target", metavar="top|NAME|INDEX",
                  help="Differentiate one output element per point: top (the largest, a classifier's prediction), "
                       "NAME (the index in a column or array of the points, such as labels) or INDEX (a fixed one); "
-                      "the result is y, with its index in a column target.", show_default=False),
+                      "the result is y, with its index in a column target.", show_default=False, rich_help_panel="Model"),
 ]
 LogitsOption = Annotated[
     bool, typer.Option("--logits", metavar="", help="Leave out a final softmax or sigmoid (a classifier's logits: "
-                                                     "a saturated softmax has vanishing gradients).")
+                                                     "a saturated softmax has vanishing gradients).", rich_help_panel="Model")
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.", rich_help_panel="Output")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", metavar="", help="Also print information that is not a "
                                                                           "warning (a passing gate's margin), as a "
-                                                                          "terminal shows it without asking.")]
+                                                                          "terminal shows it without asking.", rich_help_panel="Output")]
 MaxAbsOption = Annotated[
     str | None,
-    typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False),
+    typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False, rich_help_panel="Gates"),
 ]
-StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf.")]
+StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf.", rich_help_panel="Gates")]
 ShardOption = Annotated[
     str | None,
     typer.Option("--shard", metavar="K/N|auto[/N]", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
-                 "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False),
+                 "from Slurm, Kubernetes or AWS Batch (auto/N gives N). Join the shard files with merge.", show_default=False, rich_help_panel="Computation"),
 ]
-TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.")]
+TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.", rich_help_panel="Output")]
 PlotOption = Annotated[
     str | None,
     typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run (curves on "
                  "1-D grids, heatmaps on 2-D grids), or the first images of an image model and their gradients: "
-                 "FILE.png, .svg or .pdf, or - for the terminal.", show_default=False),
+                 "FILE.png, .svg or .pdf, or - for the terminal.", show_default=False, rich_help_panel="Pictures"),
 ]
 PlotAxesOption = Annotated[
     str | None,
     typer.Option("--plot-axes", metavar="A[,B]", help="The grid axes to draw (one: curves, two: heatmaps) when the grid "
-                 "varies along more than two.", show_default=False),
+                 "varies along more than two.", show_default=False, rich_help_panel="Pictures"),
 ]
 PlotAtOption = Annotated[
     list[str] | None,
     typer.Option("--plot-at", metavar="NAME=VALUE", help="Where the axes not drawn are taken (the nearest grid value) "
-                 "[default: their first value]; repeatable.", show_default=False),
+                 "[default: their first value]; repeatable.", show_default=False, rich_help_panel="Pictures"),
 ]
 TimingsOption = Annotated[
-    bool, typer.Option("--timings", metavar="", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.")
+    bool, typer.Option("--timings", metavar="", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.", rich_help_panel="Output")
 ]
 
 
@@ -275,7 +282,7 @@ def parse_target(text: str | None) -> str | int | None:
 
 PartialOption = Annotated[
     list[str] | None,
-    typer.Option("--partial", "-p", metavar="SPEC", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False),
+    typer.Option("--partial", "-p", metavar="SPEC", help="x (dy/dx), x^8, or x,y^2 (d3y/dxdy^2); repeatable.", show_default=False, rich_help_panel="Derivatives"),
 ]
 DirectionOption = Annotated[
     list[str] | None,
@@ -284,10 +291,10 @@ DirectionOption = Annotated[
         help="A derivative along a vector: 1,1 (d/dv, v in input order), x=1,t=2 (others 0), 1,1^3 (order 3); "
              "repeatable.",
         show_default=False,
-    ),
+    rich_help_panel="Derivatives"),
 ]
 OrderOption = Annotated[
-    int | None, typer.Option("--order", metavar="N", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False)
+    int | None, typer.Option("--order", metavar="N", min=1, help="Every mixed partial of total order N over --wrt.", show_default=False, rich_help_panel="Derivatives")
 ]
 
 
@@ -297,13 +304,13 @@ ExprOption = Annotated[
         "--expr", "-e", metavar="[NAME=]EXPR",
         help="[NAME=]EXPR, e.g. \"res=u_t + u*u_x - 0.01/pi*u_xx\" or \"D(y, x0) + D(y, x1^2)\"; repeatable.",
         show_default=False,
-    ),
+    rich_help_panel="Derivatives"),
 ]
 
 
 RtolOption = Annotated[
-    str | None, typer.Option("--rtol", metavar="R", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False)
+    str | None, typer.Option("--rtol", metavar="R", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False, rich_help_panel="Gates")
 ]
 AtolOption = Annotated[
-    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False)
+    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False, rich_help_panel="Gates")
 ]

@@ -174,7 +174,7 @@ def test_progress_bar_on_the_terminal_for_a_long_run_to_a_file_not_for_a_table(t
 def test_help_shows_defaults_metavars_and_examples(cli):
     text = cli("grad", "--help").stdout
     for shown in ("Usage: derivcli grad [OPTIONS] MODEL", "--batch-size N|auto", "[default: float32]",
-                  "--shard K/N|auto[/N]", "--wrt NAME[,NAME...]", "[default: table on a", "Examples",
+                  "--shard K/N|auto[/N]", "--wrt NAME[,NAME...]", "[default: table", "Examples",
                   "$ derivcli grad sample_models/shifted_square.h5 --at 0.5"):
         assert shown in text, shown
     for hidden in ("<str>", "<list[str]>", "<bool>", "{MODEL}", "<float>"):
@@ -225,11 +225,47 @@ def test_shell_completion_for_bash_zsh_and_fish():
     assert "--plot-axes" in complete({"_DERIVCLI_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "derivcli grad --plot"})
     assert complete({"_DERIVCLI_COMPLETE": "complete_fish", "_TYPER_COMPLETE_ARGS": "derivcli he",
                      "_TYPER_COMPLETE_FISH_ACTION": "get-args"}).startswith("hessian")
-    for shell in ("bash", "zsh", "fish"):
-        script = subprocess.run([derivcli_executable(), "--show-completion", shell], capture_output=True, text=True,
-                                cwd=ROOT, env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
-                                timeout=60)
-        assert script.returncode == 0 and "_DERIVCLI_COMPLETE" in script.stdout, (shell, script.stderr)
+    # The values of --format, --dtype and --engine, in each shell's protocol.
+    assert complete({"_DERIVCLI_COMPLETE": "complete_bash", "COMP_WORDS": "derivcli grad --format ",
+                     "COMP_CWORD": "3"}).split() == ["table", "csv", "tsv", "json", "jsonl", "npz", "hdf5"]
+    assert complete({"_DERIVCLI_COMPLETE": "complete_fish", "_TYPER_COMPLETE_ARGS": "derivcli grad --dtype ",
+                     "_TYPER_COMPLETE_FISH_ACTION": "get-args"}).split() == ["float32", "float64"]
+    engines = complete({"_DERIVCLI_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "derivcli op --engine t"})
+    assert '"taylor"' in engines and '"tape"' in engines and '"auto"' not in engines
+    # Each shell's own script, with the shell as a value (`--show-completion zsh` or `=zsh`).
+    marks = {"bash": "complete -o default -F _derivcli_completion derivcli", "zsh": "#compdef derivcli",
+             "fish": "complete --command derivcli"}
+    for shell, mark in marks.items():
+        for args in (["--show-completion", shell], [f"--show-completion={shell}"]):
+            script = subprocess.run([derivcli_executable(), *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+            assert script.returncode == 0 and mark in script.stdout, (args, script.stderr)
+            assert all(other not in script.stdout for name, other in marks.items() if name != shell)
+    assert_one_line_error(cli_runner("--show-completion", "tcsh"), 2, "--show-completion tcsh: not bash, zsh or fish")
+
+
+def cli_runner(*args: str):
+    from typer.testing import CliRunner
+
+    from derivcli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_help_groups_options_in_panels(cli):
+    text = cli("grad", "--help").stdout
+    panels = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert panels == ["Arguments", "Points", "Derivatives", "Model", "Output", "Computation", "Gates", "Pictures",
+                      "Options"]
+    section = {}
+    current = None
+    for line in text.splitlines():
+        if line[:-1] in panels:
+            current = line[:-1]
+        elif current and line.startswith("  -"):
+            section[line.split()[0].rstrip(",")] = current
+    assert section["--at"] == section["--hdf5"] == "Points" and section["--wrt"] == "Derivatives"
+    assert section["--target"] == "Model" and section["-f"] == "Output" and section["--engine"] == "Computation"
+    assert section["--max-abs"] == "Gates" and section["--plot"] == "Pictures" and section["-h"] == "Options"
 
 
 def test_version_names_python_tensorflow_keras_numpy_without_importing_them():
