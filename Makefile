@@ -46,12 +46,12 @@ bench: $(STAMP)
 
 # The README's pictures, from the sample models (committed under docs/).
 pictures: $(STAMP)
-	$(BIN)/derivcli deriv sample_models/square_relu.keras --grid -1:1:401 -p x -p x^2 -q -o docs/.relu.npz
-	$(BIN)/derivcli deriv sample_models/square_tanh.keras --grid -1:1:401 -p x -p x^2 -q -o docs/.tanh.npz
-	$(BIN)/derivcli plot docs/.relu.npz docs/.tanh.npz -o docs/relu_vs_tanh.png
+	$(BIN)/derivcli deriv sample_models/square_relu.keras --grid -1:1:401 -p x -p x^2 -q -o docs/relu.npz
+	$(BIN)/derivcli deriv sample_models/square_tanh.keras --grid -1:1:401 -p x -p x^2 -q -o docs/tanh.npz
+	$(BIN)/derivcli plot docs/relu.npz docs/tanh.npz -o docs/relu_vs_tanh.png
 	$(BIN)/derivcli op sample_models/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 \
 	    --expr "res=u_t - 0.1*u_xx" --max-abs 0.2 -q -o docs/.residual.npz --plot docs/heat_residual.png
-	rm -f docs/.relu.npz docs/.tanh.npz docs/.residual.npz
+	rm -f docs/relu.npz docs/tanh.npz docs/.residual.npz
 
 models: $(TEST_STAMP)
 	$(BIN)/python sample_models/build_models.py

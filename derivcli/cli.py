@@ -46,6 +46,9 @@ from derivcli.cli_options import (
     PartialOption,
     PlotAtOption,
     PlotAxesOption,
+    PlotCmapOption,
+    PlotDpiOption,
+    PlotTitleOption,
     RtolOption,
     TargetOption,
     TracebackOption,
@@ -609,28 +612,39 @@ def merge_command(
 
 @app.command("plot", cls=DerivcliCommand, epilog=EXAMPLES["plot"])
 def plot_command(
-    results: Annotated[list[str], typer.Argument(metavar="RESULT...", help="Grid results saved as .npz or .h5; "
-                                                 "several are drawn side by side.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="FILE.png, .svg or .pdf, or - to draw "
-                                        "in the terminal.", show_default=False)],
+    results: Annotated[list[str], typer.Argument(metavar="RESULT...", help="Results saved by derivcli: .npz or .h5 "
+                                                 "(a grid's keep its shape), .csv, .tsv, .json or .jsonl; several are "
+                                                 "drawn side by side.", show_default=False)],
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="FILE.png, .svg or .pdf, or - to "
+                                               "draw in the terminal [default: the terminal, when standard output is "
+                                               "one].", show_default=False, rich_help_panel="Output")] = None,
     columns: Annotated[str | None, typer.Option("--columns", metavar="NAME[,NAME...]", help="The columns to draw "
-                                                "[default: every value column].", show_default=False)] = None,
+                                                "[default: every value column].", show_default=False,
+                                                rich_help_panel="Pictures")] = None,
     plot_axes: PlotAxesOption = None,
     plot_at: PlotAtOption = None,
+    plot_dpi: PlotDpiOption = 100,
+    plot_title: PlotTitleOption = None,
+    plot_cmap: PlotCmapOption = None,
     mark_max: Annotated[bool, typer.Option("--mark-max", metavar="", help="Mark each column's largest |value| and give it in the "
-                                           "panel's title.")] = False,
+                                           "panel's title.", rich_help_panel="Pictures")] = False,
     traceback: TracebackOption = False,
 ) -> None:
-    """Pictures of saved grid results: curves on 1-D grids, heatmaps on 2-D grids."""
-    from derivcli.plots import check_plot_path, plot_results, render_terminal
+    """Pictures of saved results: curves and heatmaps of grids, scatters of other points."""
+    from derivcli.plots import Style, check_plot_path, plot_results, render_terminal
 
+    if output is None:
+        if not _stdout_is_terminal():
+            raise UsageError("plot: standard output is not a terminal: give -o FILE.png (.svg, .pdf), or -o - to draw "
+                             "the picture as text")
+        output = "-"
     check_plot_path(output, "-o")
     from derivcli.writers import refuse_overwriting_inputs
 
     refuse_overwriting_inputs(output, [("RESULT", path) for path in results])
     chosen = [name.strip() for name in split_names(columns) if name.strip()] if columns else None  # d2y/dx^2 is no identifier
-    drawn = plot_results(results, output, chosen,
-                         _names_or_none(plot_axes, "--plot-axes"), [parse_at(a) for a in plot_at or []], mark_max)
+    drawn = plot_results(results, output, chosen, _names_or_none(plot_axes, "--plot-axes"),
+                         [parse_at(a) for a in plot_at or []], mark_max, Style(plot_dpi, plot_title, plot_cmap))
     if output == "-":
         sys.stdout.write(render_terminal(drawn, sys.stdout))
 

@@ -93,20 +93,33 @@ ShardOption = Annotated[
 TracebackOption = Annotated[bool, typer.Option("--traceback", metavar="", help="Show the Python traceback of an error.", rich_help_panel="Output")]
 PlotOption = Annotated[
     str | None,
-    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column of a --grid run (curves on "
-                 "1-D grids, heatmaps on 2-D grids), or the first images of an image model and their gradients: "
-                 "FILE.png, .svg or .pdf, or - for the terminal.", show_default=False, rich_help_panel="Pictures"),
+    typer.Option("--plot", metavar="FILE", help="Also draw every value and derivative column: curves on a 1-D grid, "
+                 "heatmaps on a 2-D one, the first images and their gradients for an image model, else a scatter "
+                 "against the row or --plot-axes: FILE.png, .svg or .pdf, or - for the terminal.", show_default=False,
+                 rich_help_panel="Pictures"),
 ]
 PlotAxesOption = Annotated[
     str | None,
     typer.Option("--plot-axes", metavar="A[,B]", help="The grid axes to draw (one: curves, two: heatmaps) when the grid "
-                 "varies along more than two.", show_default=False, rich_help_panel="Pictures"),
+                 "varies along more than two; for other points, the column to draw against (a scatter), or two whose "
+                 "points make a whole grid (heatmaps) [default: the row].", show_default=False,
+                 rich_help_panel="Pictures"),
 ]
 PlotAtOption = Annotated[
     list[str] | None,
     typer.Option("--plot-at", metavar="NAME=VALUE", help="Where the axes not drawn are taken (the nearest grid value) "
                  "[default: their first value]; repeatable.", show_default=False, rich_help_panel="Pictures"),
 ]
+PlotDpiOption = Annotated[
+    int, typer.Option("--plot-dpi", metavar="N", min=10, max=1200, help="Pixels per inch of a PNG picture.",
+                      rich_help_panel="Pictures")]
+PlotTitleOption = Annotated[
+    str | None, typer.Option("--plot-title", metavar="TEXT", help="A title above the picture's panels.",
+                             show_default=False, rich_help_panel="Pictures")]
+PlotCmapOption = Annotated[
+    str | None, typer.Option("--plot-cmap", metavar="NAME", help="The heatmaps' colour map (a matplotlib name: viridis, "
+                             "magma, RdBu_r...) [default: viridis, or RdBu_r centred at zero for a column of both "
+                             "signs].", show_default=False, rich_help_panel="Pictures")]
 TimingsOption = Annotated[
     bool, typer.Option("--timings", metavar="", help="Print on standard error where the time went: model load, first batch (tracing), the rest and its points per second.", rich_help_panel="Output")
 ]
@@ -147,6 +160,9 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("plot", PlotOption, None),
     ("plot_axes", PlotAxesOption, None),
     ("plot_at", PlotAtOption, None),
+    ("plot_dpi", PlotDpiOption, 100),
+    ("plot_title", PlotTitleOption, None),
+    ("plot_cmap", PlotCmapOption, None),
     ("traceback", TracebackOption, False),
 ]
 
@@ -222,7 +238,8 @@ def _common(
     batch_size: str | None, shard: str | None, dtype: str, device: str, engine: str, quiet: bool,
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
-    hdf5: str | None = None, verbose: bool = False,
+    hdf5: str | None = None, verbose: bool = False, plot_dpi: int = 100, plot_title: str | None = None,
+    plot_cmap: str | None = None,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -230,9 +247,9 @@ def _common(
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5))
                       if v])
-    if plot is None and (plot_axes or plot_at):
-        raise UsageError(f"{'--plot-axes' if plot_axes else '--plot-at'} chooses what --plot draws: add --plot FILE.png "
-                         "or --plot -")
+    if plot is None and (plot_axes or plot_at or plot_title or plot_cmap):
+        given = "--plot-axes" if plot_axes else "--plot-at" if plot_at else "--plot-title" if plot_title else "--plot-cmap"
+        raise UsageError(f"{given} chooses what --plot draws: add --plot FILE.png or --plot -")
     refuse_overwriting_inputs(output, [("model", model), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5),
                                        *(("--custom-objects", path) for path in custom_objects or [])])
     return CommonOptions(
@@ -263,6 +280,7 @@ def _common(
         plot=plot,
         plot_axes=_names_or_none(plot_axes, "--plot-axes"),
         plot_at=[parse_at(a) for a in plot_at or []],
+        plot_style=(plot_dpi, plot_title, plot_cmap),
         target=parse_target(target),
         logits=logits,
     )

@@ -56,6 +56,7 @@ class RunOptions:
     plot: str | None = None  # a .png/.svg/.pdf file, or "-" for the terminal
     plot_axes: list[str] | None = None
     plot_at: list[AtPoint] = field(default_factory=list)
+    plot_style: tuple[int, str | None, str | None] = (100, None, None)  # --plot-dpi, --plot-title, --plot-cmap
     target: str | int | None = None  # --target: "top" or an output index
     logits: bool = False
 
@@ -148,10 +149,14 @@ def run_command(
     kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                          batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
-        from derivcli.plots import ImagePlotWriter, PlotWriter, Tee
+        from derivcli.plots import ImagePlotWriter, PlotWriter, PointsPlotWriter, Tee, image_input
 
-        picture = PlotWriter(layout, options, planned.first_gated, terminal_plot, source.axes) if options.grid \
-            else ImagePlotWriter(layout, options, terminal_plot)
+        if options.grid:
+            picture = PlotWriter(layout, options, planned.first_gated, terminal_plot, source.axes)
+        elif image_input(layout):
+            picture = ImagePlotWriter(layout, options, terminal_plot)
+        else:
+            picture = PointsPlotWriter(layout, options, planned.first_gated, terminal_plot)
     writer = open_writer(options.format, layout, options.output)
     if options.plot is not None:
         writer = Tee(writer, picture)

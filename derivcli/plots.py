@@ -46,6 +46,7 @@ class PlotData:
     marked: list[str] = field(default_factory=list)
     label: str = ""
     image: bool = False  # an image's (column, row) axes: row 0 at the top, square pixels
+    scatter: bool = False  # points that are not a grid: markers against the drawn axis, no line
     centred: list[str] = field(default_factory=list)  # signed columns: a diverging map centred at zero
 
     @classmethod
@@ -141,28 +142,52 @@ def _title(name: str, values: np.ndarray, position: tuple[int, ...] | None, coor
     return f"{name}\nmax |{name}| = {abs(float(values[position])):.4g} at {where}"
 
 
-def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
+@dataclass
+class Style:
+    """How pictures look: `--plot-dpi`, `--plot-title`, `--plot-cmap`."""
+
+    dpi: int = DPI
+    title: str | None = None
+    cmap: str | None = None  # every heatmap's map; None: viridis, or RdBu_r centred at zero for a signed column
+
+
+def signed(values: np.ndarray) -> bool:
+    """Whether a column takes both signs (a residual, a mixed partial, an attribution): drawn on a diverging map."""
+    finite = values[np.isfinite(values)]
+    return bool(finite.size) and finite.min() < 0 < finite.max()
+
+
+def heatmap_columns(count: int) -> int:
+    """Panels across for `count` heatmaps of one result: one row up to 3, then as square as can be, 4 at most
+    (4 panels are 2 x 2, 6 are 3 x 2, 12 are 4 x 3)."""
+    return count if count <= 3 else min(4, math.ceil(math.sqrt(count)))
+
+
+def build_figure(results: Sequence[PlotData], views: Sequence[View], style: Style | None = None) -> Any:
     """The matplotlib figure: per result a column of panels, one per value column.
 
-    1-D views: curves against the drawn axis, x shared down the column.
+    1-D views: curves against the drawn axis, x shared down the column (points, not a grid: markers).
     2-D views: `pcolormesh` heatmaps on the grid's coordinates, with axis names and a
-    colorbar named by the column. Marked columns show their largest |value| (a red x,
-    and the value and point in the panel's title).
+    colorbar; a column of both signs on a diverging map centred at zero. Marked columns show
+    their largest |value| (a red x, never clipped at the edge, and the value and point in the
+    panel's title). Matplotlib's constrained layout keeps every label clear of the others.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
+    style = style or Style()
     heatmap = any(len(view.drawn) == 2 for view in views)
     count = max(len(result.values) for result in results)
-    # One result's heatmaps lie side by side, three to a row; curves and several results stack by column.
-    wrapped = heatmap and len(results) == 1
-    across = min(count, 3) if wrapped else len(results)
+    # One result's heatmaps lie side by side, as square as can be; curves and several results stack by column.
+    wrapped = (heatmap or any(result.scatter for result in results)) and len(results) == 1
+    across = heatmap_columns(count) if wrapped else len(results)
     rows = -(-count // across) if wrapped else count
-    figure = Figure(figsize=((5.0 if heatmap else 4.2) * across, (3.6 if heatmap else 2.3) * rows + 0.4), dpi=DPI,
-                    layout="constrained")
-    grid = figure.subplots(rows, across, squeeze=False, sharex="col" if not heatmap else False)
+    figure = Figure(figsize=((5.0 if heatmap else 4.4) * across, (3.8 if heatmap else 3.0 if wrapped else 2.5) * rows + 0.5),
+                    dpi=style.dpi, layout="constrained")
+    figure.get_layout_engine().set(w_pad=0.08, h_pad=0.08, wspace=0.06, hspace=0.06)
+    grid = figure.subplots(rows, across, squeeze=False, sharex="col" if not (heatmap or wrapped) else False)
     panels = [[grid[i // across][i % across] if wrapped else grid[i][column] for i in range(count)]
               for column in range(len(results))]
     used = {id(p) for column, result in enumerate(results) for p in panels[column][:len(result.values)]}
@@ -178,20 +203,25 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
             values = view.slice(np.asarray(array, dtype=np.float64))
             mark = worst(values) if name in result.marked else None
             if len(view.drawn) == 1:
-                panel.plot(coordinates[0], values, linewidth=1.2)
+                if result.scatter:
+                    panel.plot(coordinates[0], values, ".", markersize=3)
+                else:
+                    panel.plot(coordinates[0], values, linewidth=1.2)
                 if mark is not None:
-                    panel.plot([coordinates[0][mark[0]]], [values[mark]], "x", color="red", markersize=8)
+                    panel.plot([coordinates[0][mark[0]]], [values[mark]], "x", color="red", markersize=8,
+                               clip_on=False, zorder=5)
                 panel.grid(alpha=0.3)
-                if row == last_row:
+                panel.locator_params(axis="x", nbins=6)  # -1.00 ... 1.00 in nine ticks would touch
+                if row == last_row or wrapped:
                     panel.set_xlabel(axis_names[0])
             else:
-                colours: dict[str, Any] = {"cmap": "viridis"}
-                if name in result.centred:
+                colours: dict[str, Any] = {"cmap": style.cmap or "viridis"}
+                if name in result.centred or (style.cmap is None and signed(values)):
                     finite = np.abs(values[np.isfinite(values)])
                     bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-                    colours = {"cmap": "RdBu_r", "vmin": -bound, "vmax": bound}
+                    colours = {"cmap": style.cmap or "RdBu_r", "vmin": -bound, "vmax": bound}
                 mesh = panel.pcolormesh(coordinates[0], coordinates[1], values.T, shading="nearest", **colours)
-                figure.colorbar(mesh, ax=panel, label=name)
+                figure.colorbar(mesh, ax=panel)  # the panel's title names the column
                 panel.set_xlabel(axis_names[0])
                 panel.set_ylabel(axis_names[1])
                 if result.image:
@@ -199,12 +229,16 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View]) -> Any:
                     panel.set_aspect("equal")
                 if mark is not None:
                     panel.plot([coordinates[0][mark[0]]], [coordinates[1][mark[1]]], "x", color="red", markersize=10,
-                               markeredgewidth=2)
+                               markeredgewidth=2, clip_on=False, zorder=5)
             title = _title(name, values, mark, coordinates, axis_names)
-            panel.set_title(f"{result.label}\n{title}" if result.label and row == 0 else title, fontsize=9)
+            panel.set_title(f"{result.label}\n{title}" if result.label and row == 0 else title, fontsize=9,
+                            pad=10 if mark is not None else 6)  # clear of a worst point marked on the top edge
     notes = [f"{result.label + ' ' if result.label else ''}at {view.note}" for result, view in zip(results, views) if view.note]
+    heading = [style.title] if style.title else []
     if notes:
-        figure.suptitle("    ".join(notes), fontsize=9)
+        heading.append("    ".join(notes))
+    if heading:
+        figure.suptitle("\n".join(heading), fontsize=11 if style.title else 9)
     return figure
 
 
@@ -224,6 +258,18 @@ def save_figure(figure: Any, path: str) -> None:
         raise
 
 
+def check_style(style: Style) -> None:
+    """Refuses a colour map matplotlib does not know, with some that it does."""
+    if style.cmap is None:
+        return
+    from matplotlib import colormaps
+
+    if style.cmap not in colormaps:
+        close = [name for name in sorted(colormaps) if name.lower().startswith(style.cmap.lower()[:3])][:6]
+        raise UsageError(f"--plot-cmap {style.cmap!r}: not a matplotlib colour map; for example "
+                         f"{', '.join(close or ['viridis', 'magma', 'cividis', 'RdBu_r', 'coolwarm'])}")
+
+
 def check_plot_path(path: str, option: str = "--plot") -> None:
     if path != "-" and Path(path).suffix.lower() not in PICTURE_FORMATS:
         raise UsageError(f"{option} {path}: name a .png, .svg or .pdf file, or - for the terminal")
@@ -234,6 +280,7 @@ def check_plot_request(options: Any) -> None:
     from derivcli.writers import refuse_overwriting_inputs
 
     check_plot_path(options.plot)
+    check_style(Style(*options.plot_style))
     if options.shard:
         raise UsageError("--plot with --shard: merge the shard files (-o merged.npz), then derivcli plot merged.npz")
     if options.plot != "-":
@@ -285,16 +332,103 @@ class PlotWriter(Writer):
             if self.terminal is not None:
                 self.terminal(data)
             return
-        save_figure(build_figure([data], [self.view]), self.options.plot)
+        save_figure(build_figure([data], [self.view], Style(*self.options.plot_style)), self.options.plot)
 
     def abort(self) -> None:
         self.block = np.empty((0, 0))
+
+
+def points_data(columns: dict[str, np.ndarray], values: Sequence[str], axes: Sequence[str] | None,
+                marked: Sequence[str] = (), label: str = "") -> tuple[PlotData, View]:
+    """Points that are not a grid, as a picture: each value column against the row (`point`), against one column
+    (`--plot-axes x0`: a scatter), or as a heatmap over two columns whose rows make a whole grid.
+
+    Raises:
+        UsageError: an unknown axis, more than two, or two whose rows are not a grid.
+    """
+    names = list(columns)
+    rows = len(next(iter(columns.values()))) if columns else 0
+    if axes:
+        unknown = [a for a in axes if a not in columns]
+        if unknown or len(axes) > 2 or len(set(axes)) != len(axes):
+            problem = f"{unknown[0]!r} is not a column" if unknown else "give one or two different columns"
+            raise UsageError(f"--plot-axes {','.join(axes)}: {problem} (columns: {', '.join(names)})")
+    shown = [name for name in values if not axes or name not in axes]
+    if not axes:
+        return PlotData([("point", np.arange(1, rows + 1, dtype=np.float64))], {n: columns[n] for n in shown},
+                        list(marked), label, scatter=True), View([0], {}, "")
+    if len(axes) == 1:
+        return PlotData([(axes[0], np.asarray(columns[axes[0]], np.float64))], {n: columns[n] for n in shown},
+                        list(marked), label, scatter=True), View([0], {}, "")
+    first, second = (np.asarray(columns[a], np.float64) for a in axes)
+    along_first, at_first = np.unique(first, return_inverse=True)
+    along_second, at_second = np.unique(second, return_inverse=True)
+    cells = at_first * len(along_second) + at_second
+    if rows != len(along_first) * len(along_second) or len(np.unique(cells)) != rows:
+        raise UsageError(f"--plot-axes {','.join(axes)}: the points are not a whole grid over {axes[0]} and {axes[1]} "
+                         f"({rows:,} rows for {len(along_first):,} x {len(along_second):,} values); give one axis for "
+                         "a scatter")
+    gridded = {}
+    for name in shown:
+        grid = np.full(len(along_first) * len(along_second), np.nan)
+        grid[cells] = np.asarray(columns[name], np.float64)
+        gridded[name] = grid.reshape(len(along_first), len(along_second))
+    return PlotData([(axes[0], along_first), (axes[1], along_second)], gridded, list(marked), label), View([0, 1], {}, "")
+
+
+class PointsPlotWriter(Writer):
+    """`--plot` for points that are not a grid (`--at`, `--csv`, `--npz`): every value column against the row, or
+    against `--plot-axes` (one input: a scatter; two whose points make a whole grid: heatmaps). The points are held
+    in memory (at most MAX_PLOT_CELLS numbers)."""
+
+    def __init__(self, layout: Layout, options: Any, first_gated: int,
+                 terminal: Callable[[list[tuple[PlotData, View]]], None] | None) -> None:
+        super().__init__(layout, None)
+        names = layout.coordinate_names + layout.value_names
+        if options.plot_at:
+            raise UsageError("--plot-at pins a grid's axes; these points are not a grid")
+        unknown = [a for a in options.plot_axes or [] if a not in names]
+        if unknown:
+            raise UsageError(f"--plot-axes {','.join(options.plot_axes)}: {unknown[0]!r} is not an input or a result "
+                             f"column (inputs: {', '.join(layout.coordinate_names)})")
+        self.options, self.terminal = options, terminal
+        self.marked = list(layout.value_names[first_gated:]) if options.max_abs is not None else []
+        self.parts: list[np.ndarray] = []
+        self.cells = 0
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        block = np.concatenate([coordinates, values], axis=1).astype(np.float64)
+        self.cells += block.size
+        if self.cells > MAX_PLOT_CELLS:
+            raise RunError(f"--plot holds the points in memory: more than {MAX_PLOT_CELLS:,} numbers; write a file "
+                           "(-o FILE.npz) and plot part of it")
+        self.parts.append(block)
+
+    def close(self) -> None:
+        names = self.layout.coordinate_names + self.layout.value_names
+        block = np.concatenate(self.parts) if self.parts else np.empty((0, len(names)))
+        columns = {name: block[:, j] for j, name in enumerate(names)}
+        drawn = [points_data(columns, self.layout.value_names, self.options.plot_axes, self.marked)]
+        if self.options.plot == "-":
+            if self.terminal is not None:
+                self.terminal(drawn)
+            return
+        save_figure(build_figure([drawn[0][0]], [drawn[0][1]], Style(*self.options.plot_style)), self.options.plot)
+
+    def abort(self) -> None:
+        self.parts = []
 
 
 # --plot of an image model draws its first points: the input and its derivative arrays, one column of panels each.
 IMAGE_POINTS = 4
 # At most this many derivative arrays per point (a 1,000-class Jacobian has 1,000).
 IMAGE_PANELS = 6
+
+
+def image_input(layout: Layout) -> bool:
+    """Whether the points have an image or sequence input (rank 2 or 3) that `ImagePlotWriter` draws."""
+    dimension = len(layout.coordinate_names)
+    return any(max(a.columns) < dimension and len(a.shape) in (2, 3) for a in layout.shaped)
 
 
 class ImagePlotWriter(Writer):
@@ -309,8 +443,7 @@ class ImagePlotWriter(Writer):
         dimension = len(layout.coordinate_names)
         images = [a for a in layout.shaped if max(a.columns) < dimension and len(a.shape) in (2, 3)]
         if not images:
-            raise UsageError("--plot draws results on a --grid, or the inputs and gradients of an image or sequence "
-                             "model; for these points write a file (-o FILE.csv) and plot its columns with your own tool")
+            raise UsageError("ImagePlotWriter: the points have no image or sequence input")  # `image_input` says first
         if options.plot_axes or options.plot_at:
             raise UsageError("--plot-axes and --plot-at choose a grid's axes; an image is drawn by its rows and columns")
         self.image = images[0]
@@ -354,7 +487,8 @@ class ImagePlotWriter(Writer):
             if self.terminal is not None:
                 self.terminal(drawn)
             return
-        figure = build_figure([result for result, _ in drawn], [view for _, view in drawn])
+        figure = build_figure([result for result, _ in drawn], [view for _, view in drawn],
+                              Style(*self.options.plot_style))
         if self.left_out:
             figure.suptitle(f"the first {IMAGE_PANELS} derivative arrays of {IMAGE_PANELS + self.left_out} "
                             "(choose with --outputs or --target)", fontsize=9)
@@ -367,7 +501,7 @@ class ImagePlotWriter(Writer):
 class Tee(Writer):
     """The output writer and the plot, fed the same batches; the plot is drawn after the output is complete."""
 
-    def __init__(self, main: Writer, plot: PlotWriter | ImagePlotWriter) -> None:
+    def __init__(self, main: Writer, plot: PlotWriter | ImagePlotWriter | PointsPlotWriter) -> None:
         self.main, self.plot = main, plot
         self.layout, self.file = main.layout, main.file
 
@@ -391,40 +525,35 @@ class Tee(Writer):
         self.plot.abort()
 
 
-def load_result(path: str, columns: Sequence[str] | None, mark: bool) -> PlotData:
-    """A grid result saved by derivcli (NPZ/HDF5), with the columns to plot.
+RESULT_SUFFIXES = (".npz", ".h5", ".hdf5", ".csv", ".tsv", ".json", ".jsonl")
+
+
+def load_result(path: str, columns: Sequence[str] | None, mark: bool, axes: Sequence[str] | None = None,
+                at: Sequence[AtPoint] = ()) -> tuple[PlotData, View]:
+    """A result saved by derivcli, with the columns to plot and the view: a grid result (NPZ/HDF5 with
+    `grid_axes`) on its grid; any other (CSV, TSV, JSON, JSONL, or NPZ/HDF5 of points) by `points_data`.
 
     Raises:
-        RunError: not a grid result, or not readable.
-        UsageError: an unknown column in `columns`.
+        RunError: not readable, or no number columns.
+        UsageError: an unknown column in `columns`, a bad view.
     """
-    from derivcli.writers import GRID_SHAPE_KEY, SHARD_KEY, SHARD_RECORD_KEY, read_columns
+    from derivcli.writers import GRID_SHAPE_KEY, SHARD_KEY, SHARD_RECORD_KEY
 
     suffix = Path(path).suffix.lower()
-    if suffix not in (".npz", ".h5", ".hdf5"):
-        raise UsageError(f"plot {path}: give a result saved as .npz or .h5 (-o FILE.npz keeps the grid's shape)")
+    if suffix not in RESULT_SUFFIXES:
+        raise UsageError(f"plot {path}: give a result saved as {', '.join(RESULT_SUFFIXES)}")
     if not Path(path).is_file():
         raise RunError(f"plot: cannot read {path}: no such file")
-    import zipfile
-
-    if suffix == ".npz" and not zipfile.is_zipfile(path):
-        raise RunError(f"plot: cannot read {path}: not a zip archive (.npz results are written by derivcli -o FILE.npz)")
-    try:
-        arrays = read_columns(path)
-    except ValueError:  # arrays of Python objects: loading them would unpickle, which derivcli never does
-        raise RunError(f"plot: {path} holds arrays of Python objects, not a derivcli result") from None
-    except Exception as error:  # a damaged archive: zip, HDF5 and NumPy each raise their own
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunError(f"plot: cannot read {path}: {reason}") from None
-    if SHARD_KEY in arrays or SHARD_RECORD_KEY in arrays:
+    arrays = _read_result(path, suffix)
+    if SHARD_KEY in arrays or SHARD_RECORD_KEY in arrays or Path(path + ".shard").is_file():
         raise RunError(f"plot: {path} is one shard of a run: merge the shards first (derivcli merge ... -o merged.npz)")
-    if "grid_axes" not in arrays:
-        raise RunError(f"plot: {path} holds no grid (it was computed on --at, --csv or --npz points); "
-                       "pictures are drawn from --grid results")
-    grid_axes = [str(name) for name in np.ravel(arrays["grid_axes"])]
+    grid_axes = [str(name) for name in np.ravel(arrays["grid_axes"])] if "grid_axes" in arrays else []
     shape = np.asarray(arrays[grid_axes[0]]).shape if grid_axes and grid_axes[0] in arrays else None
+    if shape is None:  # points, not a grid: every 1-D number column of the points' length
+        lengths = [len(a) for a in arrays.values() if np.asarray(a).ndim == 1 and np.asarray(a).dtype.kind in "fiub"]
+        shape = (max(set(lengths), key=lengths.count),) if lengths else None
     numeric = [name for name, array in arrays.items()
-               if name not in (*grid_axes, "grid_axes", GRID_SHAPE_KEY) and np.asarray(array).dtype.kind in "fiu"
+               if name not in (*grid_axes, "grid_axes", GRID_SHAPE_KEY) and np.asarray(array).dtype.kind in "fiub"
                and np.asarray(array).shape == shape]
     if columns:
         unknown = [c for c in columns if c not in numeric]
@@ -433,21 +562,62 @@ def load_result(path: str, columns: Sequence[str] | None, mark: bool) -> PlotDat
                              f"(columns: {', '.join(numeric)})")
         numeric = list(columns)
     if not numeric:
-        raise RunError(f"plot: {path} holds no value columns")
-    return PlotData.from_columns(arrays, grid_axes, numeric, numeric if mark else [], label="")
+        raise RunError(f"plot: {path} holds no number columns to draw")
+    if grid_axes:
+        data = PlotData.from_columns(arrays, grid_axes, numeric, numeric if mark else [], label="")
+        return data, choose_view(data, axes, at)
+    if at:
+        raise UsageError(f"--plot-at pins a grid's axes; {path} holds points, not a grid")
+    everything = {name: np.asarray(arrays[name], dtype=np.float64) for name in arrays
+                  if np.asarray(arrays[name]).dtype.kind in "fiub" and np.asarray(arrays[name]).shape == shape}
+    shown = [name for name in numeric if not axes or name not in axes]
+    return points_data(everything, shown, axes, shown if mark else [])
+
+
+def _read_result(path: str, suffix: str) -> dict[str, np.ndarray]:
+    """A result file's columns: NPZ/HDF5 arrays, or the columns of a CSV, TSV, JSON or JSONL table."""
+    import zipfile
+
+    from derivcli.writers import read_columns
+
+    if suffix == ".npz" and not zipfile.is_zipfile(path):
+        raise RunError(f"plot: cannot read {path}: not a zip archive (.npz results are written by derivcli -o FILE.npz)")
+    try:
+        if suffix in (".npz", ".h5", ".hdf5"):
+            return read_columns(path)
+        if suffix in (".csv", ".tsv"):
+            import pyarrow.csv as arrow_csv
+
+            table = arrow_csv.read_csv(path, parse_options=arrow_csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                                       convert_options=arrow_csv.ConvertOptions(null_values=["nan", "NaN", ""]))
+            return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        import json
+
+        text = Path(path).read_text(encoding="utf-8")
+        rows = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        names = list(rows[0]) if rows else []
+        return {name: np.array([np.nan if row.get(name) is None else row.get(name) for row in rows]) for name in names}
+    except ValueError as error:
+        if "object arrays" in str(error).lower():  # Python objects: loading them would unpickle, which derivcli never does
+            raise RunError(f"plot: {path} holds arrays of Python objects, not a derivcli result") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"plot: cannot read {path}: {reason}") from None
+    except Exception as error:  # a damaged archive or table: zip, HDF5, Arrow and NumPy each raise their own
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"plot: cannot read {path}: {reason}") from None
 
 
 def plot_results(paths: Sequence[str], output: str, columns: Sequence[str] | None, axes: Sequence[str] | None,
-                 at: Sequence[AtPoint], mark: bool) -> list[tuple[PlotData, View]]:
-    """`derivcli plot`: the figure of one or more saved grid results, side by side; written unless `output` is -."""
-    results = [load_result(path, columns, mark) for path in paths]
-    if len(results) > 1:
-        for result, path in zip(results, paths):
+                 at: Sequence[AtPoint], mark: bool, style: Style | None = None) -> list[tuple[PlotData, View]]:
+    """`derivcli plot`: the figure of one or more saved results, side by side; written unless `output` is -."""
+    drawn = [load_result(path, columns, mark, axes, at) for path in paths]
+    if len(drawn) > 1:
+        for (result, _), path in zip(drawn, paths):
             result.label = Path(path).name
-    views = [choose_view(result, axes, at) for result in results]
+    check_style(style or Style())
     if output != "-":
-        save_figure(build_figure(results, views), output)
-    return list(zip(results, views))
+        save_figure(build_figure([r for r, _ in drawn], [v for _, v in drawn], style), output)
+    return drawn
 
 
 # Terminal pictures ------------------------------------------------------------------------
@@ -474,40 +644,71 @@ def terminal_size(stream: IO[str] | None) -> tuple[int, int]:
 
 def render_terminal(data: PlotData | Sequence[tuple[PlotData, View]], stream: IO[str] | None,
                     view: View | None = None, size: tuple[int, int] | None = None) -> str:
-    """The panels drawn with Unicode characters, sized to the terminal (`size`: columns, lines)."""
+    """The panels drawn with Unicode characters, sized to the terminal (`size`: columns, lines).
+
+    Curves: the value axis on the left (its range), the drawn axis below. Heatmaps: the second axis
+    on the left (its values at the top and bottom rows), the first below, and a legend of the shades.
+    """
     pairs = [(data, view or choose_view(data, None, []))] if isinstance(data, PlotData) else list(data)
     columns, lines = size or terminal_size(stream)
     panels = sum(len(result.values) for result, _ in pairs)
-    # Each panel: a title line, its plot rows, an axis line; the whole fits the terminal's height.
-    height = max(3, (lines - 1) // max(panels, 1) - 2)
+    # Each panel: a title line, its plot rows, an axis line (and a legend line for a heatmap); the whole fits
+    # the terminal's height.
+    overhead = 3 if any(len(chosen.drawn) == 2 for _, chosen in pairs) else 2
+    height = max(3, (lines - 1) // max(panels, 1) - overhead)
     out: list[str] = []
+    label_width = 10
+    width = max(8, columns - label_width - 1)
     for result, chosen in pairs:
         axis_names = [result.axes[i][0] for i in chosen.drawn]
-        coordinates = [result.axes[i][1] for i in chosen.drawn]
-        if result.image:  # row 0 at the top: the rows run down the screen
-            coordinates[1] = coordinates[1][::-1]
+        coordinates = [np.asarray(result.axes[i][1], dtype=np.float64) for i in chosen.drawn]
         for name, array in result.values.items():
             values = chosen.slice(np.asarray(array, dtype=np.float64))
-            if result.image:
-                values = values[:, ::-1]
             title = " ".join(filter(None, [result.label, name, f"at {chosen.note}" if chosen.note else ""]))
             finite = values[np.isfinite(values)]
             low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
             out.append(f"{title}: {low:.4g} to {high:.4g}"[:columns])
-            label_width = 10
-            width = max(8, columns - label_width - 1)
             if len(chosen.drawn) == 1:
-                canvas = _braille_curve(values, width, height, low, high)
+                if result.scatter:
+                    canvas = _braille_points(coordinates[0], values, width, height, low, high)
+                else:
+                    canvas = _braille_curve(values, width, height, low, high)
+                left = {0: f"{high:.3g}", len(canvas) - 1: f"{low:.3g}"}
+                finite_x = coordinates[0][np.isfinite(coordinates[0])]
+                start, stop = (finite_x.min(), finite_x.max()) if result.scatter and finite_x.size else \
+                    (coordinates[0][0], coordinates[0][-1])
+                below = f"{axis_names[0]} {start:.4g} .. {stop:.4g} (across)"
+                legend = None
             else:
+                rows_up = coordinates[1]
+                if result.image:  # row 0 at the top: the rows run down the screen
+                    values, rows_up = values[:, ::-1], rows_up[::-1]
                 canvas = _shade_map(values, width, height, low, high)
+                left = {0: f"{axis_names[1]}={rows_up[-1]:.3g}", len(canvas) - 1: f"{axis_names[1]}={rows_up[0]:.3g}"}
+                below = f"{axis_names[0]} {coordinates[0][0]:.4g} .. {coordinates[0][-1]:.4g} (across)"
+                steps = np.linspace(low, high, len(SHADES))
+                legend = "shades: " + " ".join(f"{shade if shade.strip() else repr(shade)}={value:.3g}"
+                                               for shade, value in zip(SHADES, steps))
             for row, text in enumerate(canvas):
-                label = f"{high:.3g}" if row == 0 else f"{low:.3g}" if row == len(canvas) - 1 else ""
-                out.append(f"{label:>{label_width}} {text}")
-            ends = f"{axis_names[0]} {coordinates[0][0]:.4g} .. {coordinates[0][-1]:.4g}"
-            if len(chosen.drawn) == 2:
-                ends += f"   {axis_names[1]} {coordinates[1][0]:.4g} .. {coordinates[1][-1]:.4g} (up)"
-            out.append(f"{'':>{label_width}} {ends}"[:columns])
+                out.append(f"{left.get(row, '')[:label_width]:>{label_width}} {text}")
+            out.append(f"{'':>{label_width}} {below}"[:columns])
+            if legend:
+                out.append(f"{'':>{label_width}} {legend}"[:columns])
     return "\n".join(out) + "\n"
+
+
+def _braille_points(x: np.ndarray, values: np.ndarray, width: int, height: int, low: float, high: float) -> list[str]:
+    """Points (not a curve) at their x, on a `width` x `height` grid of Braille cells (2 x 4 dots each)."""
+    cells = np.zeros((height, width), dtype=np.int64)
+    keep = np.isfinite(x) & np.isfinite(values)
+    if keep.any():
+        x, values = x[keep], values[keep]
+        left, right = float(x.min()), float(x.max())
+        across = np.round((x - left) / (right - left if right > left else 1.0) * (2 * width - 1)).astype(int)
+        up = np.round((values - low) / (high - low if high > low else 1.0) * (4 * height - 1)).astype(int)
+        for dot_x, dot_y in zip(across, up):
+            cells[height - 1 - dot_y // 4, dot_x // 2] |= BRAILLE_DOTS[dot_x % 2][3 - dot_y % 4]
+    return ["".join(chr(BRAILLE_BASE + int(c)) for c in row) for row in cells]
 
 
 def _braille_curve(values: np.ndarray, width: int, height: int, low: float, high: float) -> list[str]:
