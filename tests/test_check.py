@@ -62,6 +62,20 @@ def test_the_verdict_follows_from_the_printed_numbers(cli, dtype):
     assert rerun.exit_code == 3 and "FAIL" in table["status"]
 
 
+def test_check_s_table_shows_three_digits_and_its_csv_every_one(cli):
+    args = ["check", "sample_models/softplus_2d.keras", "--grid", "-1:1:5"]
+    table = cli(*args, "--format", "table")
+    assert table.exit_code == 0, table.stderr
+    rows = [line.split() for line in table.stdout.splitlines()[1:]]
+    for row in rows:
+        for cell in row[4:]:  # the errors and the tolerance: 2.34e-08, three significant digits
+            assert len(cell.replace("-", "").split("e")[0].replace(".", "").lstrip("0")) <= 3, cell
+    full = read_csv(cli(*args, "--format", "csv").stdout)
+    assert any(len(str(value)) > 12 for value in full["max_abs_error"])  # csv keeps every digit
+    for row, error in zip(rows, full["max_abs_error"]):
+        assert float(row[4]) == pytest.approx(error, rel=5e-3)
+
+
 def test_check_high_order_in_float64(cli):
     result = cli("check", "sample_models/square_tanh.keras", "--grid", "-1:1:5", "--partial", "x^4", "--dtype", "float64")
     assert result.exit_code == 0, result.stderr

@@ -47,6 +47,8 @@ def test_disconnected_weight_is_named_with_its_reason(cli):
     assert buggy["weights"]["severity"] == "error"
     assert buggy["weights"]["message"].startswith("layer bump, weight sigma: receives no gradient")
     assert "used only in a comparison" in buggy["weights"]["message"]
+    # The error line names the failed checks; the finding itself is said once, on standard output.
+    assert result.stderr.strip() == "derivcli: error: doctor found 1 error(s) (weights); each finding is on standard output"
     result, good = doctor_json(cli, "sample_models/bump.keras", *BUMP)
     assert result.exit_code == 0
     assert good["weights"]["severity"] == "ok"

@@ -320,3 +320,12 @@ def test_plot_without_output_draws_on_the_terminal(cli, tmp_path):
     assert lines[1].strip().startswith("x1=1 ") and any(line.strip().startswith("x1=-1 ") for line in lines)
     assert any("x0 -1 .. 1 (across)" in line for line in lines)
     assert any(line.strip().startswith("shades: ' '=") for line in lines)
+
+
+def test_a_terminal_that_reports_0x0_gets_an_80x24_picture():
+    """`script`, some CI runners and containers report 0 x 0: taken as 80 x 24, not as 8 x 3 characters."""
+    status, shown, _ = run_in_pty("deriv", str(TANH), "--grid", "-1:1:101", "-p", "x^2", "--plot", "-", "-q",
+                                  "--format", "csv", "-o", "/dev/null", columns=0, lines=0, env={"COLUMNS": "", "LINES": ""})
+    assert status == 0, shown
+    rows = [line for line in shown.replace("\r", "").split("\n") if line]
+    assert max(len(line) for line in rows) == 80 and 18 <= len(rows) <= 24
