@@ -264,6 +264,9 @@ EXAMPLES = {
                       "derivcli deriv sample_models/softplus_2d.keras --at 0.3,0.7 --direction 1,1^2"),
     "op": examples('derivcli op sample_models/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 '
                    '--expr "res=u_t - 0.1*u_xx" --max-abs 0.2 -o residual.npz'),
+    "attribute": examples("derivcli attribute sample_models/bars_cnn.keras --npz sample_models/bars.npz --target top "
+                          "--logits -o attributions.npz",
+                          "derivcli attribute sample_models/softplus_2d.keras --at 0.3,0.7 --method saliency"),
     "check": examples("derivcli check sample_models/softplus_2d.keras --grid -1:1:5",
                       "derivcli check sample_models/square_tanh.keras --at 0.5 -p x^3"),
     "doctor": examples("derivcli doctor sample_models/square_relu.keras",
@@ -493,6 +496,60 @@ def op_command(
     from derivcli.run import DerivativeRequest
 
     _run_request(options, DerivativeRequest(expressions=list(expr), wrt=_names_or_none(wrt, "--wrt")))
+
+
+def _attribution_choices(which: str) -> list[str]:
+    """`--method` or `--rule` values, for shell completion (the attribution module loads only when asked)."""
+    from derivcli import attribution
+
+    return list(getattr(attribution, which))
+
+
+@app.command("attribute", cls=DerivcliCommand, epilog=EXAMPLES["attribute"])
+@with_shared_options
+def attribute_command(
+    model: ModelArgument,
+    method: Annotated[str, typer.Option(
+        "--method", metavar="METHOD", autocompletion=lambda: _attribution_choices("METHODS"), rich_help_panel="Derivatives",
+        help="integrated-gradients, saliency (|dy/dx|), input-x-gradient (x*dy/dx), smoothgrad (the mean gradient over "
+             "noisy copies) or expected-gradients (baselines drawn from --baseline FILE).")] = "integrated-gradients",
+    baseline: Annotated[str, typer.Option(
+        "--baseline", metavar="zero|FILE", rich_help_panel="Derivatives",
+        help="The path's start: zero, or a points file (NPZ, HDF5, CSV) with one baseline for all points or one per "
+             "point; expected-gradients draws from it.")] = "zero",
+    steps: Annotated[str, typer.Option(
+        "--steps", metavar="N|auto", rich_help_panel="Derivatives",
+        help="Integration steps of integrated-gradients; auto doubles them per point from 16 (to 4096) until "
+             "|delta| is within --max-delta (default: 0.1% of |y(x) - y(baseline)|).")] = "50",
+    rule: Annotated[str, typer.Option(
+        "--rule", metavar="RULE", autocompletion=lambda: _attribution_choices("RULES"), rich_help_panel="Derivatives",
+        help="gauss-legendre, riemann-left, riemann-right, riemann-middle or riemann-trapezoid.")] = "gauss-legendre",
+    samples: Annotated[int, typer.Option(
+        "--samples", metavar="N", rich_help_panel="Derivatives",
+        help="Noisy copies (smoothgrad) or drawn baselines (expected-gradients) per point.")] = 50,
+    noise: Annotated[float, typer.Option(
+        "--noise", metavar="SIGMA", rich_help_panel="Derivatives",
+        help="smoothgrad's noise: a standard deviation, as a fraction of each point's range (max - min).")] = 0.15,
+    seed: Annotated[int, typer.Option(
+        "--seed", metavar="N", rich_help_panel="Derivatives",
+        help="The draws' seed; each point draws from it and its row number, the same in any batch or shard.")] = 0,
+    max_delta: Annotated[str | None, typer.Option(
+        "--max-delta", metavar="TOL", rich_help_panel="Gates", show_default=False,
+        help="Exit 3 when any |delta(y)| (sum of attributions - (y(x) - y(baseline))) exceeds TOL.")] = None,
+    wrt: WrtOption = None,
+    outputs: OutputsOption = None,
+    *,
+    options: CommonOptions,
+) -> None:
+    """Attributions: how much each input coordinate moves an output (saliency, Integrated Gradients, SmoothGrad...)."""
+    from derivcli.attribution import AttributionRequest, parse_steps
+
+    request = AttributionRequest(
+        method=method.strip(), baseline=baseline, steps=parse_steps(steps), rule=rule.strip(), samples=samples,
+        noise=noise, seed=seed, max_delta=_number(max_delta, "--max-delta", "0.001") if max_delta else None,
+        wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"))
+    request.check()
+    _run_request(options, request)
 
 
 @app.command("check", cls=DerivcliCommand, epilog=EXAMPLES["check"])

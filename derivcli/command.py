@@ -129,14 +129,29 @@ def run_command(
     model = load_model(options.model, options.custom_objects, options.unsafe, options.dtype,
                        options.names, options.output_names, options.target, options.logits)
     loaded = time.perf_counter()
-    planned = plan(model, request)
+    attributing = type(request).__name__ == "AttributionRequest"
+    if attributing:
+        from derivcli.attribution import plan_attribution
+
+        planned = plan_attribution(model, request)
+    else:
+        planned = plan(model, request)
     for message in numerical_warnings(model, planned):
         warn(message)
     # Shards must cut the points identically on every machine, so they never size batches from memory.
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
+    if attributing:  # a batch of rows: a point's steps or samples are rows, and the run's batches hold points
+        from derivcli.attribution import AttributionKernel, checked_baselines, read_baselines
+        from derivcli.engine import select_device
+
+        baselines = read_baselines(request.baseline, model) if request.baseline not in (None, "zero") else None
+        kernel = AttributionKernel(model, planned, request, batch_size, baselines, select_device(options.device))
+        batch_size = kernel.points_per_batch
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
                          options.columns, options.shard, batch_size, options.delimiter, model.tensors, options.hdf5)
+    if attributing:
+        checked_baselines(baselines, source.run_total, request.method, request.baseline)
     for note in source.notes:
         warn(note)
     if options.shard and options.output in (None, "-"):
@@ -146,8 +161,9 @@ def run_command(
     if options.format not in ("npz", "hdf5") and len(layout.header) > MAX_COLUMNS:
         raise UsageError(f"{len(layout.header):,} columns is more than a text table takes ({MAX_COLUMNS:,}); write "
                          "NPZ or HDF5 (-o out.npz), which keep tensors in their shapes, or restrict --wrt")
-    kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
-                         batch_size=batch_size)
+    if not attributing:
+        kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
+                             batch_size=batch_size)
     if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
         from derivcli.plots import ImagePlotWriter, PlotWriter, PointsPlotWriter, Tee, image_input
 
@@ -181,8 +197,23 @@ def run_command(
         getattr(kernel, "engine", ""))
     for message in result_warnings(model, summary):
         warn(message)
+    if attributing and request.max_delta is not None:
+        delta_gate(model.coordinate_names, summary, planned.delta_columns(), request.max_delta)
     gate(options, model.coordinate_names, summary, planned.first_gated, inform)
     return summary
+
+
+def delta_gate(coordinate_names: Sequence[str], summary: Any, columns: Sequence[int], tolerance: float) -> None:
+    """`attribute --max-delta TOL`: CheckFailed when a path method's completeness is off by more than TOL."""
+    from derivcli.run import format_point
+
+    if not columns or summary.rows == 0:
+        return
+    worst = max(columns, key=lambda j: summary.max_abs[j])
+    if summary.max_abs[worst] > tolerance or summary.nonfinite[list(columns)].any():
+        raise CheckFailed(f"max |{summary.value_names[worst]}| = {summary.max_abs[worst]:.6g} at "
+                          f"{format_point(coordinate_names, summary.worst_point[worst])} exceeds --max-delta "
+                          f"{tolerance:g}: more --steps (or --steps auto), or another --rule")
 
 
 def numerical_warnings(model: Any, planned: Any) -> list[str]:

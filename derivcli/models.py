@@ -137,6 +137,17 @@ class LoadedModel:
             return targeted(values, tf.cast(coordinates[:, -1], tf.int32), tf)
         return values if self.target is None else targeted(values, self.target, tf)
 
+    def untargeted(self) -> LoadedModel:
+        """The model without `--target top`'s pick: every output element, `y0 ...` (attribution picks each point's
+        class once, at the point, and keeps it along the path)."""
+        import dataclasses
+
+        whole = dataclasses.replace(self, target=None, target_classes=0, _frozen=None,
+                                    output_names=[f"y{i}" for i in range(self.target_classes)])
+        if whole.kind == "saved_model" and whole.dtype == "float64":
+            whole = _widened(dataclasses.replace(whole, dtype="float32"))
+        return whole
+
     def frozen(self) -> Any:
         """The model as a frozen graph rewritten to differentiate its function (`engine.graph.freeze`), made once."""
         if self._frozen is None:

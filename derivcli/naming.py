@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -156,6 +156,7 @@ def shaped_arrays(
     tensor_inputs: Sequence[tuple[str, tuple[int, ...], int]],
     tensor_output: tuple[str, tuple[int, ...], Sequence[int]] | None,
     derivatives: Sequence[tuple[int, str, tuple[int, ...]]],
+    gradient_name: Callable[[str, str], str] = lambda output, name: f"d{output}/d{name}",
 ) -> list[ShapedArray]:
     """The arrays in the model's shapes that a table's columns make up.
 
@@ -166,6 +167,8 @@ def shaped_arrays(
             whose every element is in the table, else None.
         derivatives: (float position, output name, the inputs differentiated, by position, with repeats) of each
             derivative column of order 1 or 2.
+        gradient_name: the name of the array of an output's first derivatives with respect to a tensor input
+            (`dy2/dx`; attributions are `attr(y2)/x`).
 
     Returns:
         The input arrays, the output array, each gradient of an output with respect to a whole tensor input
@@ -189,7 +192,7 @@ def shaped_arrays(
         for name, shape, first in tensor_inputs:
             wanted = [first_order.get((output, first + k)) for k in range(math.prod(shape))]
             if all(p is not None for p in wanted):
-                arrays.append(ShapedArray(f"d{output}/d{name}", tuple(wanted), tuple(shape)))  # type: ignore[arg-type]
+                arrays.append(ShapedArray(gradient_name(output, name), tuple(wanted), tuple(shape)))  # type: ignore[arg-type]
         pairs = sum(1 for key in second_order if key[0] == output)
         for a, (name_a, shape_a, first_a) in enumerate(tensor_inputs):
             for name_b, shape_b, first_b in tensor_inputs[a:]:

@@ -867,6 +867,11 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
             and planned.names[:len(model.output_names)] == model.output_names:
         base = model.output_names[0].partition("[")[0]
         tensor_output = (base, model.outputs[0].shape, range(dimension, dimension + len(model.output_names)))
+    if hasattr(planned, "attributions"):  # attribute: attr(y)/x in the input's shape
+        entries = [(dimension + j, output, (p,)) for j, output, p in planned.attributions]
+        if not tensor_inputs:
+            return []
+        return shaped_arrays(tensor_inputs, None, entries, lambda output, name: f"attr({output})/{name}")
     derivatives, position = [], dimension
     for column in planned.columns:
         output = model.output_names[column.output]
