@@ -51,7 +51,9 @@ pictures: $(STAMP)
 	$(BIN)/derivcli plot docs/relu.npz docs/tanh.npz -o docs/relu_vs_tanh.png
 	$(BIN)/derivcli op sample_models/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 \
 	    --expr "res=u_t - 0.1*u_xx" --max-abs 0.2 -q -o docs/.residual.npz --plot docs/heat_residual.png
-	rm -f docs/relu.npz docs/tanh.npz docs/.residual.npz
+	$(BIN)/derivcli attribute sample_models/bars_cnn.keras --npz sample_models/bars.npz --target label --logits \
+	    -q -o docs/.attributions.npz --plot docs/bars_attribution.png
+	rm -f docs/relu.npz docs/tanh.npz docs/.residual.npz docs/.attributions.npz
 
 models: $(TEST_STAMP)
 	$(BIN)/python sample_models/build_models.py

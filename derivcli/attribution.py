@@ -175,6 +175,9 @@ class AttributionKernel:
         dimension = len(model.coordinate_names)
         self.baselines = np.zeros((1, dimension)) if baselines is None else baselines
         self.held = np.array(sorted(model.discrete_positions), dtype=np.int64)
+        # A path moves only the attributed coordinates: the others (held ones, and those --wrt leaves out) stay at
+        # the point's values, so the attributions account for y(x) - y(baseline) whole.
+        self.off_path = np.array(sorted(set(range(dimension)) - set(planned.wrt)), dtype=np.int64)
         self.device = device
         self.gradient: Any = None
         # --target top: each point's class is picked once, at the point, and its gradient taken all along the path
@@ -218,10 +221,11 @@ class AttributionKernel:
             return np.repeat(self.baselines, len(rows), axis=0)
         return self.baselines[rows]
 
-    def _held(self, made: np.ndarray, point: np.ndarray) -> np.ndarray:
-        """Rows with the integer and boolean coordinates held at the point's values."""
-        if self.held.size:
-            made[:, self.held] = point[self.held]
+    def _held(self, made: np.ndarray, point: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Rows with the integer and boolean coordinates (or `positions`) held at the point's values."""
+        positions = self.held if positions is None else positions
+        if positions.size:
+            made[:, positions] = point[positions]
         return made
 
     def _point_rows(self, point: np.ndarray, baseline: np.ndarray, row: int,
@@ -252,17 +256,17 @@ class AttributionKernel:
 
             def path(low: int, high: int) -> np.ndarray:
                 a = alphas[low:high, None]
-                return self._held(baseline[None] + a * (point - baseline)[None], point)
+                return self._held(baseline[None] + a * (point - baseline)[None], point, self.off_path)
 
             return path, np.concatenate([[0.0, 0.0], weights]), (point - baseline)[None]
         # expected-gradients: rows x, then the drawn baselines, then the points on their paths
         picks = rng.integers(len(self.baselines), size=request.samples)
-        drawn = self.baselines[picks]
+        drawn = self._held(self.baselines[picks].astype(np.float64), point, self.off_path)
         alphas = rng.uniform(size=request.samples)
         made_all = np.concatenate([point[None], drawn, drawn + alphas[:, None] * (point[None] - drawn)])
 
         def expected(low: int, high: int) -> np.ndarray:
-            return self._held(made_all[low:high].copy(), point)
+            return made_all[low:high].copy()
 
         weights = np.concatenate([[0.0], np.zeros(request.samples), np.full(request.samples, 1.0 / request.samples)])
         differences = np.concatenate([np.zeros((1 + request.samples, dimension)), point[None] - drawn])
@@ -271,7 +275,9 @@ class AttributionKernel:
     def _attribute(self, points: np.ndarray, rows: np.ndarray, steps: int | None) -> np.ndarray:
         """The value and attribution columns of `points` (their rows in the run: `rows`)."""
         planned, request = self.planned, self.request
-        baselines = self._baseline(rows)
+        baselines = self._baseline(rows).astype(np.float64)
+        if self.off_path.size:  # the coordinates off the path stay at each point's values
+            baselines[:, self.off_path] = points[:, self.off_path]
         classes = self._top_classes(points) if self.top else None
         makers = [self._point_rows(points[i].astype(np.float64), baselines[i], int(rows[i]), steps)
                   for i in range(len(points))]

@@ -77,6 +77,10 @@ LogitsOption = Annotated[
                                                      "a saturated softmax has vanishing gradients).", rich_help_panel="Model")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.", rich_help_panel="Output")]
+SummaryOption = Annotated[bool, typer.Option(
+    "--summary", metavar="", rich_help_panel="Output",
+    help="Instead of a row per point, a row per value column: count, nan, mean, std, mean_abs, rms, min, max, in "
+         "constant memory; merge joins --summary shards.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", metavar="", help="Also print information that is not a "
                                                                           "warning (a passing gate's margin), as a "
                                                                           "terminal shows it without asking.", rich_help_panel="Output")]
@@ -156,6 +160,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
     ("verbose", VerboseOption, False),
+    ("summary", SummaryOption, False),
     ("timings", TimingsOption, False),
     ("plot", PlotOption, None),
     ("plot_axes", PlotAxesOption, None),
@@ -239,7 +244,7 @@ def _common(
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
     hdf5: str | None = None, verbose: bool = False, plot_dpi: int = 100, plot_title: str | None = None,
-    plot_cmap: str | None = None,
+    plot_cmap: str | None = None, summary: bool = False,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -247,6 +252,9 @@ def _common(
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5))
                       if v])
+    if summary and plot is not None:
+        raise UsageError("--plot draws the rows of points; --summary writes one row per column: run without --summary "
+                         "for the picture")
     if plot is None and (plot_axes or plot_at or plot_title or plot_cmap):
         given = "--plot-axes" if plot_axes else "--plot-at" if plot_at else "--plot-title" if plot_title else "--plot-cmap"
         raise UsageError(f"{given} chooses what --plot draws: add --plot FILE.png or --plot -")
@@ -273,6 +281,7 @@ def _common(
         engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
         quiet=quiet,
         verbose=verbose,
+        summary=summary,
         max_abs=_number(max_abs, "--max-abs", "0.01"),
         strict=strict,
         shard=parse_shard_option(shard) if shard else None,

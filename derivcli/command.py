@@ -49,6 +49,7 @@ class RunOptions:
     engine: str = "auto"
     quiet: bool = False
     verbose: bool = False  # --verbose: information that is not a warning, even off a terminal
+    summary: bool = False  # --summary: one row per value column (count, mean, std ...) instead of one per point
     max_abs: float | None = None
     strict: bool = False
     shard: tuple[int, int] | None = None
@@ -158,7 +159,7 @@ def run_command(
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")
     layout = layout_for(model, source, planned)
-    if options.format not in ("npz", "hdf5") and len(layout.header) > MAX_COLUMNS:
+    if options.format not in ("npz", "hdf5") and len(layout.header) > MAX_COLUMNS and not options.summary:
         raise UsageError(f"{len(layout.header):,} columns is more than a text table takes ({MAX_COLUMNS:,}); write "
                          "NPZ or HDF5 (-o out.npz), which keep tensors in their shapes, or restrict --wrt")
     if not attributing:
@@ -173,7 +174,12 @@ def run_command(
             picture = ImagePlotWriter(layout, options, terminal_plot)
         else:
             picture = PointsPlotWriter(layout, options, planned.first_gated, terminal_plot)
-    writer = open_writer(options.format, layout, options.output)
+    if options.summary:
+        from derivcli.summary import SummaryWriter
+
+        writer: Any = SummaryWriter(layout, options.format, options.output)
+    else:
+        writer = open_writer(options.format, layout, options.output)
     if options.plot is not None:
         writer = Tee(writer, picture)
     advance_bar, stop = progress(source.total, batch_size)

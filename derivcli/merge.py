@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -80,9 +80,11 @@ def in_shard_order(paths: Sequence[str], records: Sequence[ShardRecord]) -> list
                 differ.append(f"other points ({record.total_rows:,} against {first.total_rows:,})")
             raise RunError(f"merge: {path} is from another run than {first_path}: "
                            f"{', '.join(differ) or 'another model, points, columns or dtype'}; merge the shards of one run")
-        if record.rows != record.expected_rows:
-            raise RunError(f"merge: {path} holds {record.rows} rows; shard {record.index}/{record.count} of "
+        if record.points != record.expected_rows:
+            raise RunError(f"merge: {path} holds {record.points} rows; shard {record.index}/{record.count} of "
                            f"{record.total_rows} points holds {record.expected_rows}: rerun it")
+        if (record.summary is None) != (first.summary is None):
+            raise RunError(f"merge: {path} and {first_path} are not both --summary shards; merge the shards of one run")
     seen: dict[int, str] = {}
     for path, record in zip(paths, records):
         if record.index in seen:
@@ -137,11 +139,9 @@ def merge_text(paths: Sequence[str], format_name: str, stream: IO[str]) -> None:
                 stream.write(line)
 
 
-def merge_binary(paths: Sequence[str], format_name: str, target: Path) -> None:
-    """Joins npz/hdf5 shards in K order, grid reshaped."""
-    shards = [read_columns(path) for path in paths]
-    records = [binary_record(path, columns) for path, columns in zip(paths, shards)]
-    ordered = [shards[i] for i in in_shard_order(paths, records)]
+def merge_binary(shards: Sequence[dict[str, np.ndarray]], format_name: str, target: Path) -> None:
+    """Joins npz/hdf5 shards (their arrays, in K order), grid reshaped."""
+    ordered = list(shards)
     grid_shape = tuple(int(v) for v in ordered[0][GRID_SHAPE_KEY]) if GRID_SHAPE_KEY in ordered[0] else None
     arrays = []
     for name in ordered[0]:
@@ -155,19 +155,42 @@ def merge_binary(paths: Sequence[str], format_name: str, target: Path) -> None:
     (write_npz if format_name == "npz" else write_hdf5)(target, arrays)
 
 
+def merge_summaries(records: Sequence[Any], format_name: str, output: str | None) -> None:
+    """`--summary` shards: the whole run's summary, from each shard's moments (Chan's parallel update)."""
+    from derivcli.summary import MOMENTS, SUMMARY_COLUMNS, Moments, write_summary
+    from derivcli.writers import Layout, open_writer
+
+    moments = Moments.from_dict(records[0].summary)
+    for record in records[1:]:
+        other = Moments.from_dict(record.summary)
+        if other.names != moments.names:
+            raise RunError("merge: the --summary shards summarize other columns; merge the shards of one run")
+        moments.fold({key: getattr(other, key) for key in MOMENTS})
+    layout = Layout([], ["column"], list(SUMMARY_COLUMNS), np.dtype(np.float64), total_rows=len(moments.names),
+                    table_digits=6)
+    write_summary(open_writer(format_name, layout, output), moments)
+
+
 def merge(paths: Sequence[str], output: str | None) -> None:
     """Merges shard files into `output` (atomically), or to standard output for text."""
     format_name = shard_format(paths)
-    if format_name not in ("npz", "hdf5"):
-        records = [text_record(path) for path in paths]
-        paths = [paths[i] for i in in_shard_order(paths, records)]
+    binary = format_name in ("npz", "hdf5")
+    shards = [read_columns(path) for path in paths] if binary else []
+    records = [binary_record(path, columns) for path, columns in zip(paths, shards)] if binary \
+        else [text_record(path) for path in paths]
+    order = in_shard_order(paths, records)
+    paths, shards, records = [paths[i] for i in order], [shards[i] for i in order] if binary else [], \
+        [records[i] for i in order]
     if output not in (None, "-") and EXTENSIONS.get(Path(output).suffix.lower()) != format_name:
         suffix = {"hdf5": ".h5"}.get(format_name, f".{format_name}")
         raise UsageError(f"merge: the shards are {format_name.upper()}, and -o {output} would be another format: "
                          f"write -o {Path(output).with_suffix(suffix)} (merge joins shards, it does not convert them)")
+    if output in (None, "-") and binary:
+        raise UsageError(f"merge: {format_name} shards merge into a file: add -o FILE")
+    if records[0].summary is not None:  # --summary shards: their moments, folded
+        merge_summaries(records, format_name, output)
+        return
     if output in (None, "-"):
-        if format_name in ("npz", "hdf5"):
-            raise UsageError(f"merge: {format_name} shards merge into a file: add -o FILE")
         from derivcli.run import PipeClosed
 
         try:
@@ -178,8 +201,8 @@ def merge(paths: Sequence[str], output: str | None) -> None:
         return
     target = AtomicFile(output)
     try:
-        if format_name in ("npz", "hdf5"):
-            merge_binary(paths, format_name, target.temporary)
+        if binary:
+            merge_binary(shards, format_name, target.temporary)
         else:
             with open(target.temporary, "w", encoding="utf-8", newline="") as stream:
                 merge_text(paths, format_name, stream)

@@ -448,10 +448,11 @@ class ImagePlotWriter(Writer):
             raise UsageError("--plot-axes and --plot-at choose a grid's axes; an image is drawn by its rows and columns")
         self.image = images[0]
         self.derivatives = [a for a in layout.shaped if a.shape == self.image.shape and min(a.columns) >= dimension
-                            and a.name.endswith("/d" + self.image.name)]
+                            and a.name.endswith(("/d" + self.image.name, ")/" + self.image.name))]  # dy/dx, attr(y)/x
         self.left_out = max(0, len(self.derivatives) - IMAGE_PANELS)
         self.derivatives = self.derivatives[:IMAGE_PANELS]
         self.target = dimension + layout.value_names.index("target") if "target" in layout.value_names else None
+        self.delta = dimension + layout.value_names.index("delta(y)") if "delta(y)" in layout.value_names else None
         self.options, self.terminal = options, terminal
         self.block = np.empty((0, dimension + len(layout.value_names)))
 
@@ -475,7 +476,8 @@ class ImagePlotWriter(Writer):
 
             values = {f"{self.image.name}{' (channel mean)' if channels else ''}": picture(self.image, np.mean)}
             values.update({f"{a.name}{channels}": picture(a, np.sum) for a in self.derivatives})
-            label = f"point {number}" + (f", target {row[self.target]:.0f}" if self.target is not None else "")
+            label = f"point {number}" + (f", target {row[self.target]:.0f}" if self.target is not None else "") \
+                + (f", delta {row[self.delta]:.2g}" if self.delta is not None else "")
             results.append(PlotData(axes, values, label=label, image=True, centred=list(values)[1:]))
         return [(result, View([0, 1], {}, "")) for result in results]
 

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from derivcli.errors import RunError, UsageError
 from derivcli.specs import parse_shard
@@ -132,6 +133,7 @@ class ShardRecord:
     rows: int = 0
     sha256: str | None = None
     parts: dict[str, str] = field(default_factory=dict)  # a digest of each of model, points, columns, dtype
+    summary: dict[str, Any] | None = None  # --summary: the shard's moments (`summary.Moments`) and its points
 
     def to_json(self) -> str:
         return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True)
@@ -148,6 +150,11 @@ class ShardRecord:
         except (ValueError, TypeError, KeyError, AttributeError):
             raise RunError(f"merge: {where} is not a shard record written by derivcli") from None
         return record
+
+    @property
+    def points(self) -> int:
+        """The points the shard holds: its rows, or, for a --summary shard, the points it summarizes."""
+        return int(self.summary["points"]) if self.summary is not None else self.rows
 
     @property
     def expected_rows(self) -> int:

@@ -195,3 +195,13 @@ def test_a_baseline_file_gives_one_baseline_or_one_per_point(cli, tmp_path):
         np.testing.assert_allclose(np.stack([table["attr(y)/x0"], table["attr(y)/x1"]], 1), reference, rtol=1e-6,
                                    atol=1e-9)
     assert_one_line_error(cli(*base, "--baseline", tmp_path / "two.npz"), 2, "2 baselines for 3 points")
+
+
+def test_a_wrt_subset_moves_only_its_coordinates_along_the_path(cli):
+    """--wrt x1: the baseline replaces x1 only, so the attribution is y(x) - y(x0, 0), whole."""
+    result = read_csv(cli("attribute", SOFTPLUS, "--at", "0.3,0.7", "--wrt", "x1", "--dtype", "float64", "-f",
+                          "csv").stdout)
+    twin = float64_twin(SOFTPLUS)
+    y = gradients(twin, np.array([[0.3, 0.7], [0.3, 0.0]]))[0][:, 0]
+    assert list(result) == ["x0", "x1", "y", "attr(y)/x1", "delta(y)"]
+    assert result["attr(y)/x1"][0] == pytest.approx(y[0] - y[1], rel=1e-12)
