@@ -143,7 +143,9 @@ def run_command(
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     if attributing:  # a batch of rows: a point's steps or samples are rows, and the run's batches hold points
-        from derivcli.attribution import AttributionKernel, checked_baselines, read_baselines
+        from derivcli.attribution import AUTO_ROWS, AttributionKernel, checked_baselines, read_baselines
+
+        batch_size = options.batch_size or min(batch_size, AUTO_ROWS)
         from derivcli.engine import select_device
 
         baselines = read_baselines(request.baseline, model) if request.baseline not in (None, "zero") else None

@@ -1,0 +1,96 @@
+"""Integrated Gradients of an image classifier's top class, whole commands, side by side.
+
+Workload (issue 26): a 28x28x1 CNN (two conv layers, a dense head, softmax), 512 images in an NPZ,
+50 Gauss-Legendre steps from a zero baseline. derivcli:
+
+    derivcli attribute cnn.keras --npz images.npz --target top --steps 50 -o derivcli.npz
+
+against the best a TensorFlow user writes by hand: a script that loads the same .keras file and NPZ,
+picks each image's top class, folds the 50 steps into the batch (images x steps rows) and runs one
+`tf.function(jit_compile=True)` GradientTape over them, batch after batch. Both are timed as whole
+processes, best of `--rounds` alternating rounds; the attributions are compared.
+
+    .venv/bin/python bench/bench_attribution.py [--images 512] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_images import build, timed  # noqa: E402  (the same CNN and images)
+
+HAND_WRITTEN = '''
+import sys
+import numpy as np
+import keras
+import tensorflow as tf
+
+model = keras.models.load_model(sys.argv[1], compile=False)
+images = np.load(sys.argv[2])["image"]
+steps = 50
+nodes, weights = np.polynomial.legendre.leggauss(steps)
+alphas = tf.constant((nodes + 1) / 2, tf.float32)
+weights = tf.constant(weights / 2, tf.float32)
+per_batch = 8  # images per batch: 8 x 50 = 400 rows
+
+@tf.function(jit_compile=True)
+def integrated(x):
+    top = tf.argmax(model(x, training=False), axis=1, output_type=tf.int32)
+    rows = alphas[None, :, None, None, None] * x[:, None]                      # (images, steps, 28, 28, 1)
+    flat = tf.reshape(rows, (-1, 28, 28, 1))
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        y = model(flat, training=False)
+        picked = tf.gather(y, tf.repeat(top, steps), axis=1, batch_dims=1)
+    gradients = tf.reshape(tape.gradient(picked, flat), (-1, steps, 28, 28, 1))
+    return top, x * tf.einsum("k,nkhwc->nhwc", weights, gradients)
+
+parts = [integrated(tf.constant(images[i:i + per_batch])) for i in range(0, len(images), per_batch)]
+np.savez(sys.argv[3], target=np.concatenate([p[0].numpy() for p in parts]),
+         attribution=np.concatenate([p[1].numpy() for p in parts]))
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    derivcli = str(Path(sys.executable).parent / "derivcli")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        model, images = build(folder, options.images)
+        script = folder / "hand_written.py"
+        script.write_text(HAND_WRITTEN)
+        ours = [derivcli, "attribute", str(model), "--npz", str(images), "--target", "top", "--steps", "50", "-q",
+                "-o", str(folder / "derivcli.npz")]
+        theirs = [sys.executable, str(script), str(model), str(images), str(folder / "hand.npz")]
+        times: dict[str, list[float]] = {"derivcli": [], "hand": []}
+        for round_number in range(options.rounds):
+            order = [("derivcli", ours), ("hand", theirs)]
+            for name, command in order if round_number % 2 == 0 else order[::-1]:
+                times[name].append(timed(command))
+        with np.load(folder / "derivcli.npz") as ours_file, np.load(folder / "hand.npz") as theirs_file:
+            same_class = ours_file["target"] == theirs_file["target"]
+            scale = np.abs(theirs_file["attribution"]).max()
+            per_image = np.abs(ours_file["attr(y)/x"] - theirs_file["attribution"]).reshape(options.images, -1).max(1)
+            agreeing = (per_image / scale <= 1e-4) & same_class
+    best = {name: min(values) for name, values in times.items()}
+    print(f"integrated gradients, 50 Gauss-Legendre steps, top class of a 28x28x1 CNN, {options.images:,} images "
+          f"from NPZ, whole commands, best of {options.rounds}")
+    print(f"{'derivcli s':>12} {'hand-written XLA s':>20} {'ratio':>8} {'images within 1e-4':>20}")
+    print(f"{best['derivcli']:12.2f} {best['hand']:20.2f} {best['derivcli'] / best['hand']:7.2f}x "
+          f"{int(agreeing.sum()):>12,} of {options.images:,}")
+    print("all rounds: " + ", ".join(f"{name} " + " ".join(f"{t:.2f}" for t in values) for name, values in times.items()))
+
+
+if __name__ == "__main__":
+    main()
