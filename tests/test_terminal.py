@@ -230,6 +230,9 @@ def test_shell_completion_for_bash_zsh_and_fish():
                      "COMP_CWORD": "3"}).split() == ["table", "csv", "tsv", "json", "jsonl", "npz", "hdf5"]
     assert complete({"_DERIVCLI_COMPLETE": "complete_fish", "_TYPER_COMPLETE_ARGS": "derivcli grad --dtype ",
                      "_TYPER_COMPLETE_FISH_ACTION": "get-args"}).split() == ["float32", "float64"]
+    methods = complete({"_DERIVCLI_COMPLETE": "complete_bash", "COMP_WORDS": "derivcli attribute --method s",
+                        "COMP_CWORD": "3"}).split()
+    assert methods == ["saliency", "smoothgrad"]
     engines = complete({"_DERIVCLI_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "derivcli op --engine t"})
     assert '"taylor"' in engines and '"tape"' in engines and '"auto"' not in engines
     # Each shell's own script, with the shell as a value (`--show-completion zsh` or `=zsh`).
