@@ -15,17 +15,13 @@ processes, best of `--rounds` alternating rounds; the attributions are compared.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_images import build, timed  # noqa: E402  (the same CNN and images)
+from bench_images import side_by_side  # noqa: E402  (the same CNN, images and rounds)
 
 HAND_WRITTEN = '''
 import sys
@@ -60,24 +56,8 @@ np.savez(sys.argv[3], target=np.concatenate([p[0].numpy() for p in parts]),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
-    options = parser.parse_args()
-    derivcli = str(Path(sys.executable).parent / "derivcli")
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        model, images = build(folder, options.images)
-        script = folder / "hand_written.py"
-        script.write_text(HAND_WRITTEN)
-        ours = [derivcli, "attribute", str(model), "--npz", str(images), "--target", "top", "--steps", "50", "-q",
-                "-o", str(folder / "derivcli.npz")]
-        theirs = [sys.executable, str(script), str(model), str(images), str(folder / "hand.npz")]
-        times: dict[str, list[float]] = {"derivcli": [], "hand": []}
-        for round_number in range(options.rounds):
-            order = [("derivcli", ours), ("hand", theirs)]
-            for name, command in order if round_number % 2 == 0 else order[::-1]:
-                times[name].append(timed(command))
+    with side_by_side(__doc__, 512, ["attribute", "--target", "top", "--steps", "50"], HAND_WRITTEN) \
+            as (options, times, folder):  # noqa: SIM117 (the second reads files the first makes)
         with np.load(folder / "derivcli.npz") as ours_file, np.load(folder / "hand.npz") as theirs_file:
             same_class = ours_file["target"] == theirs_file["target"]
             scale = np.abs(theirs_file["attribution"]).max()

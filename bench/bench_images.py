@@ -16,10 +16,12 @@ loading, computing, writing), best of `--rounds` alternating rounds; the gradien
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +77,23 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=10_000)
+def alternate(commands: dict[str, list[str]], rounds: int) -> dict[str, list[float]]:
+    """Each command's whole-process times over `rounds` rounds, their order swapped every other round."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    order = list(commands.items())
+    for round_number in range(rounds):
+        for name, command in order if round_number % 2 == 0 else order[::-1]:
+            times[name].append(timed(command))
+    return times
+
+
+@contextlib.contextmanager
+def side_by_side(description: str, default_images: int, derivcli_arguments: list[str],
+                 hand_written: str) -> Iterator[tuple[argparse.Namespace, dict[str, list[float]], Path]]:
+    """Builds the CNN and images, times `derivcli COMMAND cnn.keras --npz images.npz ARGUMENTS -o derivcli.npz`
+    against the hand-written script (writing hand.npz), and yields (options, times, the folder of both files)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=default_images)
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     derivcli = str(Path(sys.executable).parent / "derivcli")
@@ -85,15 +101,15 @@ def main() -> None:
         folder = Path(scratch)
         model, images = build(folder, options.images)
         script = folder / "hand_written.py"
-        script.write_text(HAND_WRITTEN)
-        ours = [derivcli, "grad", str(model), "--npz", str(images), "--target", "top", "-q",
-                "-o", str(folder / "derivcli.npz")]
+        script.write_text(hand_written)
+        command, *rest = derivcli_arguments
+        ours = [derivcli, command, str(model), "--npz", str(images), *rest, "-q", "-o", str(folder / "derivcli.npz")]
         theirs = [sys.executable, str(script), str(model), str(images), str(folder / "hand.npz")]
-        times: dict[str, list[float]] = {"derivcli": [], "hand": []}
-        for round_number in range(options.rounds):
-            order = [("derivcli", ours), ("hand", theirs)]
-            for name, command in order if round_number % 2 == 0 else order[::-1]:
-                times[name].append(timed(command))
+        yield options, alternate({"derivcli": ours, "hand": theirs}, options.rounds), folder
+
+
+def main() -> None:
+    with side_by_side(__doc__, 10_000, ["grad", "--target", "top"], HAND_WRITTEN) as (options, times, folder):  # noqa: SIM117 (the files of the first)
         with np.load(folder / "derivcli.npz") as ours_file, np.load(folder / "hand.npz") as theirs_file:
             assert np.array_equal(ours_file["target"], theirs_file["target"])
             scale = np.abs(theirs_file["gradient"]).max()

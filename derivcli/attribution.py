@@ -279,7 +279,7 @@ class AttributionKernel:
 
     def _attribute(self, points: np.ndarray, rows: np.ndarray, steps: int | None) -> np.ndarray:
         """The value and attribution columns of `points` (their rows in the run: `rows`)."""
-        planned, request = self.planned, self.request
+        planned = self.planned
         baselines = self._baseline(rows).astype(np.float64)
         if self.off_path.size:  # the coordinates off the path stay at each point's values
             baselines[:, self.off_path] = points[:, self.off_path]

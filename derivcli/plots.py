@@ -470,7 +470,7 @@ class ImagePlotWriter(Writer):
         channels = f" (sum of {shape[2]} channels)" if len(shape) == 3 and shape[2] > 1 else ""
         results = []
         for number, row in enumerate(self.block, 1):
-            def picture(array: Any, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+            def picture(array: Any, reduce: Callable[..., np.ndarray], row: np.ndarray = row) -> np.ndarray:
                 values = row[list(array.columns)].reshape(shape)
                 return (reduce(values, axis=2) if len(shape) == 3 else values).T  # (columns, rows)
 

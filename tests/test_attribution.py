@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_tensor_inputs import float64_twin
 
 from conftest import SAMPLES, read_csv
 from test_errors import assert_one_line_error
-from test_tensor_inputs import float64_twin
 
 RNG = np.random.default_rng(11)
 SOFTPLUS = SAMPLES / "softplus_2d.keras"
