@@ -252,9 +252,8 @@ def _common(
 
     check_one_source([o for o, v in (("--at", at), ("--grid", grid), ("--csv", csv), ("--npz", npz), ("--hdf5", hdf5))
                       if v])
-    if summary and plot is not None:
-        raise UsageError("--plot draws the rows of points; --summary writes one row per column: run without --summary "
-                         "for the picture")
+    if summary and plot == "-":
+        raise UsageError("--summary --plot draws a bar chart into a file: give --plot FILE.png")
     if plot is None and (plot_axes or plot_at or plot_title or plot_cmap):
         given = "--plot-axes" if plot_axes else "--plot-at" if plot_at else "--plot-title" if plot_title else "--plot-cmap"
         raise UsageError(f"{given} chooses what --plot draws: add --plot FILE.png or --plot -")

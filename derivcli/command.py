@@ -167,7 +167,7 @@ def run_command(
     if not attributing:
         kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                              batch_size=batch_size)
-    if options.plot is not None:  # first: a bad --plot-axes stops the run before any file is opened
+    if options.plot is not None and not options.summary:  # first: a bad --plot-axes stops the run before any file
         from derivcli.plots import ImagePlotWriter, PlotWriter, PointsPlotWriter, Tee, image_input
 
         if options.grid:
@@ -179,10 +179,11 @@ def run_command(
     if options.summary:
         from derivcli.summary import SummaryWriter
 
-        writer: Any = SummaryWriter(layout, options.format, options.output)
+        writer: Any = SummaryWriter(layout, options.format, options.output, summary_bars(model, planned),
+                                    options if options.plot is not None else None)
     else:
         writer = open_writer(options.format, layout, options.output)
-    if options.plot is not None:
+    if options.plot is not None and not options.summary:
         writer = Tee(writer, picture)
     advance_bar, stop = progress(source.total, batch_size)
     first_batch: list[tuple[float, int]] = []  # when the first batch was computed, and its points
@@ -209,6 +210,22 @@ def run_command(
         delta_gate(model.coordinate_names, summary, planned.delta_columns(), request.max_delta)
     gate(options, model.coordinate_names, summary, planned.first_gated, inform)
     return summary
+
+
+def summary_bars(model: Any, planned: Any) -> list[tuple[int, str, str]]:
+    """(value column, output, input) of each first derivative or attribution: the bars of `--summary --plot`."""
+    names = model.coordinate_names
+    if hasattr(planned, "attributions"):
+        return [(j, output, names[p]) for j, output, p in planned.attributions]
+    bars, position = [], 0
+    for column in planned.columns:
+        output = model.output_names[column.output]
+        if column.block is not None:
+            bars += [(position + k, output, names[p]) for k, p in enumerate(column.block)]
+        elif column.along is None and column.laplacian_over is None and sum(column.partial) == 1:
+            bars.append((position, output, names[column.partial.index(1)]))
+        position += column.width
+    return bars
 
 
 def delta_gate(coordinate_names: Sequence[str], summary: Any, columns: Sequence[int], tolerance: float) -> None:

@@ -97,7 +97,11 @@ class SummaryWriter(Writer):
     """Takes a run's batches, keeps their moments, and writes the summary table when the run ends, in the
     format chosen (`open_writer`); a shard's record carries the moments for `merge`."""
 
-    def __init__(self, layout: Layout, format_name: str, output: str | None) -> None:
+    def __init__(self, layout: Layout, format_name: str, output: str | None,
+                 bars: Sequence[tuple[int, str, str]] = (), plot: Any = None) -> None:
+        """`bars`: (value column, output, input) of each first derivative or attribution, which `plot` (the run's
+        options, with `plot` set) draws as a bar chart of mean |dy/dx_i| per input, with the spread."""
+        self.bars, self.plot = list(bars), plot
         self.layout = layout
         self.moments = Moments(layout.value_names)
         self.points = 0
@@ -116,6 +120,10 @@ class SummaryWriter(Writer):
                 record, summary={**self.moments.to_dict(), "points": self.points})
         write_summary(self.inner, self.moments)
         self.nonfinite_written_as_null = self.inner.nonfinite_written_as_null
+        if self.plot is not None and self.plot.plot not in (None, "-"):
+            from derivcli.plots import Style, save_figure
+
+            save_figure(bar_chart(self.moments, self.bars, Style(*self.plot.plot_style)), self.plot.plot)
 
     def abort(self) -> None:
         self.inner.abort()
@@ -126,3 +134,33 @@ def write_summary(writer: Writer, moments: Moments) -> None:
     with writer.naming_write_errors():
         writer.write(np.zeros((len(moments.names), 0)), [list(moments.names)], moments.table())
         writer.close()
+
+
+def bar_chart(moments: Moments, bars: Sequence[tuple[int, str, str]], style: Any) -> Any:
+    """One panel per output: a horizontal bar per input of the mean |dy/dx_i| (or |attribution|) over the points,
+    largest at the top, with a line for the standard deviation of dy/dx_i."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    table = moments.table()
+    outputs = list(dict.fromkeys(output for _, output, _ in bars))
+    most = max(sum(1 for _, o, _ in bars if o == output) for output in outputs)
+    figure = Figure(figsize=(5.5 * len(outputs), 0.8 + 0.28 * most + 0.6), dpi=style.dpi, layout="constrained")
+    panels = figure.subplots(1, len(outputs), squeeze=False)[0]
+    names = moments.names
+    for panel, output in zip(panels, outputs):
+        mine = [(names[j], name, table[j]) for j, o, name in bars if o == output]
+        mine.sort(key=lambda item: -item[2][4] if np.isfinite(item[2][4]) else np.inf)
+        labels = [name for _, name, _ in mine][::-1]
+        means = np.array([row[4] for _, _, row in mine][::-1])
+        spread = np.array([row[3] for _, _, row in mine][::-1])
+        panel.barh(labels, means, xerr=np.nan_to_num(spread), color="#4c72b0", ecolor="#444444", capsize=2)
+        kind = "attribution" if mine and mine[0][0].startswith("attr(") else "derivative"
+        panel.set_xlabel(f"mean |{kind}| over {int(table[0][0]):,} points (line: std)")
+        panel.set_title(output, fontsize=10)
+        panel.grid(axis="x", alpha=0.3)
+    if style.title:
+        figure.suptitle(style.title, fontsize=11)
+    return figure

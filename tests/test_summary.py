@@ -70,6 +70,25 @@ def test_merged_summary_shards_are_the_whole_run_s_summary(cli, tmp_path, suffix
                               "-o", tmp_path / f"short{suffix}"), 1, "1 shard(s) missing (2/3)")
 
 
-def test_summary_takes_no_plot(cli, tmp_path):
-    assert_one_line_error(cli("grad", SOFTPLUS, "--grid", "-1:1:5", "--summary", "--plot", tmp_path / "p.png"), 2,
-                          "--summary writes one row per column")
+def test_summary_plot_is_a_bar_chart_of_mean_absolute_derivatives(cli, tmp_path):
+    """--summary --plot FILE: per output, a bar per input of mean |dy/dx_i|, largest at the top, the std as a line."""
+    from derivcli.summary import Moments, bar_chart
+
+    args = ["grad", SOFTPLUS, "--grid", "-1:1:21", "--summary", "-f", "csv"]
+    drawn = cli(*args, "--plot", tmp_path / "bars.png", "-q")
+    assert drawn.exit_code == 0, drawn.stderr
+    assert (tmp_path / "bars.png").read_bytes().startswith(b"\x89PNG")
+    table = read_csv(drawn.stdout)
+    moments = Moments(table["column"])
+    rows = read_csv(cli("grad", SOFTPLUS, "--grid", "-1:1:21", "-f", "csv").stdout)
+    moments.update(np.stack([rows[name].astype(np.float32).astype(np.float64) for name in table["column"]], 1))
+    from derivcli.plots import Style
+
+    figure = bar_chart(moments, [(1, "y", "x0"), (2, "y", "x1")], Style())
+    (panel,) = figure.axes
+    widths = [patch.get_width() for patch in panel.patches]
+    labels = [tick.get_text() for tick in panel.get_yticklabels()]
+    expected = {"x0": table["mean_abs"][1], "x1": table["mean_abs"][2]}
+    assert widths == sorted(widths)  # barh draws bottom up: the largest is on top
+    np.testing.assert_allclose(widths, [expected[label] for label in labels], rtol=1e-12)
+    assert_one_line_error(cli(*args, "--plot", "-"), 2, "--summary --plot draws a bar chart into a file")
