@@ -55,6 +55,7 @@ class AttributionRequest:
     max_delta: float | None = None
     wrt: list[str] | None = None
     outputs: list[str] | None = None
+    layer: str | None = None  # --layer NAME: integrated gradients to that layer's output, from zero there
 
     def check(self) -> None:
         """Raises UsageError for a method, rule, step count or noise that does not exist."""
@@ -75,6 +76,13 @@ class AttributionRequest:
         if self.method == "expected-gradients" and self.baseline in (None, "zero"):
             raise UsageError("--method expected-gradients draws its baselines from a file: give --baseline FILE "
                              "(points in the model's shapes, such as a sample of the training data)")
+        if self.layer is not None and self.method != "integrated-gradients":
+            raise UsageError(f"--layer attributes by integrated gradients from zero at the layer; --method "
+                             f"{self.method} takes the inputs")
+        if self.layer is not None and self.wrt:
+            raise UsageError("--layer attributes to every element of the layer's output: leave out --wrt")
+        if self.layer is not None and self.steps == "auto":
+            raise UsageError("--layer takes --steps N; --steps auto is for inputs")
         if self.max_delta is not None and self.method not in PATH_METHODS:
             raise UsageError(f"--max-delta gates the completeness of a path method ({', '.join(PATH_METHODS)}); "
                              f"{self.method} has no delta")
@@ -142,6 +150,8 @@ def plan_attribution(model: Any, request: AttributionRequest) -> AttributionPlan
     from derivcli.run import _positions, refuse_discrete
 
     request.check()
+    if request.layer is not None:
+        return plan_layer_attribution(model, request)
     inputs = model.coordinate_names
     held = model.discrete_positions
     values = (_positions(request.outputs, model.output_names, "--outputs", "output")
@@ -163,6 +173,182 @@ def plan_attribution(model: Any, request: AttributionRequest) -> AttributionPlan
             names.append(f"steps({output})")
     return AttributionPlan(outputs, values, wrt, names, len(values), request.method in PATH_METHODS,
                            request.steps == "auto", attributions)
+
+
+@dataclass
+class LayerPlan(AttributionPlan):
+    """`--layer NAME`: attributions to the layer's output elements (an Embedding's summed over its last axis)."""
+
+    layer: str = ""
+    shape: tuple[int, ...] = ()  # the attributed shape of one point's layer output
+    summed: bool = False  # an Embedding: the last axis summed, one attribution per token
+
+
+def plan_layer_attribution(model: Any, request: AttributionRequest) -> LayerPlan:
+    """The columns of `attribute --layer NAME`: per output, its value, one attribution per element of the layer's
+    output (`attr(y)/NAME[i,j]`), and its delta.
+
+    Raises:
+        UsageError: a SavedModel, or no layer of that name.
+    """
+    import keras
+
+    from derivcli.naming import element_names
+    from derivcli.run import _positions
+
+    if model.kind != "keras":
+        raise UsageError("--layer reads a layer of a .keras or .h5 model; a SavedModel keeps no layers by name")
+    try:
+        layer = model.keras_model.get_layer(request.layer)
+    except ValueError:
+        names = ", ".join(layer.name for layer in model.keras_model.layers)
+        raise UsageError(f"--layer {request.layer!r}: no layer of that name (layers: {names})") from None
+    summed = isinstance(layer, keras.layers.Embedding)
+    shape = tuple(int(d) for d in layer.output.shape[1:])
+    shape = shape[:-1] if summed else shape
+    values = (_positions(request.outputs, model.output_names, "--outputs", "output")
+              if request.outputs else list(range(len(model.output_names))))
+    outputs = [m for m in values if m not in model.index_outputs]
+    names = [model.output_names[m] for m in values]
+    attributions = []
+    for m in outputs:
+        output = model.output_names[m]
+        for k, element in enumerate(element_names(layer.name, shape if shape else (1,))):
+            attributions.append((len(names), output, k))
+            names.append(f"attr({output})/{element}")
+        names.append(f"delta({output})")
+    return LayerPlan(outputs, values, [], names, len(values), True, False, attributions, layer=layer.name,
+                     shape=shape, summed=summed)
+
+
+class LayerAttributionKernel:
+    """A batch of points -> their values, attributions to a layer's output and deltas (`LayerPlan`).
+
+    Each point's rows are the point itself with the layer's output scaled by a_k: z = a_k h(x); the
+    attribution is h(x) * sum_k w_k dy/dz at those rows, the delta sum - (y(x) - y(z = 0)). The layer's call is
+    wrapped while the function is traced, so the gradient is taken at the layer's output, with the rest of the
+    model (other inputs, held token ids) as it is.
+    """
+
+    def __init__(self, model: Any, planned: LayerPlan, request: AttributionRequest, row_batch: int,
+                 device: str | None = None) -> None:
+        self.model, self.planned, self.request, self.row_batch, self.device = model, planned, request, row_batch, device
+        self.dtype = np.dtype(model.dtype)
+        self.top = model.target == "top"
+        self.function_model = model.untargeted() if self.top else model
+        self.compiled: Any = None
+        self.engine = "gradients at the layer's output"
+        nodes, weights = quadrature(request.rule, int(request.steps))  # type: ignore[arg-type]
+        self.alphas = np.concatenate([[1.0, 0.0], nodes])
+        self.weights = np.concatenate([[0.0, 0.0], weights])
+
+    @property
+    def points_per_batch(self) -> int:
+        return max(1, self.row_batch // len(self.alphas))
+
+    def __call__(self, points: np.ndarray, batch_index: int | None = None) -> np.ndarray:
+        count, rows_each = len(points), len(self.alphas)
+        rows = np.repeat(points, rows_each, axis=0)
+        alphas = np.tile(self.alphas, count)
+        size = int(np.prod(self.planned.shape)) if self.planned.shape else 1
+        outputs = len(self.planned.outputs)
+        summed = np.zeros((count, outputs, size))
+        layer_at_x = np.zeros((count, size))
+        values = np.zeros((len(rows), len(self.model.output_names)))
+        classes = None
+        for low in range(0, len(rows), self.row_batch):
+            high = min(low + self.row_batch, len(rows))
+            owner = np.arange(low, high) // rows_each
+            if self.top and classes is None:
+                classes = self._top_classes(points)
+            value, layer, gradient = self._run(rows[low:high], alphas[low:high],
+                                               None if classes is None else classes[owner])
+            values[low:high] = value
+            weights = np.tile(self.weights, count)[low:high]
+            np.add.at(summed, owner, gradient * weights[:, None, None])
+            at_x = alphas[low:high] == 1.0
+            layer_at_x[owner[at_x]] = layer[at_x]
+        attributions = summed * layer_at_x[:, None, :]
+        at_x_values, at_zero = values[::rows_each], values[1::rows_each]
+        columns = [at_x_values[:, self.planned.values]]
+        for k, m in enumerate(self.planned.outputs):
+            columns.append(attributions[:, k, :])
+            columns.append((attributions[:, k, :].sum(axis=1) - (at_x_values[:, m] - at_zero[:, m]))[:, None])
+        return np.concatenate(columns, axis=1)
+
+    def _top_classes(self, points: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        values = self.function_model.call_flat(tf.constant(points.astype(self.dtype))).numpy()
+        return np.argmax(values, axis=1)
+
+    def _run(self, rows: np.ndarray, alphas: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        import tensorflow as tf
+
+        count = len(rows)
+        pad = self.row_batch - count
+        if pad:
+            rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
+            alphas = np.concatenate([alphas, np.ones(pad)])
+            classes = None if classes is None else np.concatenate([classes, np.repeat(classes[:1], pad)])
+        if self.compiled is None:
+            self.compiled = self._compile()
+        picks = np.zeros(self.row_batch, np.int32) if classes is None else classes.astype(np.int32)
+        with tf.device(self.device):
+            value, layer, gradient = self.compiled(tf.constant(rows.astype(self.dtype)),
+                                                   tf.constant(alphas.astype(self.dtype)), tf.constant(picks))
+        value = value.numpy()[:count].astype(np.float64)
+        if self.top:
+            picked = classes[:count] if classes is not None else np.zeros(count, np.int64)
+            value = np.stack([value[np.arange(count), picked], picked.astype(np.float64)], axis=1)
+        return value, layer.numpy()[:count].astype(np.float64), gradient.numpy()[:count].astype(np.float64)
+
+    def _compile(self) -> Any:
+        import tensorflow as tf
+
+        model, planned = self.function_model, self.planned
+        layer = model.keras_model.get_layer(planned.layer)
+        outputs, top, summed = list(planned.outputs), self.top, planned.summed
+
+        @tf.autograph.experimental.do_not_convert
+        def run(rows: tf.Tensor, alphas: tf.Tensor, classes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            captured: dict[str, tf.Tensor] = {}
+            original = layer.call
+
+            def scaled(*args: Any, **kwargs: Any) -> tf.Tensor:
+                output = original(*args, **kwargs)
+                scale = tf.reshape(tf.cast(alphas, output.dtype), [-1] + [1] * (len(output.shape) - 1))
+                captured["h"] = output
+                captured["z"] = tf.stop_gradient(output) * scale  # z = a h(x): the point on the layer's path
+                tape.watch(captured["z"])
+                return captured["z"]
+
+            own = layer.__dict__.get("call")
+            layer.call = scaled
+            try:
+                with tf.GradientTape(persistent=True) as tape:
+                    values = model.call_flat(rows)
+                    picked = [tf.gather(values, classes, axis=1, batch_dims=1)] if top else \
+                        [values[:, m] for m in outputs]
+            finally:  # the layer's own call again
+                if own is None:
+                    del layer.call
+                else:
+                    layer.call = own
+            gradients = [tape.gradient(p, captured["z"], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                         for p in picked]
+            h = captured["h"]
+            if summed:  # an Embedding: h * dy/dz summed over the embedding axis, one number per token
+                products = [tf.reduce_sum(g * h, axis=-1) for g in gradients]
+                return values, tf.ones_like(products[0]), tf.stack(
+                    [tf.reshape(p, (tf.shape(rows)[0], -1)) for p in products], axis=1)
+            flat = tf.reshape(h, (tf.shape(rows)[0], -1))
+            return values, flat, tf.stack([tf.reshape(g, (tf.shape(rows)[0], -1)) for g in gradients], axis=1)
+
+        dtype = tf.as_dtype(self.model.dtype)
+        signature = [tf.TensorSpec((self.row_batch, len(self.model.coordinate_names)), dtype),
+                     tf.TensorSpec((self.row_batch,), dtype), tf.TensorSpec((self.row_batch,), tf.int32)]
+        return tf.function(run).get_concrete_function(*signature)
 
 
 class AttributionKernel:

@@ -536,6 +536,10 @@ def attribute_command(
     max_delta: Annotated[str | None, typer.Option(
         "--max-delta", metavar="TOL", rich_help_panel="Gates", show_default=False,
         help="Exit 3 when any |delta(y)| (sum of attributions - (y(x) - y(baseline))) exceeds TOL.")] = None,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", metavar="NAME", rich_help_panel="Derivatives", show_default=False,
+        help="Attribute to this layer's output instead of the inputs (integrated gradients from zero at the layer); "
+             "an Embedding's is summed over its last axis, one attribution per token: the answer for token ids.")] = None,
     wrt: WrtOption = None,
     outputs: OutputsOption = None,
     *,
@@ -547,7 +551,7 @@ def attribute_command(
     request = AttributionRequest(
         method=method.strip(), baseline=baseline, steps=parse_steps(steps), rule=rule.strip(), samples=samples,
         noise=noise, seed=seed, max_delta=_number(max_delta, "--max-delta", "0.001") if max_delta else None,
-        wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"))
+        wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"), layer=layer)
     request.check()
     _run_request(options, request)
 

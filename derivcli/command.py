@@ -143,13 +143,23 @@ def run_command(
     batch_size = options.batch_size or (
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     if attributing:  # a batch of rows: a point's steps or samples are rows, and the run's batches hold points
-        from derivcli.attribution import AUTO_ROWS, AttributionKernel, checked_baselines, read_baselines
-
-        batch_size = options.batch_size or min(batch_size, AUTO_ROWS)
+        from derivcli.attribution import (
+            AUTO_ROWS,
+            AttributionKernel,
+            LayerAttributionKernel,
+            checked_baselines,
+            read_baselines,
+        )
         from derivcli.engine import select_device
 
+        batch_size = options.batch_size or min(batch_size, AUTO_ROWS)
         baselines = read_baselines(request.baseline, model) if request.baseline not in (None, "zero") else None
-        kernel = AttributionKernel(model, planned, request, batch_size, baselines, select_device(options.device))
+        if request.layer is not None:
+            if baselines is not None:
+                raise UsageError("--layer integrates from zero at the layer's output: leave out --baseline FILE")
+            kernel = LayerAttributionKernel(model, planned, request, batch_size, select_device(options.device))
+        else:
+            kernel = AttributionKernel(model, planned, request, batch_size, baselines, select_device(options.device))
         batch_size = kernel.points_per_batch
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
                          options.columns, options.shard, batch_size, options.delimiter, model.tensors, options.hdf5)

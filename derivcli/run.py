@@ -867,6 +867,15 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
             and planned.names[:len(model.output_names)] == model.output_names:
         base = model.output_names[0].partition("[")[0]
         tensor_output = (base, model.outputs[0].shape, range(dimension, dimension + len(model.output_names)))
+    if getattr(planned, "layer", None):  # attribute --layer: attr(y)/LAYER in the layer's output shape
+        from derivcli.naming import ShapedArray
+
+        layer_arrays = []
+        for output in dict.fromkeys(output for _, output, _ in planned.attributions):
+            columns = tuple(dimension + j for j, o, _ in planned.attributions if o == output)
+            if len(columns) > 1:
+                layer_arrays.append(ShapedArray(f"attr({output})/{planned.layer}", columns, tuple(planned.shape)))
+        return shaped_arrays(tensor_inputs, None, []) + layer_arrays
     if hasattr(planned, "attributions"):  # attribute: attr(y)/x in the input's shape
         entries = [(dimension + j, output, (p,)) for j, output, p in planned.attributions]
         if not tensor_inputs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_tensor_inputs import float64_twin
+from test_tensor_inputs import float64_twin, token_model  # noqa: F401 (a fixture)
 
 from conftest import SAMPLES, read_csv
 from test_errors import assert_one_line_error
@@ -205,3 +205,52 @@ def test_a_wrt_subset_moves_only_its_coordinates_along_the_path(cli):
     y = gradients(twin, np.array([[0.3, 0.7], [0.3, 0.0]]))[0][:, 0]
     assert list(result) == ["x0", "x1", "y", "attr(y)/x1", "delta(y)"]
     assert result["attr(y)/x1"][0] == pytest.approx(y[0] - y[1], rel=1e-12)
+
+
+def test_layer_integrated_gradients_on_an_embedding_give_one_attribution_per_token(cli, token_model):  # noqa: F811
+    """--layer on an Embedding: per token, the integral of h_t . dy/dz_t along z = a h; the tokens' sum is
+    f(x) - f(x with the layer's output at zero). The reference scales the twin's embedding table by a and takes
+    the tape's gradient with respect to the table (20 Gauss-Legendre nodes, written out here)."""
+    import tensorflow as tf
+
+    folder, ids, values = token_model
+    result = cli("attribute", folder / "tokens.keras", "--npz", folder / "points.npz", "--layer", "embedding",
+                 "--dtype", "float64", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    table = read_csv(result.stdout)
+    assert [name for name in table if name.startswith("attr(")] == [f"attr(y)/embedding{t}" for t in range(4)]
+    twin = float64_twin(folder / "tokens.keras")
+    embedding = twin.get_layer("embedding")
+    table_weights = embedding.get_weights()[0].copy()
+    nodes, weights = np.polynomial.legendre.leggauss(20)
+    for row, (tokens, features) in enumerate(zip(ids, values)):
+        if len(set(tokens)) < len(tokens):
+            continue  # a repeated id shares its table row: this reference needs distinct ids
+        reference = np.zeros(4)
+        for node, weight in zip((nodes + 1) / 2, weights / 2):
+            embedding.embeddings.assign(node * table_weights)
+            with tf.GradientTape() as tape:
+                y = twin([tf.constant(tokens[None]), tf.constant(features[None])], training=False)[0, 0]
+            gradient = tf.convert_to_tensor(tape.gradient(y, embedding.embeddings)).numpy()
+            reference += weight * np.array([gradient[t] @ table_weights[t] for t in tokens])
+        embedding.embeddings.assign(table_weights)
+        got = [table[f"attr(y)/embedding{t}"][row] for t in range(4)]
+        np.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-12)
+        embedding.embeddings.assign(0 * table_weights)
+        at_zero = twin([tf.constant(tokens[None]), tf.constant(features[None])], training=False).numpy()[0, 0]
+        embedding.embeddings.assign(table_weights)
+        assert sum(got) == pytest.approx(table["y"][row] - at_zero, rel=1e-9, abs=1e-12)
+        assert abs(table["delta(y)"][row]) < 1e-12
+
+
+def test_layer_attributions_of_a_conv_layer_keep_its_shape(cli, tmp_path):
+    result = cli("attribute", BARS, "--npz", BARS_POINTS, "--target", "top", "--logits", "--layer", "conv",
+                 "--dtype", "float64", "-o", tmp_path / "conv.npz")
+    assert result.exit_code == 0, result.stderr
+    arrays = np.load(tmp_path / "conv.npz")
+    assert arrays["attr(y)/conv"].shape == (4, 6, 6, 4)
+    assert np.all(np.abs(arrays["delta(y)"]) < 1e-9 * np.abs(arrays["y"]))
+    assert_one_line_error(cli("attribute", BARS, "--npz", BARS_POINTS, "--layer", "nope"), 2,
+                          "--layer 'nope': no layer of that name (layers: ")
+    assert_one_line_error(cli("attribute", BARS, "--npz", BARS_POINTS, "--layer", "conv", "--method", "saliency"), 2,
+                          "--layer attributes by integrated gradients")
