@@ -144,15 +144,15 @@ def run_command(
         DEFAULT_BATCH_SIZE if options.shard else auto_batch_size(model, planned, model.parameter_count))
     if attributing:  # a batch of rows: a point's steps or samples are rows, and the run's batches hold points
         from derivcli.attribution import (
-            AUTO_ROWS,
             AttributionKernel,
             LayerAttributionKernel,
+            auto_rows,
             checked_baselines,
             read_baselines,
         )
         from derivcli.engine import select_device
 
-        batch_size = options.batch_size or min(batch_size, AUTO_ROWS)
+        batch_size = options.batch_size or auto_rows(len(model.coordinate_names), batch_size)
         baselines = read_baselines(request.baseline, model) if request.baseline not in (None, "zero") else None
         if request.layer is not None:
             if baselines is not None:

@@ -182,14 +182,17 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View], style: Styl
     count = max(len(result.values) for result in results)
     # One result's heatmaps lie side by side, as square as can be; curves and several results stack by column.
     wrapped = (heatmap or any(result.scatter for result in results)) and len(results) == 1
-    across = heatmap_columns(count) if wrapped else len(results)
-    rows = -(-count // across) if wrapped else count
+    # Images of many points (attribute's first 16): four points across, each its column of panels, in bands.
+    banded = len(results) > IMAGES_ACROSS and all(result.image for result in results)
+    across = heatmap_columns(count) if wrapped else IMAGES_ACROSS if banded else len(results)
+    rows = -(-count // across) if wrapped else count * -(-len(results) // IMAGES_ACROSS) if banded else count
     figure = Figure(figsize=((5.0 if heatmap else 4.4) * across, (3.8 if heatmap else 3.0 if wrapped else 2.5) * rows + 0.5),
                     dpi=style.dpi, layout="constrained")
     figure.get_layout_engine().set(w_pad=0.08, h_pad=0.08, wspace=0.06, hspace=0.06)
     grid = figure.subplots(rows, across, squeeze=False, sharex="col" if not (heatmap or wrapped) else False)
-    panels = [[grid[i // across][i % across] if wrapped else grid[i][column] for i in range(count)]
-              for column in range(len(results))]
+    panels = [[grid[i // across][i % across] if wrapped
+               else grid[(column // across) * count + i][column % across] if banded else grid[i][column]
+               for i in range(count)] for column in range(len(results))]
     used = {id(p) for column, result in enumerate(results) for p in panels[column][:len(result.values)]}
     for panel in grid.flat:
         if id(panel) not in used:
@@ -419,8 +422,11 @@ class PointsPlotWriter(Writer):
         self.parts = []
 
 
-# --plot of an image model draws its first points: the input and its derivative arrays, one column of panels each.
+# --plot of an image model draws its first points: the input and its derivative arrays, one column of panels each;
+# attribute's, the input and its attribution only, draws more, four across in bands.
 IMAGE_POINTS = 4
+ATTRIBUTION_POINTS = 16
+IMAGES_ACROSS = 4
 # At most this many derivative arrays per point (a 1,000-class Jacobian has 1,000).
 IMAGE_PANELS = 6
 
@@ -455,9 +461,11 @@ class ImagePlotWriter(Writer):
         self.delta = dimension + layout.value_names.index("delta(y)") if "delta(y)" in layout.value_names else None
         self.options, self.terminal = options, terminal
         self.block = np.empty((0, dimension + len(layout.value_names)))
+        attributions = self.derivatives and all(a.name.startswith("attr(") for a in self.derivatives)
+        self.points = ATTRIBUTION_POINTS if attributions else IMAGE_POINTS
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        wanted = IMAGE_POINTS - len(self.block)
+        wanted = self.points - len(self.block)
         if wanted > 0:
             rows = np.concatenate([coordinates[:wanted], values[:wanted]], axis=1).astype(np.float64)
             self.block = np.concatenate([self.block, rows])

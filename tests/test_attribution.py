@@ -254,3 +254,35 @@ def test_layer_attributions_of_a_conv_layer_keep_its_shape(cli, tmp_path):
                           "--layer 'nope': no layer of that name (layers: ")
     assert_one_line_error(cli("attribute", BARS, "--npz", BARS_POINTS, "--layer", "conv", "--method", "saliency"), 2,
                           "--layer attributes by integrated gradients")
+
+
+def test_attribute_plot_draws_sixteen_images_four_across(cli, tmp_path, monkeypatch):
+    images = np.concatenate([np.load(BARS_POINTS)["image"]] * 5)[:18]
+    np.savez(tmp_path / "images.npz", image=images)
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setenv("LINES", "400")
+    terminal = cli("attribute", BARS, "--npz", tmp_path / "images.npz", "--target", "top", "--plot", "-",
+                   "-o", tmp_path / "a.npz")
+    assert terminal.exit_code == 0, terminal.stderr
+    titles = [line.split(" x: ")[0].split(" attr(y)/x: ")[0] for line in terminal.stdout.splitlines()
+              if line.startswith("point ")]
+    assert len(titles) == 32 and titles[-1].startswith("point 16, target ") and ", delta " in titles[-1]
+    from test_plots import overlapping
+
+    from derivcli.plots import PlotData, View, build_figure
+
+    data = [PlotData([("column", np.arange(8.0)), ("row", np.arange(8.0))],
+                     {"x": np.ones((8, 8)), "attr(y)/x": np.eye(8) - 0.5}, label=f"point {k}, target 1, delta 1e-07",
+                     image=True) for k in range(1, 17)]
+    figure = build_figure(data, [View([0, 1], {}, "")] * 16)
+    shown = [axis for axis in figure.axes if axis.get_visible() and axis.get_label() != "<colorbar>"]
+    assert len(shown) == 32 and len({round(axis.get_position().x0, 3) for axis in shown}) == 4
+    assert overlapping(figure) == []
+
+
+def test_auto_rows_follow_the_row_s_bytes():
+    from derivcli.attribution import auto_rows
+
+    assert auto_rows(784, 65536) == 1024  # a 28x28 image: the cap in rows
+    assert auto_rows(224 * 224 * 3, 65536) == 128  # a 224x224x3 image: 1.2 MB a row, 256 MB of rows
+    assert auto_rows(2, 300) == 256  # the estimate, as a power of two
