@@ -224,18 +224,12 @@ def run_command(
 
 def summary_bars(model: Any, planned: Any) -> list[tuple[int, str, str]]:
     """(value column, output, input) of each first derivative or attribution: the bars of `--summary --plot`."""
-    names = model.coordinate_names
-    if hasattr(planned, "attributions"):
-        return [(j, output, names[p]) for j, output, p in planned.attributions]
-    bars, position = [], 0
-    for column in planned.columns:
-        output = model.output_names[column.output]
-        if column.block is not None:
-            bars += [(position + k, output, names[p]) for k, p in enumerate(column.block)]
-        elif column.along is None and column.laplacian_over is None and sum(column.partial) == 1:
-            bars.append((position, output, names[column.partial.index(1)]))
-        position += column.width
-    return bars
+    from derivcli.run import low_order_derivatives
+
+    if hasattr(planned, "attributions"):  # the attributed coordinate, or the layer's element (`attr(y)/embed3`)
+        return [(j, output, planned.names[j].partition("/")[2]) for j, output, _ in planned.attributions]
+    return [(j, output, model.coordinate_names[inputs[0]])
+            for j, output, inputs in low_order_derivatives(model, planned) if len(inputs) == 1]
 
 
 def delta_gate(coordinate_names: Sequence[str], summary: Any, columns: Sequence[int], tolerance: float) -> None:

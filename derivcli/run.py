@@ -881,7 +881,16 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
         if not tensor_inputs:
             return []
         return shaped_arrays(tensor_inputs, None, entries, lambda output, name: f"attr({output})/{name}")
-    derivatives, position = [], dimension
+    if not tensor_inputs and tensor_output is None:
+        return []
+    derivatives = [(dimension + j, output, inputs) for j, output, inputs in low_order_derivatives(model, planned)]
+    return shaped_arrays(tensor_inputs, tensor_output, derivatives)
+
+
+def low_order_derivatives(model: LoadedModel, planned: Plan) -> list[tuple[int, str, tuple[int, ...]]]:
+    """(value column, output name, the inputs differentiated, with repeats) of every partial derivative of order
+    1 or 2 in the plan, a gradient block's columns one by one."""
+    derivatives, position = [], 0
     for column in planned.columns:
         output = model.output_names[column.output]
         if column.block is not None:
@@ -889,9 +898,7 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
         elif column.along is None and column.laplacian_over is None and 1 <= sum(column.partial) <= 2:
             derivatives.append((position, output, tuple(p for p, power in enumerate(column.partial) for _ in range(power))))
         position += column.width
-    if not tensor_inputs and tensor_output is None:
-        return []
-    return shaped_arrays(tensor_inputs, tensor_output, derivatives)
+    return derivatives
 
 
 def format_point(names: Sequence[str], point: Any) -> str:

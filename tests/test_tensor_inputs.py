@@ -275,7 +275,7 @@ def token_model(tmp_path_factory):
     keras.utils.set_random_seed(5)
     folder = tmp_path_factory.mktemp("tokens")
     tokens, features = keras.Input((4,), name="tokens", dtype="int32"), keras.Input((2,), name="feat")
-    embedded = keras.layers.Flatten()(keras.layers.Embedding(50, 3)(tokens))
+    embedded = keras.layers.Flatten()(keras.layers.Embedding(50, 3, name="embedding")(tokens))
     hidden = keras.layers.Dense(3, activation="tanh")(keras.layers.Concatenate()([embedded, features]))
     keras.Model([tokens, features], keras.layers.Dense(1)(hidden)).save(folder / "tokens.keras")
     ids, values = np.array([[1, 2, 3, 4], [5, 6, 7, 49], [0, 0, 9, 9]], dtype=np.int32), RNG.uniform(-1, 1, (3, 2))
