@@ -75,6 +75,7 @@ class LoadedModel:
     target: str | int | None = None  # --target: "top", an output index, or a label input's name; outputs y, target
     target_classes: int = 0  # with --target: the output elements the index picks among
     input_names: list[str] | None = None  # --names given one per input: the inputs' new names
+    live: bool = False  # a model being trained (`in_training`): its frozen graph reads the variables on every run
     _frozen: Any = None
 
     @property
@@ -131,7 +132,9 @@ class LoadedModel:
 
         if self.kind == "saved_model" and self.dtype == "float64":
             return self._frozen(coordinates)  # the signature's graph widened to float64, --target in it
-        with exact_constants(self.dtype):
+        # A model in training is differentiated as it computes, its constants as Keras makes them;
+        # a file's model evaluated in float64 (`--dtype float64`) has every constant in float64.
+        with contextlib.nullcontext() if self.live else exact_constants(self.dtype):
             values = self._call_flat(coordinates, tf)
         if self.label_input:
             return targeted(values, tf.cast(coordinates[:, -1], tf.int32), tf)
@@ -153,7 +156,7 @@ class LoadedModel:
         if self._frozen is None:
             from derivcli.engine.graph import freeze
 
-            self._frozen = freeze(self.call_flat, len(self.coordinate_names), self.dtype)
+            self._frozen = freeze(self.call_flat, len(self.coordinate_names), self.dtype, live=self.live)
         return self._frozen
 
     def _call_flat(self, coordinates: Any, tf: Any) -> Any:
@@ -661,6 +664,35 @@ def load_model(
             _set_target(loaded, target, output_names)
     if target is None:
         loaded.output_names = _rename(loaded.output_names, output_names, "--output-names", "output")
+    return loaded
+
+
+def in_training(model: Any, names: Sequence[str] | None = None, new_output_names: Sequence[str] | None = None) -> LoadedModel:
+    """A Keras model object, as it trains: derivatives of it read its variables on every run (`derivcli.training`).
+
+    Its compute dtype is its first output's. Nothing is loaded from a file, so nothing is inspected.
+
+    Raises:
+        UsageError: `model` is not a built Keras model, computes in neither float32 nor float64, or `names`
+            or `new_output_names` do not match it.
+    """
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UsageError(f"expected a keras.Model, received {type(model).__name__}")
+    try:
+        inputs, outputs = _keras_inputs_outputs(model)
+    except RunError as error:
+        raise UsageError(error.message) from None
+    dtype = next((info.dtype for info in outputs if info.dtype.startswith("float")), keras.config.floatx())
+    if dtype not in ("float32", "float64"):
+        raise UsageError(f"the model computes in {dtype}; derivcli differentiates float32 and float64 models")
+    loaded = LoadedModel(
+        f"<{type(model).__name__} {model.name}>", "keras", inputs, outputs, coordinate_names(inputs),
+        output_names(outputs), dtype, keras_model=model, live=True,
+    )
+    _rename_inputs(loaded, names)
+    loaded.output_names = _rename(loaded.output_names, new_output_names, "outputs", "output")
     return loaded
 
 

@@ -372,6 +372,7 @@ def make_kernel(
     # What --timings reports: which engine serves, and why not Taylor series where they were wanted.
     kernel.engine = "Taylor series (tapes for first derivatives)" if program is not None else \
         f"nested tapes (Taylor series do not cover {reason})" if wanted else "nested tapes"
+    kernel.refused = reason if wanted and program is None else ""
     return kernel
 
 

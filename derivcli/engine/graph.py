@@ -52,6 +52,9 @@ class FrozenFunction:
         source / target: the input placeholder's and the output's tensor names.
         rewritten: how many ops of each kind were rewritten ("StopGradient", "gradient override", ...).
         low_precision: ops that hold or make a float tensor narrower than float64 (for `--dtype float64`).
+        parameters: for a live function (`freeze(..., live=True)`), the constants that hold the model's
+            variables, as (tensor name, variable): every run reads the variables in their place, so the
+            result follows training and an outer tape differentiates it with respect to them.
     """
 
     graph_def: Any
@@ -59,6 +62,7 @@ class FrozenFunction:
     target: str
     rewritten: dict[str, int] = field(default_factory=dict)
     low_precision: list[str] = field(default_factory=list)
+    parameters: list[tuple[str, Any]] = field(default_factory=list)
     _runnable: Any = field(default=None, repr=False, compare=False)
 
     def operations(self) -> list[Any]:
@@ -72,9 +76,14 @@ class FrozenFunction:
     def __call__(self, coordinates: tf.Tensor) -> tf.Tensor:
         """Evaluates the graph on `coordinates`; traceable, and differentiable to any order."""
         (output,) = tf.graph_util.import_graph_def(
-            self.runnable(), input_map={self.source: coordinates}, return_elements=[self.target], name="model"
+            self.runnable(), input_map={self.source: coordinates, **self.parameter_values()},
+            return_elements=[self.target], name="model"
         )
         return output
+
+    def parameter_values(self) -> dict[str, tf.Tensor]:
+        """The live variables' current values by the name of the constant each replaces (a read that tapes see)."""
+        return {name: tf.convert_to_tensor(variable) for name, variable in self.parameters}
 
     def runnable(self) -> Any:
         """The graph to import into a kernel: its input Placeholder made an Identity of a constant.
@@ -109,8 +118,11 @@ def _zeros_node(name: str, dtype: int, width: int) -> Any:
     return node
 
 
-def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> FrozenFunction:
+def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str, live: bool = False) -> FrozenFunction:
     """Traces `function` on (None, dimension) inputs of `dtype` and rewrites it (see the module's doc).
+
+    With `live`, the constants that hold the function's variables are listed in `parameters`, to be
+    replaced by the variables' values on every run (training: `derivcli.training`).
 
     Raises:
         RunError: the model uses an op whose gradient is not its derivative.
@@ -127,7 +139,16 @@ def freeze(function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: st
             _rewrite(node, rewritten)
             if dtype == "float64" and _is_low_precision(node):
                 low_precision.append(f"{node.op} ({node.name})")
-    return FrozenFunction(graph_def, frozen.inputs[0].name, frozen.outputs[0].name, rewritten, low_precision)
+    parameters: list[tuple[str, Any]] = []
+    if live:
+        # Freezing turns each captured variable handle into a constant of the same name, read through an
+        # Identity where the graph read the variable.
+        variables = {id(variable.handle): variable for variable in concrete.graph.variables}
+        constants = {node.name for node in graph_def.node if node.op == "Const"}
+        parameters = [(internal.op.name + ":0", variables[id(external)]) for external, internal in concrete.graph.captures
+                      if id(external) in variables and internal.op.name in constants]
+    return FrozenFunction(graph_def, frozen.inputs[0].name, frozen.outputs[0].name, rewritten, low_precision,
+                          parameters)
 
 
 # Ops a frozen output passes through unchanged in value on the way from a final squash (`without_final_squash`).
@@ -156,7 +177,7 @@ def without_final_squash(frozen: FrozenFunction) -> tuple[FrozenFunction | None,
         if attribute not in ("T", "_output_shapes"):
             del node.attr[attribute]
     return FrozenFunction(graph_def, frozen.source, frozen.target, dict(frozen.rewritten),
-                          list(frozen.low_precision)), f"{kind} ({node.name})"
+                          list(frozen.low_precision), list(frozen.parameters)), f"{kind} ({node.name})"
 
 
 def _rewrite(node: Any, rewritten: dict[str, int]) -> None:

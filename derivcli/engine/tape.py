@@ -278,6 +278,7 @@ class DerivativeKernel:
     """
 
     engine = ""  # which engine serves, and why not Taylor series where they were wanted (`run.make_kernel`)
+    refused = ""  # why Taylor series, wanted, do not serve: the op they do not cover
 
     def __init__(
         self,

@@ -108,10 +108,11 @@ class TaylorProgram:
     NotCovered when an op that varies with the input has no rule.
     """
 
-    def __init__(self, ops: list[Any], source: str, target: str) -> None:
+    def __init__(self, ops: list[Any], source: str, target: str, parameters: Sequence[tuple[str, Any]] = ()) -> None:
         self.ops = ops
         self.source = source
         self.target = target
+        self.parameters = list(parameters)  # a live function's variables (`FrozenFunction.parameters`)
 
     @classmethod
     def trace(cls, function: Callable[[tf.Tensor], tf.Tensor], dimension: int, dtype: str) -> TaylorProgram:
@@ -140,7 +141,7 @@ class TaylorProgram:
                 raise NotCovered(f"op {op.type} ({op.name}) in {op.get_attr('data_format').decode()} layout")
             if op.type not in CONSTANT_OPS:
                 varying.update(t.name for t in op.outputs if _carries_values(t))
-        return cls(ops, source, target)
+        return cls(ops, source, target, frozen.parameters)
 
     @tf.autograph.experimental.do_not_convert  # plain Python loops over ops: nothing for AutoGraph to convert
     def series(self, coordinates: tf.Tensor, directions: tf.Tensor, order: int) -> Series:
@@ -196,8 +197,10 @@ class _Pusher:
     def run(self, program: TaylorProgram, start: Series) -> Series:
         self.order = len(start) - 1
         env: dict[str, Value] = {program.source: start}
+        # A live function's variables are read where the frozen graph holds their values.
+        env.update({name: tf.convert_to_tensor(variable) for name, variable in program.parameters})
         for op in program.ops:
-            if op.type == "Placeholder" or not op.outputs:
+            if op.type == "Placeholder" or not op.outputs or op.outputs[0].name in env:
                 continue
             inputs = [env[t.name] for t in op.inputs]
             if not any(isinstance(v, tuple) for v in inputs) or op.type in CONSTANT_OPS \
