@@ -180,7 +180,9 @@ class LoadedModel:
             }
             returned = self.signature(**by_key)
             results = [returned[key] for key in self.signature_output_keys]
-        flat = [tf.reshape(tf.cast(r, self.dtype), (tf.shape(r)[0], -1)) for r in results]
+        # Each output's size is known: a shape computed from the values would be one XLA needs as a constant, and a
+        # jit_compile training step that updates the variables would then compile anew on every call.
+        flat = [tf.reshape(tf.cast(r, self.dtype), (-1, info.size)) for r, info in zip(results, self.outputs)]
         return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
 
 

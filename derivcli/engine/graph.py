@@ -20,7 +20,7 @@ the Taylor engine interprets its ops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +74,19 @@ class FrozenFunction:
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, coordinates: tf.Tensor) -> tf.Tensor:
-        """Evaluates the graph on `coordinates`; traceable, and differentiable to any order."""
-        (output,) = tf.graph_util.import_graph_def(
-            self.runnable(), input_map={self.source: coordinates, **self.parameter_values()},
-            return_elements=[self.target], name="model"
+        """Evaluates the graph on `coordinates`; traceable, and differentiable to any order.
+
+        Under a gradient tape (training: `derivcli.training`), the imported ops are recorded on it.
+        """
+        from tensorflow.python.eager import record
+
+        graph_def = self.runnable()
+        recorded = [node.name for node in graph_def.node] if record.could_possibly_record() else []
+        output, *imported = tf.graph_util.import_graph_def(
+            graph_def, input_map={self.source: coordinates, **self.parameter_values()},
+            return_elements=[self.target, *recorded], name="model"
         )
+        record_on_tapes(imported)
         return output
 
     def parameter_values(self) -> dict[str, tf.Tensor]:
@@ -106,6 +114,39 @@ class FrozenFunction:
             node.input.append(constant.name)
             self._runnable = graph_def
         return self._runnable
+
+
+def record_on_tapes(operations: Sequence[Any]) -> None:
+    """Records graph ops made outside TensorFlow's op wrappers (imported, or copied by the Taylor engine) on the
+    active gradient tapes, as the wrappers record the ops they make, so that a tape differentiates through them.
+
+    Each op's registered gradient serves, as `tf.gradients` would use it; an op with none raises
+    LookupError when differentiated, as it does there.
+    """
+    from tensorflow.python.eager import record
+    from tensorflow.python.framework import ops as framework
+
+    if not record.could_possibly_record():
+        return
+    for op in operations:
+        if not op.inputs or not op.outputs:
+            continue
+        try:
+            gradient = framework.get_gradient_function(op)
+        except LookupError:
+            gradient = _no_gradient
+        if gradient is None:
+            continue
+
+        def backward(*output_gradients: tf.Tensor, op: Any = op, gradient: Any = gradient) -> list[Any]:
+            result = gradient(op, *output_gradients)
+            return list(result) if isinstance(result, (list, tuple)) else [result]
+
+        record.record_operation(op.type, list(op.outputs), list(op.inputs), backward)
+
+
+def _no_gradient(op: Any, *output_gradients: tf.Tensor) -> None:
+    raise LookupError(f"No gradient defined for operation '{op.name}' (op type: {op.type})")
 
 
 def _zeros_node(name: str, dtype: int, width: int) -> Any:

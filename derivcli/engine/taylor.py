@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from derivcli.engine.graph import FrozenFunction
+from derivcli.engine.graph import FrozenFunction, record_on_tapes
 
 Series = tuple  # of tf.Tensor: coefficient 0, 1, ..., a value that varies with the input
 Value = Any  # a plain tf.Tensor (constant along the directions) or a Series
@@ -88,6 +88,7 @@ def _execute(op: Any, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     graph = tf.compat.v1.get_default_graph()
     attributes = {key: op.node_def.attr[key] for key in op.node_def.attr if not key.startswith("_")}
     created = graph.create_op(op.type, list(inputs), [t.dtype for t in op.outputs], attrs=attributes)
+    record_on_tapes([created])  # training differentiates the series with respect to the weights (`derivcli.training`)
     return list(created.outputs)
 
 
