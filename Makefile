@@ -28,6 +28,13 @@ demo: $(STAMP)
 	@echo
 	@echo '$$ derivcli grad sample_models/shifted_square.h5 --at 0.5'
 	@$(BIN)/derivcli grad sample_models/shifted_square.h5 --at 0.5
+	@echo
+	@echo '$$ python sample_models/train_heat_pinn.py --output .venv/heat_pinn.keras   # its loss by derivcli.operator'
+	@$(BIN)/python sample_models/train_heat_pinn.py --output $(VENV)/heat_pinn.keras
+	@echo
+	@echo '$$ derivcli op .venv/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 --expr "res=u_t - 0.1*u_xx" --summary --max-abs 0.2 --format table'
+	@$(BIN)/derivcli op $(VENV)/heat_pinn.keras --output-names u --grid t=0:1:101 --grid x=-1:1:201 \
+	    --expr "res=u_t - 0.1*u_xx" --summary --max-abs 0.2 --format table
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,11 @@ must agree to float32 round-off.
 
     .venv/bin/python bench/bench_training.py                     # the issue's workload (hours on 2 CPU cores)
     .venv/bin/python bench/bench_training.py --batch 1024 --steps 20 --widths 64
+
+(B) under XLA compiles its step anew after every weight update (measured at D = 2: 1.6 ms a step
+with the weights held, 0.72 s with Adam's update): a ForwardAccumulator's JVPs are function calls,
+and XLA takes compile-time constants from the weights through them. derivcli's operators met the
+same trap and avoid it (`derivcli.training`). `--budget` keeps such rows to a few timed steps.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def memory_kb(field: str) -> int:
     return 0
 
 
-def worker(method: str, dimension: int, width: int, jit: bool, batch: int, steps: int, warmup: int) -> dict:
+def worker(method: str, dimension: int, width: int, jit: bool, batch: int, steps: int, warmup: int,
+           budget: float) -> dict:
     """One configuration in this process: times its steps, measures its memory, returns them with the first loss."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -105,18 +111,21 @@ def worker(method: str, dimension: int, width: int, jit: bool, batch: int, steps
     first_loss = float(step(points))
     for _ in range(warmup - 1):
         step(points).numpy()
-    times = []
+    times: list[float] = []
     for _ in range(steps):
         start = time.perf_counter()
         step(points).numpy()
         times.append(time.perf_counter() - start)
+        if sum(times) > budget and len(times) >= 3:  # a step of seconds: its median is known well enough
+            break
     return {"median_ms": 1e3 * statistics.median(times), "memory_mb": (memory_kb("VmHWM") - before) / 1024,
-            "first_loss": first_loss}
+            "first_loss": first_loss, "steps": len(times)}
 
 
 def run_worker(method: str, dimension: int, width: int, jit: bool, options: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", method, str(dimension), str(width), str(int(jit)),
-               "--batch", str(options.batch), "--steps", str(options.steps), "--warmup", str(options.warmup)]
+               "--batch", str(options.batch), "--steps", str(options.steps), "--warmup", str(options.warmup),
+               "--budget", str(options.budget)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=options.timeout)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -133,12 +142,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    parser.add_argument("--budget", type=float, default=120,
+                        help="seconds of timed steps per configuration, after which (and 3 steps) the median is taken")
+    parser.add_argument("--methods", default=",".join(METHODS), type=lambda text: text.split(","),
+                        help="which of derivcli, nested, forward-over-reverse to run")
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "D", "WIDTH", "JIT"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
         method, dimension, width, jit = options.worker
         print(json.dumps(worker(method, int(dimension), int(width), jit == "1", options.batch, options.steps,
-                                options.warmup)))
+                                options.warmup, options.budget)))
         return
     print(f"training step: MLP (D+1) -> width x 4 tanh -> 1, batch {options.batch:,}, float32, "
           f"loss mean((u_t - 0.01 lap u)^2), median of {options.steps} steps after {options.warmup}")
@@ -147,15 +160,20 @@ def main() -> None:
     for width in map(int, options.widths.split(",")):
         for dimension in map(int, options.dims.split(",")):
             for jit in (j == "on" for j in options.jit.split(",")):
-                found = {method: run_worker(method, dimension, width, jit, options) for method in METHODS}
-                print(row(dimension, width, jit, found), flush=True)
+                found = {method: run_worker(method, dimension, width, jit, options) if method in options.methods
+                         else {"error": "not run (--methods)"} for method in METHODS}
+                print(row(dimension, width, jit, found, options.steps), flush=True)
+    print(f"* fewer steps than {options.steps}: the timed steps had passed --budget {options.budget:g} s")
 
 
-def row(dimension: int, width: int, jit: bool, found: dict[str, dict]) -> str:
+def row(dimension: int, width: int, jit: bool, found: dict[str, dict], options_steps: int) -> str:
     ours, nested, forward = (found[m] for m in METHODS)
 
     def ms(result: dict) -> str:
-        return f"{result['median_ms']:11.1f}" if "median_ms" in result else f"{'failed':>11}"
+        if "median_ms" not in result:
+            return f"{'failed':>11}"
+        few = "*" if result["steps"] < options_steps else " "  # stopped by --budget
+        return f"{result['median_ms']:10.1f}{few}"
 
     def ratio(theirs: dict) -> str:
         if "median_ms" not in theirs or "median_ms" not in ours:

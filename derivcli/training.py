@@ -32,6 +32,7 @@ respect to the weights.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -58,7 +59,7 @@ class Operator:
         dtype: the model's compute dtype, in which points are taken.
     """
 
-    def __init__(self, model: Any, request: Any, inputs: Any, outputs: Any, engine: str, kind: str) -> None:
+    def __init__(self, model: Any, request: Any, inputs: Any = None, outputs: Any = None, engine: str = "auto") -> None:
         import tensorflow as tf
 
         from derivcli import run
@@ -66,8 +67,7 @@ class Operator:
 
         if engine not in ENGINES:
             raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
-        self.model = in_training(model, _names(inputs, "inputs"), _names(outputs, "outputs"))
-        self.kind = kind
+        self.model = in_training(model, _names(inputs), _names(outputs))
         self.plan = run.plan(self.model, request)
         # Planned once, eagerly, even when first made inside a traced train_step: freezing reads the variables.
         with tf.init_scope():
@@ -145,6 +145,23 @@ class Operator:
     def __call__(self, points: Any) -> Any:
         return self.columns(points)
 
+    @functools.cached_property
+    def hessian_square(self) -> tuple[list[int], int]:
+        """Where each entry of every output's full Hessian is among the planned upper triangle's columns, and its size."""
+        derivative_columns = self.plan.columns[self.first:]
+        positions = sorted({p for c in derivative_columns for p, power in enumerate(c.partial) if power})
+        place = {(c.output, c.partial): k for k, c in enumerate(derivative_columns)}
+        dimension = len(self.model.coordinate_names)
+        square = []
+        for output in self.outputs:
+            for i in positions:
+                for j in positions:
+                    index = [0] * dimension
+                    index[i] += 1
+                    index[j] += 1
+                    square.append(place[(output, tuple(index))])
+        return square, len(positions)
+
 
 class ExpressionOperator(Operator):
     """`operator`'s: one expression gives a (batch,) tensor, several a dict by name."""
@@ -156,8 +173,7 @@ class ExpressionOperator(Operator):
         texts = [expressions] if self.single else list(expressions)
         if not texts:
             raise UsageError("operator: no expression given")
-        wrt = _names(options.pop("wrt", None), "wrt")
-        super().__init__(model, DerivativeRequest(expressions=texts, wrt=wrt), kind="expressions", **options)
+        super().__init__(model, DerivativeRequest(expressions=texts, wrt=_names(options.pop("wrt", None))), **options)
 
     def __call__(self, points: Any) -> Any:
         columns = self.columns(points)
@@ -166,7 +182,7 @@ class ExpressionOperator(Operator):
         return {name: columns[:, k] for k, name in enumerate(self.names)}
 
 
-def _names(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+def _names(value: str | Sequence[str] | None) -> list[str] | None:
     """Names given as `"x,y"` or `["x", "y"]`."""
     from derivcli.naming import split_names
 
@@ -182,11 +198,35 @@ def _names(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 _MADE: weakref.WeakKeyDictionary[Any, dict[Any, Operator]] = weakref.WeakKeyDictionary()
 
 
-def _made(model: Any, key: tuple[Any, ...], make: Any) -> Operator:
+def _made(model: Any, what: str, engine: str = "auto", wrt: Any = None, inputs: Any = None, outputs: Any = None,
+          partial: str | None = None) -> Operator:
+    """The operator of `what` (gradient, hessian, laplacian, derivative) for `model`, made at its first call."""
+    from derivcli.run import DerivativeRequest
+    from derivcli.specs import parse_partial
+
+    def hashable(value: Any) -> Any:
+        return value if value is None or isinstance(value, str) else tuple(value)
+
+    key = (what, engine, hashable(wrt), hashable(inputs), hashable(outputs), partial)
     by_request = _MADE.setdefault(model, {})
     if key not in by_request:
-        by_request[key] = make()
+        names = _names(wrt)
+        request = {
+            "gradient": lambda: DerivativeRequest(jacobian=True, wrt=names),
+            "hessian": lambda: DerivativeRequest(hessian=True, wrt=names),
+            "laplacian": lambda: DerivativeRequest(laplacian=True, wrt=names),
+            "derivative": lambda: DerivativeRequest(partials=[parse_partial(partial or "")]),
+        }[what]()
+        made = Operator(model, request, inputs, outputs, engine)
+        _warn_refused(made, f"derivcli.{what}", 4)
+        by_request[key] = made
     return by_request[key]
+
+
+def _warn_refused(made: Operator, what: str, stacklevel: int) -> None:
+    """Says that nested tapes serve where Taylor series were wanted, and why."""
+    if made.refused:
+        warnings.warn(f"{what}: nested tapes serve; Taylor series do not cover {made.refused}", stacklevel=stacklevel)
 
 
 def operator(
@@ -230,17 +270,8 @@ def operator(
         TensorShape([5])
     """
     made = ExpressionOperator(model, expr, inputs=inputs, outputs=outputs, wrt=wrt, engine=engine)
-    if made.refused and engine == "auto":
-        warnings.warn(f"derivcli.operator: nested tapes serve {expr!r}; Taylor series do not cover {made.refused}",
-                      stacklevel=2)
+    _warn_refused(made, f"derivcli.operator({expr!r})", 3)
     return made
-
-
-def _request_key(kind: str, inputs: Any, outputs: Any, wrt: Any, engine: str, extra: Any = None) -> tuple[Any, ...]:
-    def frozen(value: Any) -> Any:
-        return value if value is None or isinstance(value, str) else tuple(value)
-
-    return (kind, frozen(inputs), frozen(outputs), frozen(wrt), engine, extra)
 
 
 def _per_output(operator_: Operator, columns: Any, trailing: Sequence[int]) -> Any:
@@ -277,10 +308,7 @@ def gradient(
         array([[ 3., -1.],
                [ 3., -1.]], dtype=float32)
     """
-    from derivcli.run import DerivativeRequest
-
-    made = _made(model, _request_key("gradient", inputs, outputs, wrt, "auto"), lambda: Operator(
-        model, DerivativeRequest(jacobian=True, wrt=_names(wrt, "wrt")), inputs, outputs, "auto", "gradient"))
+    made = _made(model, "gradient", wrt=wrt, inputs=inputs, outputs=outputs)
     columns = made.columns(x)
     if wrt is not None:
         return _per_output(made, columns, [columns.shape[1] // len(made.outputs)])
@@ -317,32 +345,9 @@ def hessian(
     """
     import tensorflow as tf
 
-    from derivcli.run import DerivativeRequest
-
-    made = _made(model, _request_key("hessian", inputs, outputs, wrt, "auto"), lambda: Operator(
-        model, DerivativeRequest(hessian=True, wrt=_names(wrt, "wrt")), inputs, outputs, "auto", "hessian"))
-    if not hasattr(made, "square"):
-        made.square = _square_from_triangle(made)
-    columns = tf.gather(made.columns(x), made.square, axis=1)
-    size = int(round(np.sqrt(len(made.square) // len(made.outputs))))
-    return _per_output(made, columns, [size, size])
-
-
-def _square_from_triangle(made: Operator) -> list[int]:
-    """Where each entry of every output's full Hessian is among the planned upper triangle's columns."""
-    derivative_columns = made.plan.columns[made.first:]
-    positions = sorted({p for c in derivative_columns for p, power in enumerate(c.partial) if power})
-    place = {(c.output, c.partial): k for k, c in enumerate(derivative_columns)}
-    dimension = len(made.model.coordinate_names)
-    square = []
-    for output in made.outputs:
-        for i in positions:
-            for j in positions:
-                index = [0] * dimension
-                index[i] += 1
-                index[j] += 1
-                square.append(place[(output, tuple(index))])
-    return square
+    made = _made(model, "hessian", wrt=wrt, inputs=inputs, outputs=outputs)
+    square, size = made.hessian_square
+    return _per_output(made, tf.gather(made.columns(x), square, axis=1), [size, size])
 
 
 def laplacian(
@@ -361,10 +366,7 @@ def laplacian(
         >>> derivcli.laplacian(model, np.zeros((2, 3))).numpy()  # (1 + 4 + 4) e^(x0 + 2 x1 + 2 x2)
         array([9., 9.], dtype=float32)
     """
-    from derivcli.run import DerivativeRequest
-
-    made = _made(model, _request_key("laplacian", inputs, outputs, wrt, engine), lambda: Operator(
-        model, DerivativeRequest(laplacian=True, wrt=_names(wrt, "wrt")), inputs, outputs, engine, "laplacian"))
+    made = _made(model, "laplacian", engine, wrt, inputs, outputs)
     return _per_output(made, made.columns(x), [])
 
 
@@ -384,10 +386,5 @@ def derivative(
         >>> derivcli.derivative(model, np.zeros((1, 2)), "x0,x1^2").numpy()  # 1 * 2^2 e^0
         array([4.], dtype=float32)
     """
-    from derivcli.run import DerivativeRequest
-    from derivcli.specs import parse_partial
-
-    spec = parse_partial(partial)
-    made = _made(model, _request_key("derivative", inputs, outputs, None, engine, partial), lambda: Operator(
-        model, DerivativeRequest(partials=[spec]), inputs, outputs, engine, "derivative"))
+    made = _made(model, "derivative", engine, inputs=inputs, outputs=outputs, partial=partial)
     return _per_output(made, made.columns(x), [])

@@ -10,6 +10,7 @@ term (which is O(1e-2) or larger on these nets).
 from __future__ import annotations
 
 import doctest
+import os
 import warnings
 
 import keras
@@ -311,7 +312,7 @@ def test_gradient_hessian_laplacian_and_derivative_against_closed_forms():
     np.testing.assert_allclose(derivcli.derivative(model, x, "x0,x1^2").numpy(), u * a[0] * a[1] ** 2, rtol=1e-13)
     np.testing.assert_allclose(derivcli.gradient(model, x, wrt="x2").numpy(), u[:, None] * a[2:], rtol=1e-13)
     # Made once per model and request: a call in every step neither plans nor traces again.
-    assert training._made(model, training._request_key("laplacian", None, None, None, "auto"), None).traces == 1
+    assert training._made(model, "laplacian").traces == 1
 
 
 def test_several_inputs_by_name_and_several_outputs():
@@ -354,3 +355,34 @@ def test_bad_calls_are_one_line_errors():
 def test_docstring_examples_run():
     failures, tried = doctest.testmod(training, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried >= 10 and failures == 0
+
+
+@pytest.mark.slow
+def test_the_readme_training_example_trains_a_model_the_cli_gate_passes(tmp_path):
+    """The README's example, as printed there: the Python block trains and saves; the console block after it runs."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_readme import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("#### Derivatives inside a training loss"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    console = re.search(r"```console\n(.*?)```", section, re.S).group(1).splitlines()
+    (tmp_path / "train.py").write_text(code)
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   "TF_CPP_MIN_LOG_LEVEL": "3"}
+    trained = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=environment, capture_output=True,
+                             text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    command = console[0][2:].rstrip("\\") + " " + console[1].strip()
+    done = subprocess.run(["bash", "-c", command + " 2>&1"], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=300)
+    assert console[3] == "$ echo $?" and done.returncode == int(console[4]) == 0, done.stdout
+    # Training moves with the machine's round-off over 2,000 steps: the line's form, and a maximum under the gate.
+    pattern = re.escape(console[2]).replace(re.escape("0.0376176"), r"([0-9.e-]+)").replace(
+        re.escape("x=1, y=0"), r"x=[0-9.]+, y=[0-9.]+")
+    found = re.fullmatch(pattern, done.stdout.strip())
+    assert found and float(found.group(1)) <= 0.1, (console[2], done.stdout)
