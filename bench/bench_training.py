@@ -171,7 +171,7 @@ def row(dimension: int, width: int, jit: bool, found: dict[str, dict], options_s
 
     def ms(result: dict) -> str:
         if "median_ms" not in result:
-            return f"{'failed':>11}"
+            return f"{'not run' if result['error'].startswith('not run') else 'failed':>11} "
         few = "*" if result["steps"] < options_steps else " "  # stopped by --budget
         return f"{result['median_ms']:10.1f}{few}"
 
@@ -184,8 +184,9 @@ def row(dimension: int, width: int, jit: bool, found: dict[str, dict], options_s
         f"{ours['memory_mb'] / forward['memory_mb']:5.2f}x" if "memory_mb" in ours and "memory_mb" in forward
         and forward["memory_mb"] > 0 else f"{'-':>6}")
     losses = [r["first_loss"] for r in found.values() if "first_loss" in r]
-    agrees = len(losses) == 3 and max(losses) - min(losses) <= 1e-4 * max(abs(v) for v in losses)
-    errors = "; ".join(f"{m}: {r['error']}" for m, r in found.items() if "error" in r)
+    ran = [r for r in found.values() if not r.get("error", "").startswith("not run")]
+    agrees = len(losses) == len(ran) >= 2 and max(losses) - min(losses) <= 1e-4 * max(abs(v) for v in losses)
+    errors = "; ".join(f"{m}: {r['error']}" for m, r in found.items() if r in ran and "error" in r)
     return (f"{dimension:4d} {width:6d} {'on' if jit else 'off':>4} | {ms(ours)} {ms(nested)} {ms(forward)} | "
             f"{ratio(nested)} {ratio(forward)} | {memory} | {'yes' if agrees else 'NO'}" + (f"  {errors}" if errors else ""))
 
