@@ -88,10 +88,11 @@ def alternate(commands: dict[str, list[str]], rounds: int) -> dict[str, list[flo
 
 
 @contextlib.contextmanager
-def side_by_side(description: str, default_images: int, derivcli_arguments: list[str],
-                 hand_written: str) -> Iterator[tuple[argparse.Namespace, dict[str, list[float]], Path]]:
+def side_by_side(description: str, default_images: int, derivcli_arguments: list[str], hand_written: str,
+                 other_scripts: dict[str, str] | None = None) -> Iterator[tuple[argparse.Namespace, dict[str, list[float]], Path]]:
     """Builds the CNN and images, times `derivcli COMMAND cnn.keras --npz images.npz ARGUMENTS -o derivcli.npz`
-    against the hand-written script (writing hand.npz), and yields (options, times, the folder of both files)."""
+    against the hand-written script (writing hand.npz) and any `other_scripts` (each writing NAME.npz), and yields
+    (options, times, the folder of the files)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=default_images)
     parser.add_argument("--rounds", type=int, default=3)
@@ -104,8 +105,11 @@ def side_by_side(description: str, default_images: int, derivcli_arguments: list
         script.write_text(hand_written)
         command, *rest = derivcli_arguments
         ours = [derivcli, command, str(model), "--npz", str(images), *rest, "-q", "-o", str(folder / "derivcli.npz")]
-        theirs = [sys.executable, str(script), str(model), str(images), str(folder / "hand.npz")]
-        yield options, alternate({"derivcli": ours, "hand": theirs}, options.rounds), folder
+        commands = {"derivcli": ours, "hand": [sys.executable, str(script), str(model), str(images), str(folder / "hand.npz")]}
+        for name, text in (other_scripts or {}).items():
+            (folder / f"{name}.py").write_text(text)
+            commands[name] = [sys.executable, str(folder / f"{name}.py"), str(model), str(images), str(folder / f"{name}.npz")]
+        yield options, alternate(commands, options.rounds), folder
 
 
 def main() -> None:

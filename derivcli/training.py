@@ -49,8 +49,9 @@ class Operator:
     """Columns of derivatives or expressions of a Keras model, as a differentiable TensorFlow function.
 
     Made by `operator`, `gradient`, `hessian`, `laplacian` and `derivative`; call it on a batch
-    of points. The work is traced once per operator (its input signature is fixed), so calling it
-    in every step of a training loop never retraces it.
+    of points. Planned once, when made. Eagerly, it runs one traced function of its own (input
+    signature (None, coordinates): traced once for any batch); inside a traced training step its ops
+    join the step's graph and are traced with it, once, so no step retraces anything.
 
     Attributes:
         names: the columns' names, as `derivcli op` writes them.
