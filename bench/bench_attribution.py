@@ -87,7 +87,7 @@ def captum_installed() -> bool:
 
 
 def main() -> None:
-    others = {"captum": CAPTUM} if captum_installed() else {}
+    others = {"with_captum": CAPTUM} if captum_installed() else {}  # not captum.py: it would shadow the package
     with side_by_side(__doc__, 512, ["attribute", "--target", "top", "--steps", "50"], HAND_WRITTEN, others) \
             as (options, times, folder):  # noqa: SIM117 (the second reads files the first makes)
         agreeing = {}
@@ -103,7 +103,7 @@ def main() -> None:
     print(f"integrated gradients, 50 Gauss-Legendre steps, top class of a 28x28x1 CNN, {options.images:,} images "
           f"from NPZ, whole commands, best of {options.rounds}")
     print(f"{'against':>18} {'derivcli s':>11} {'their s':>9} {'ratio':>8} {'images within 1e-4':>20}")
-    for name, label in [("hand", "hand-written XLA"), *(("captum", "Captum (torch)") for _ in others)]:
+    for name, label in [("hand", "hand-written XLA"), *(("with_captum", "Captum (torch)") for _ in others)]:
         print(f"{label:>18} {best['derivcli']:11.2f} {best[name]:9.2f} {best['derivcli'] / best[name]:7.2f}x "
               f"{agreeing[name]:>12,} of {options.images:,}")
     if not others:
