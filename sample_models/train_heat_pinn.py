@@ -16,17 +16,15 @@ Run with `.venv/bin/python sample_models/train_heat_pinn.py [--steps N] [--outpu
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import derivcli
+from derivcli.models import import_tensorflow
+
+tf = import_tensorflow()  # TensorFlow on the Keras backend, its start-up chatter silenced
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import derivcli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DIFFUSIVITY = 0.1
