@@ -310,7 +310,11 @@ class DerivativeKernel:
         self.xla: Any = None
         self.calls = 0
 
-    def _compute(self, coordinates: tf.Tensor) -> tf.Tensor:
+    def columns(self, coordinates: tf.Tensor) -> tf.Tensor:
+        """The columns of a (batch, D) tensor as ops of the graph being traced, (batch, columns).
+
+        The kernel's compiled functions trace it; a training step (`derivcli.training`) calls it in its own trace.
+        """
         # AutoGraph converts the model's own code (a custom layer may branch on tensors)...
         return self._derivatives(coordinates, self.function(coordinates))
 
@@ -353,13 +357,13 @@ class DerivativeKernel:
                     self.xla = False  # XLA could not compile some op of this model: plain graphs from now on
             if self.plain is None:
                 signature = tf.TensorSpec((None, self.dimension), tf.as_dtype(self.dtype))
-                self.plain = tf.function(self._compute).get_concrete_function(signature)
+                self.plain = tf.function(self.columns).get_concrete_function(signature)
             return self.plain(tensor).numpy()
 
     def _compiled_xla(self) -> Any:
         if self.xla is None:
             signature = tf.TensorSpec((self.batch_size, self.dimension), tf.as_dtype(self.dtype))
-            self.xla = tf.function(self._compute, jit_compile=True).get_concrete_function(signature)
+            self.xla = tf.function(self.columns, jit_compile=True).get_concrete_function(signature)
         return self.xla
 
 
