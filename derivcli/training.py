@@ -87,7 +87,7 @@ class Operator:
 
     def _compute(self, coordinates: Any) -> Any:
         self.traces += 1  # at trace time only: how often its ops were traced (its own function, or callers')
-        return self._kernel.columns(coordinates)[:, self.first:]
+        return self._kernel.compute(coordinates)[:, self.first:]
 
     def flatten(self, points: Any) -> Any:
         """A batch of points as (batch, coordinates) in the model's dtype.

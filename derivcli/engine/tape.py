@@ -310,7 +310,7 @@ class DerivativeKernel:
         self.xla: Any = None
         self.calls = 0
 
-    def columns(self, coordinates: tf.Tensor) -> tf.Tensor:
+    def compute(self, coordinates: tf.Tensor) -> tf.Tensor:
         """The columns of a (batch, D) tensor as ops of the graph being traced, (batch, columns).
 
         The kernel's compiled functions trace it; a training step (`derivcli.training`) calls it in its own trace.
@@ -357,13 +357,13 @@ class DerivativeKernel:
                     self.xla = False  # XLA could not compile some op of this model: plain graphs from now on
             if self.plain is None:
                 signature = tf.TensorSpec((None, self.dimension), tf.as_dtype(self.dtype))
-                self.plain = tf.function(self.columns).get_concrete_function(signature)
+                self.plain = tf.function(self.compute).get_concrete_function(signature)
             return self.plain(tensor).numpy()
 
     def _compiled_xla(self) -> Any:
         if self.xla is None:
             signature = tf.TensorSpec((self.batch_size, self.dimension), tf.as_dtype(self.dtype))
-            self.xla = tf.function(self.columns, jit_compile=True).get_concrete_function(signature)
+            self.xla = tf.function(self.compute, jit_compile=True).get_concrete_function(signature)
         return self.xla
 
 
