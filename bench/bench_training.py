@@ -67,11 +67,8 @@ def worker(method: str, dimension: int, width: int, jit: bool, batch: int, steps
     optimizer.build(model.trainable_variables)
 
     if method == "derivcli":
-        operator = derivcli.operator(model, "D(u, t) - 0.01*lap(u)", inputs=["t"] + [f"x{i}" for i in range(dimension)],
+        residual = derivcli.operator(model, "D(u, t) - 0.01*lap(u)", inputs=["t"] + [f"x{i}" for i in range(dimension)],
                                      outputs="u", wrt="x")
-
-        def residual(z: tf.Tensor) -> tf.Tensor:
-            return operator(z)
     elif method == "nested":
         def residual(z: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape(persistent=True) as outer:
@@ -157,13 +154,16 @@ def main() -> None:
           f"loss mean((u_t - 0.01 lap u)^2), median of {options.steps} steps after {options.warmup}")
     print(f"{'D':>4} {'width':>6} {'XLA':>4} | {'derivcli ms':>11} {'(A) nested':>11} {'(B) fwd/rev':>11} | "
           f"{'vs A':>6} {'vs B':>6} | {'MB derivcli':>11} {'MB (B)':>8} {'ratio':>6} | loss agrees")
+    cut_short = False
     for width in map(int, options.widths.split(",")):
         for dimension in map(int, options.dims.split(",")):
             for jit in (j == "on" for j in options.jit.split(",")):
                 found = {method: run_worker(method, dimension, width, jit, options) if method in options.methods
                          else {"error": "not run (--methods)"} for method in METHODS}
                 print(row(dimension, width, jit, found, options.steps), flush=True)
-    print(f"* fewer steps than {options.steps}: the timed steps had passed --budget {options.budget:g} s")
+                cut_short = cut_short or any(r.get("steps", options.steps) < options.steps for r in found.values())
+    if cut_short:
+        print(f"* fewer steps than {options.steps}: the timed steps had passed --budget {options.budget:g} s")
 
 
 def row(dimension: int, width: int, jit: bool, found: dict[str, dict], options_steps: int) -> str:

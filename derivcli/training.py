@@ -211,13 +211,10 @@ def _made(model: Any, what: str, engine: str = "auto", wrt: Any = None, inputs: 
     key = (what, engine, hashable(wrt), hashable(inputs), hashable(outputs), partial)
     by_request = _MADE.setdefault(model, {})
     if key not in by_request:
-        names = _names(wrt)
-        request = {
-            "gradient": lambda: DerivativeRequest(jacobian=True, wrt=names),
-            "hessian": lambda: DerivativeRequest(hessian=True, wrt=names),
-            "laplacian": lambda: DerivativeRequest(laplacian=True, wrt=names),
-            "derivative": lambda: DerivativeRequest(partials=[parse_partial(partial or "")]),
-        }[what]()
+        if what == "derivative":
+            request = DerivativeRequest(partials=[parse_partial(partial or "")])
+        else:  # the request's flag of the same name (gradient: the Jacobian)
+            request = DerivativeRequest(wrt=_names(wrt), **{"jacobian" if what == "gradient" else what: True})
         made = Operator(model, request, inputs, outputs, engine)
         _warn_refused(made, f"derivcli.{what}", 4)
         by_request[key] = made

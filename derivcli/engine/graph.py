@@ -90,8 +90,7 @@ class FrozenFunction:
         return output
 
     def parameter_values(self) -> dict[str, tf.Tensor]:
-        """The live variables' current values by the name of the constant each replaces (a read that tapes see)."""
-        return {name: tf.convert_to_tensor(variable) for name, variable in self.parameters}
+        return read_parameters(self.parameters)
 
     def runnable(self) -> Any:
         """The graph to import into a kernel: its input Placeholder made an Identity of a constant.
@@ -114,6 +113,11 @@ class FrozenFunction:
             node.input.append(constant.name)
             self._runnable = graph_def
         return self._runnable
+
+
+def read_parameters(parameters: Sequence[tuple[str, Any]]) -> dict[str, tf.Tensor]:
+    """A live function's variables' current values, by the name of the constant each replaces (reads tapes see)."""
+    return {name: tf.convert_to_tensor(variable) for name, variable in parameters}
 
 
 def record_on_tapes(operations: Sequence[Any]) -> None:

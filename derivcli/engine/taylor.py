@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from derivcli.engine.graph import FrozenFunction, record_on_tapes
+from derivcli.engine.graph import FrozenFunction, read_parameters, record_on_tapes
 
 Series = tuple  # of tf.Tensor: coefficient 0, 1, ..., a value that varies with the input
 Value = Any  # a plain tf.Tensor (constant along the directions) or a Series
@@ -199,7 +199,7 @@ class _Pusher:
         self.order = len(start) - 1
         env: dict[str, Value] = {program.source: start}
         # A live function's variables are read where the frozen graph holds their values.
-        env.update({name: tf.convert_to_tensor(variable) for name, variable in program.parameters})
+        env.update(read_parameters(program.parameters))
         for op in program.ops:
             if op.type == "Placeholder" or not op.outputs or op.outputs[0].name in env:
                 continue
