@@ -7,6 +7,12 @@ when its largest error is above its tolerance, `atol + rtol * scale +
 fd_error_estimate`, where `scale` is the column's largest finite-difference
 magnitude and `fd_error_estimate` the largest error estimate of the finite
 differences; the report prints all three, so the verdict can be read off it.
+By default `atol` is 0, so the tolerance follows the column's scale.
+
+A column whose finite-difference error estimate is as large as the column
+itself (vanishing derivatives, about 1e-16) cannot be judged: any automatic
+value of that size would pass. Such a column is `unresolved`, never `ok`;
+`--strict` makes it fail.
 
 On a piecewise-linear model, a point whose difference stencil straddles a
 kink has no meaningful finite difference; such points are reported, not
@@ -22,7 +28,7 @@ import numpy as np
 
 from derivcli.finite_differences import BASE_STEP, finite_difference
 
-DEFAULT_TOLERANCES = {"float32": (1e-4, 1e-6), "float64": (1e-8, 1e-12)}  # (rtol, atol)
+DEFAULT_TOLERANCES = {"float32": (1e-4, 0.0), "float64": (1e-8, 0.0)}  # (rtol, atol): relative to the column's scale
 # Within one linear piece, central differences at every step agree to round-off.
 KINK_TOLERANCE = 1e-7
 # A piecewise-linear model needs no extrapolation (its differences are exact
@@ -44,12 +50,15 @@ class ColumnCheck:
     passed: bool
     first_kink: np.ndarray | None = None
     worst_point: np.ndarray | None = None
+    unresolved: str | None = None  # why the finite differences cannot judge a column that passed, if they cannot
 
     @property
     def status(self) -> str:
         if self.points == 0:
             return "skipped"
-        return "ok" if self.passed else "FAIL"
+        if not self.passed:
+            return "FAIL"
+        return "unresolved" if self.unresolved else "ok"
 
 
 @dataclass
@@ -100,6 +109,10 @@ def check_columns(
         tolerance = atol + rtol * scale + fd_error
         max_error = float(np.max(error[compared], initial=0.0))
         relative = error / max(scale, np.finfo(np.float64).tiny)
+        unresolved = None
+        if fd_error > 0 and fd_error >= scale:
+            unresolved = (f"the finite differences' error estimate ({fd_error:.3g}) is as large as the column's "
+                          f"largest value ({scale:.3g}): they cannot tell it from 0")
         report.columns.append(ColumnCheck(
             name=name,
             max_abs_error=max_error,
@@ -111,6 +124,7 @@ def check_columns(
             passed=max_error <= tolerance,
             first_kink=points[np.argmin(compared)] if not compared.all() else None,
             worst_point=points[np.argmax(np.where(compared, error, -np.inf))] if compared.any() else None,
+            unresolved=unresolved,
         ))
     return report
 
@@ -164,7 +178,7 @@ def report_rows(report: CheckReport) -> tuple[Any, list[list[str]], np.ndarray]:
 
     layout = Layout([], ["column", "status", "points", "kink_points"],
                     ["max_abs_error", "max_rel_error", "fd_error_estimate", "tolerance"], np.dtype(np.float64),
-                    table_digits=3)  # a person wants an error's size; csv and json keep every digit
+                    table_digits=3, full_digits={"tolerance"})  # an error's size; the tolerance as given
     text = [[c.name for c in report.columns], [c.status for c in report.columns],
             [str(c.points) for c in report.columns], [str(c.kink_points) for c in report.columns]]
     values = np.array([[c.max_abs_error, c.max_rel_error, c.fd_error_estimate, c.tolerance] for c in report.columns])
@@ -214,7 +228,14 @@ def run_check(options: Any, request: Any, rtol: float | None, atol: float | None
         if column.kink_points:
             warn(f"{column.name}: {column.kink_points} point(s) have a kink within the finite-difference "
                  f"step, not compared (first at {format_point(loaded.coordinate_names, column.first_kink)})")
+    for column in report.columns:
+        if column.unresolved and column.passed and not options.strict:
+            warn(f"{column.name}: unresolved: {column.unresolved} (--strict makes this fail)")
     failed = [c for c in report.columns if not c.passed]
+    unresolved = [c for c in report.columns if c.passed and c.unresolved]
+    if options.strict and unresolved and not failed:
+        raise CheckFailed(f"{len(unresolved)} column(s) unresolved (--strict); {unresolved[0].name}: "
+                          f"{unresolved[0].unresolved}")
     if failed:
         worst = failed[0]
         raise CheckFailed(

@@ -573,6 +573,8 @@ def check_command(
 
     Default: every first and second derivative. Exit status 3 when a column
     is off by more than --rtol/--atol beyond the finite-difference error estimate.
+    A column the finite differences cannot resolve (their error estimate as large
+    as the column) is `unresolved`, never `ok`; with --strict it fails too.
     """
     from derivcli.check import run_check
     from derivcli.run import DerivativeRequest
@@ -585,7 +587,7 @@ def check_command(
         jacobian=not partial and order is None, hessian=not partial and order is None,
         wrt=_names_or_none(wrt, "--wrt"), outputs=_names_or_none(outputs, "--outputs"),
     )
-    run_check(options, request, _number(rtol, "--rtol", "1e-4"), _number(atol, "--atol", "1e-6"),
+    run_check(options, request, _number(rtol, "--rtol", "1e-4"), _number(atol, "--atol", "0"),
               warn=lambda message: _warn(options, message))
 
 

@@ -88,7 +88,7 @@ MaxAbsOption = Annotated[
     str | None,
     typer.Option("--max-abs", metavar="X", help="Exit 3 if any derivative or operator column exceeds X in absolute value (or is NaN/Inf).", show_default=False, rich_help_panel="Gates"),
 ]
-StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf.", rich_help_panel="Gates")]
+StrictOption = Annotated[bool, typer.Option("--strict", metavar="", help="Exit 3 if any derivative or operator value is NaN or Inf (check: also when a column is unresolved).", rich_help_panel="Gates")]
 ShardOption = Annotated[
     str | None,
     typer.Option("--shard", metavar="K/N|auto[/N]", help="K/N: only the K-th of N balanced slices of the points, for array jobs; auto takes K and N "
@@ -338,5 +338,5 @@ RtolOption = Annotated[
     str | None, typer.Option("--rtol", metavar="R", help="Relative tolerance [default: 1e-4 in float32, 1e-8 in float64].", show_default=False, rich_help_panel="Gates")
 ]
 AtolOption = Annotated[
-    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 1e-6 in float32, 1e-12 in float64].", show_default=False, rich_help_panel="Gates")
+    str | None, typer.Option("--atol", metavar="A", help="Absolute tolerance [default: 0, so the tolerance follows each column's scale].", show_default=False, rich_help_panel="Gates")
 ]

@@ -94,6 +94,7 @@ class Layout:
     # Float columns of whole numbers (integer inputs, --target's index), by position: NPZ and HDF5 write them so.
     integer_columns: dict[int, np.dtype] = dataclasses.field(default_factory=dict)
     table_digits: int | None = None  # significant digits the table format shows (check's errors: 3); None: all
+    full_digits: set[str] = dataclasses.field(default_factory=set)  # columns the table shows in full all the same
 
     @property
     def float_names(self) -> list[str]:
@@ -526,7 +527,9 @@ class TableWriter(TextWriter):
             columns = format_floats(block)
         else:
             if not self.formats:
-                self.formats = [ColumnFormat.of(block[:4096, j], self.layout.dtype, self.layout.table_digits)
+                names = self.layout.float_names
+                self.formats = [ColumnFormat.of(block[:4096, j], self.layout.dtype,
+                                                None if names[j] in self.layout.full_digits else self.layout.table_digits)
                                 for j in range(block.shape[1])]
             columns = [form.cells(block[:, j]) for j, form in enumerate(self.formats)]  # type: ignore[union-attr]
         d = len(self.layout.coordinate_names)
@@ -683,9 +686,10 @@ def _rounded(value: np.floating, digits: int, scientific: bool) -> str:
     """`value` to `digits` significant digits, in scientific or positional notation."""
     if not np.isfinite(value):
         return _scientific(value)
-    if scientific:
-        return np.format_float_scientific(value, precision=digits - 1, unique=False, trim="-", exp_digits=2)
-    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+    if scientific:  # NumPy trims 1.00e-06 to "1.e-06": the point goes too
+        text = np.format_float_scientific(value, precision=digits - 1, unique=False, trim="-", exp_digits=2)
+        return text.replace(".e", "e")
+    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-").rstrip(".")
 
 
 def _scientific(value: np.floating, width: int | None = None) -> str:

@@ -68,10 +68,11 @@ def test_check_s_table_shows_three_digits_and_its_csv_every_one(cli):
     assert table.exit_code == 0, table.stderr
     rows = [line.split() for line in table.stdout.splitlines()[1:]]
     for row in rows:
-        for cell in row[4:]:  # the errors and the tolerance: 2.34e-08, three significant digits
+        for cell in row[4:7]:  # the errors: 2.34e-08, three significant digits; the tolerance in full
             assert len(cell.replace("-", "").split("e")[0].replace(".", "").lstrip("0")) <= 3, cell
     full = read_csv(cli(*args, "--format", "csv").stdout)
     assert any(len(str(value)) > 12 for value in full["max_abs_error"])  # csv keeps every digit
+    assert [float(row[7]) for row in rows] == list(full["tolerance"])  # every digit: the same float
     for row, error in zip(rows, full["max_abs_error"]):
         assert float(row[4]) == pytest.approx(error, rel=5e-3)
 
@@ -132,3 +133,44 @@ def test_check_fails_on_a_wrong_derivative(cli):
                  "--atol", "0")
     assert_one_line_error(result, 3, "1 column(s) differ from finite differences", "d2y/dx0^2", "x0=0.5")
     assert read_csv(result.stdout)["status"] == ["FAIL"]
+
+
+@pytest.fixture(scope="module")
+def saturated_tanh(tmp_path_factory):
+    """y = tanh(x + 18): at x = 0, dy/dx = 1 - tanh(18)^2 = 9.3e-16, below what float64 differences resolve."""
+    import keras
+
+    inputs = keras.Input((1,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="tanh", name="out")(inputs))
+    model.set_weights([np.ones((1, 1), "float32"), np.full(1, 18.0, "float32")])
+    path = tmp_path_factory.mktemp("saturated") / "saturated.keras"
+    model.save(path)
+    return str(path)
+
+
+def test_a_column_the_differences_cannot_resolve_is_unresolved_never_ok(cli, saturated_tanh):
+    """On main at 755183a this column was `ok` with max_rel_error 1 and the tolerance printed `1.e-06`: any value
+    of its size would have passed. Now it is `unresolved`, with the reason, and --strict fails it."""
+    result = cli("check", saturated_tanh, "--at", "0", "--partial", "x")
+    assert result.exit_code == 0, result.stderr
+    row = read_csv(result.stdout)
+    assert row["status"] == ["unresolved"]
+    assert float(row["fd_error_estimate"][0]) >= abs(1 - np.tanh(18.0) ** 2)
+    assert "dy/dx: unresolved: the finite differences' error estimate" in result.stderr
+    assert "--strict makes this fail" in result.stderr
+    strict = cli("check", saturated_tanh, "--at", "0", "--partial", "x", "--strict")
+    assert_one_line_error(strict, 3, "1 column(s) unresolved (--strict)", "dy/dx")
+    # Where the derivative is 1, the same model's column is resolved and ok.
+    resolved = cli("check", saturated_tanh, "--at", "-18", "--partial", "x")
+    assert read_csv(resolved.stdout)["status"] == ["ok"], resolved.stderr
+
+
+def test_the_default_tolerance_follows_the_column_and_prints_in_full(cli):
+    """The tolerance is rtol * scale + the difference's error estimate (atol 0), and the table prints it whole."""
+    csv = read_csv(cli("check", "sample_models/softplus_2d.keras", "--at", "0.5,1", "--partial", "x0").stdout)
+    scale_bound = 1e-4 * 10 + float(csv["fd_error_estimate"][0])  # |dy/dx0| < 10 on this net
+    assert 0 < float(csv["tolerance"][0]) < scale_bound
+    args = ["check", "sample_models/softplus_2d.keras", "--at", "0.5,1", "--at", "0,0", "--partial", "x0"]
+    table = cli(*args, "--format", "table").stdout.split()
+    assert float(table[-1]) == read_csv(cli(*args).stdout)["tolerance"][0]  # every digit; the errors show three
+    assert len(table[-1]) > 12 and len(table[-3]) <= 8
