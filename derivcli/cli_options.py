@@ -60,6 +60,7 @@ BatchSizeOption = Annotated[
 ]
 DtypeOption = Annotated[str, typer.Option("--dtype", metavar="float32|float64", autocompletion=lambda: ["float32", "float64"], help="float32, or float64 to evaluate in double precision.", rich_help_panel="Computation")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|gpu", autocompletion=lambda: ["auto", "cpu", "gpu"], help="auto, cpu or gpu.", rich_help_panel="Computation")]
+XlaOption = Annotated[str, typer.Option("--xla", metavar="auto|on|off", autocompletion=lambda: ["auto", "on", "off"], help="Compile kernels with XLA: auto (where the compile pays for itself: long runs of small networks; never on large networks, whose compile takes minutes), on or off.", rich_help_panel="Computation")]
 EngineOption = Annotated[
     str, typer.Option("--engine", metavar="auto|taylor|tape", autocompletion=lambda: ["auto", "taylor", "tape"], help="auto (Taylor series where the model's ops are covered, in runs of order >= 3 or with a Laplacian: pure and --direction derivatives of order >= 2, Laplacians, and mixed partials of order >= 6 in float64), taylor (also every mixed partial of order >= 3, by interpolation: it loses digits in float32) or tape (nested reverse mode only).", rich_help_panel="Computation")
 ]
@@ -156,6 +157,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("dtype", DtypeOption, "float32"),
     ("device", DeviceOption, "auto"),
     ("engine", EngineOption, "auto"),
+    ("xla", XlaOption, "auto"),
     ("max_abs", MaxAbsOption, None),
     ("strict", StrictOption, False),
     ("quiet", QuietOption, False),
@@ -244,7 +246,7 @@ def _common(
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
     hdf5: str | None = None, verbose: bool = False, plot_dpi: int = 100, plot_title: str | None = None,
-    plot_cmap: str | None = None, summary: bool = False,
+    plot_cmap: str | None = None, summary: bool = False, xla: str = "auto",
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -278,6 +280,7 @@ def _common(
         dtype=_choice(dtype, "--dtype", ("float32", "float64")),
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
+        xla=_choice(xla, "--xla", ("auto", "on", "off")),
         quiet=quiet,
         verbose=verbose,
         summary=summary,

@@ -47,6 +47,7 @@ class RunOptions:
     dtype: str = "float32"
     device: str = "auto"
     engine: str = "auto"
+    xla: str = "auto"  # --xla: auto (where the compile pays), on, off
     quiet: bool = False
     verbose: bool = False  # --verbose: information that is not a warning, even off a terminal
     summary: bool = False  # --summary: one row per value column (count, mean, std ...) instead of one per point
@@ -157,14 +158,18 @@ def run_command(
         if request.layer is not None:
             if baselines is not None:
                 raise UsageError("--layer integrates from zero at the layer's output: leave out --baseline FILE")
-            kernel = LayerAttributionKernel(model, planned, request, batch_size, select_device(options.device))
+            kernel = LayerAttributionKernel(model, planned, request, batch_size, select_device(options.device),
+                                            options.xla, inform)
         else:
-            kernel = AttributionKernel(model, planned, request, batch_size, baselines, select_device(options.device))
+            kernel = AttributionKernel(model, planned, request, batch_size, baselines, select_device(options.device),
+                                       options.xla, inform)
         batch_size = kernel.points_per_batch
     source = open_source(model.coordinate_names, options.at, options.grid, options.csv, options.npz,
                          options.columns, options.shard, batch_size, options.delimiter, model.tensors, options.hdf5)
     if attributing:
         checked_baselines(baselines, source.run_total, request.method, request.baseline)
+        if options.batch_size is None:
+            kernel.fit_rows(source.run_total)
     for note in source.notes:
         warn(note)
     if options.shard and options.output in (None, "-"):
@@ -176,7 +181,7 @@ def run_command(
                          "NPZ or HDF5 (-o out.npz), which keep tensors in their shapes, or restrict --wrt")
     if not attributing:
         kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
-                             batch_size=batch_size)
+                             batch_size=batch_size, xla=options.xla)
     if options.plot is not None and not options.summary:  # first: a bad --plot-axes stops the run before any file
         from derivcli.plots import ImagePlotWriter, PlotWriter, PointsPlotWriter, Tee, image_input
 

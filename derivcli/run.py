@@ -321,7 +321,7 @@ class RunSummary:
 
 def make_kernel(
     model: LoadedModel, planned: Plan, device: str = "auto", engine: str = "auto", points: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = None, xla: str = "auto",
 ) -> Any:
     """The compiled kernel for a plan, on the device chosen by `--device`.
 
@@ -332,6 +332,9 @@ def make_kernel(
     `engine`: `tape` (nested reverse mode only), `taylor` (pure derivatives of
     order >= 2 by Taylor series; a usage error when the model is not covered),
     or `auto` (Taylor where it covers the model, tapes elsewhere).
+
+    `xla`: `auto` (from the batch where the compile pays for itself, as below), `on` (every batch of
+    the run's batch size) or `off`.
     """
     from derivcli.engine import DerivativeKernel, select_device
 
@@ -353,7 +356,9 @@ def make_kernel(
     # XLA fuses the many small elementwise ops of tapes and series (bench/bench_jax.py: 0.45x to
     # 0.97x the plain graph's time per batch); a model whose ops it cannot compile runs plain graphs.
     xla_from = None
-    if batch_size is not None and planned.highest_order >= 1 and all(
+    if xla == "on" and batch_size is not None and planned.highest_order >= 1:
+        xla_from = 0
+    elif xla == "auto" and batch_size is not None and planned.highest_order >= 1 and all(
             len(c.laplacian_over or ()) <= XLA_LAPLACIAN_INPUTS for c in planned.columns):
         pays_from = XLA_GRADIENT_POINTS if planned.highest_order == 1 else \
             -(-XLA_POINTS_TIMES_ORDER // planned.highest_order)
