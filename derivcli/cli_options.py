@@ -78,6 +78,7 @@ LogitsOption = Annotated[
                                                      "a saturated softmax has vanishing gradients).", rich_help_panel="Model")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Silence warnings.", rich_help_panel="Output")]
+InputsOption = Annotated[bool | None, typer.Option("--inputs/--no-inputs", help="Text formats: write every input's coordinates (--inputs), or none (--no-inputs). Default: all but a tensor input's elements (an image's pixels), with a note.", show_default=False, rich_help_panel="Output")]
 SummaryOption = Annotated[bool, typer.Option(
     "--summary", metavar="", rich_help_panel="Output",
     help="Instead of a row per point, a row per value column: count, nan, mean, std, mean_abs, rms, min, max, in "
@@ -146,6 +147,7 @@ SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
     ("hdf5", Hdf5Option, None),
     ("format", FormatOption, None),
     ("output", OutputOption, None),
+    ("inputs", InputsOption, None),
     ("names", NamesOption, None),
     ("output_names", OutputNamesOption, None),
     ("target", TargetOption, None),
@@ -246,7 +248,7 @@ def _common(
     max_abs: str | None, strict: bool, timings: bool = False, plot: str | None = None,
     plot_axes: str | None = None, plot_at: list[str] | None = None, target: str | None = None, logits: bool = False,
     hdf5: str | None = None, verbose: bool = False, plot_dpi: int = 100, plot_title: str | None = None,
-    plot_cmap: str | None = None, summary: bool = False, xla: str = "auto",
+    plot_cmap: str | None = None, summary: bool = False, xla: str = "auto", inputs: bool | None = None,
 ) -> CommonOptions:
     """Validates the shared options at the edge, before TensorFlow is imported."""
     from derivcli.points import check_one_source
@@ -281,6 +283,7 @@ def _common(
         device=_choice(device, "--device", ("auto", "cpu", "gpu")),
         engine=_choice(engine, "--engine", ("auto", "taylor", "tape")),
         xla=_choice(xla, "--xla", ("auto", "on", "off")),
+        inputs=inputs,
         quiet=quiet,
         verbose=verbose,
         summary=summary,

@@ -61,6 +61,7 @@ class RunOptions:
     plot_style: tuple[int, str | None, str | None] = (100, None, None)  # --plot-dpi, --plot-title, --plot-cmap
     target: str | int | None = None  # --target: "top" or an output index
     logits: bool = False
+    inputs: bool | None = None  # --inputs/--no-inputs in text formats; None: every input but a tensor's elements
 
 
 @dataclass
@@ -121,7 +122,7 @@ def run_command(
     from derivcli.points import open_source
     from derivcli.run import DEFAULT_BATCH_SIZE, auto_batch_size, compute, layout_for, make_kernel, plan
     from derivcli.specs import MAX_COLUMNS
-    from derivcli.writers import open_writer
+    from derivcli.writers import open_text_writer, open_writer
 
     started = time.perf_counter()
     if options.plot is not None:
@@ -176,9 +177,12 @@ def run_command(
         warn("--shard to standard output: merge checks a shard by the record written beside its file; "
              "write each shard with -o FILE")
     layout = layout_for(model, source, planned)
-    if options.format not in ("npz", "hdf5") and len(layout.header) > MAX_COLUMNS and not options.summary:
-        raise UsageError(f"{len(layout.header):,} columns is more than a text table takes ({MAX_COLUMNS:,}); write "
-                         "NPZ or HDF5 (-o out.npz), which keep tensors in their shapes, or restrict --wrt")
+    text = options.format not in ("npz", "hdf5") and not options.summary
+    kept, note = written_inputs(model, options.inputs) if text else (None, None)
+    written = len(layout.header) - len(model.coordinate_names) + (len(model.coordinate_names) if kept is None
+                                                                    else len(kept))
+    if text and written > MAX_COLUMNS:
+        raise UsageError(too_many_columns(model, planned, written, kept is None or len(kept) > 0))
     if not attributing:
         kernel = make_kernel(model, planned, options.device, options.engine, points=source.size_in_advance,
                              batch_size=batch_size, xla=options.xla)
@@ -197,7 +201,8 @@ def run_command(
         writer: Any = SummaryWriter(layout, options.format, options.output, summary_bars(model, planned),
                                     options if options.plot is not None else None)
     else:
-        writer = open_writer(options.format, layout, options.output)
+        writer = open_text_writer(options.format, layout, options.output, kept) if text \
+            else open_writer(options.format, layout, options.output)
     if options.plot is not None and not options.summary:
         writer = Tee(writer, picture)
     advance_bar, stop = progress(source.total, batch_size)
@@ -219,12 +224,53 @@ def run_command(
         loaded - started, first_batch[0][0] - computing if first_batch else None,
         first_batch[0][1] if first_batch else 0, finished - first_batch[0][0] if first_batch else 0.0, summary.rows,
         getattr(kernel, "engine", ""))
-    for message in result_warnings(model, summary):
+    for message in result_warnings(model, summary) + ([note] if note else []):
         warn(message)
     if attributing and request.max_delta is not None:
         delta_gate(model.coordinate_names, summary, planned.delta_columns(), request.max_delta)
     gate(options, model.coordinate_names, summary, planned.first_gated, inform)
     return summary
+
+
+def written_inputs(model: Any, inputs: bool | None) -> tuple[list[int] | None, str | None]:
+    """The coordinates a text format writes (None: all) and the note that says what was left out.
+
+    By default a tensor input's elements (an image's pixels) are left out: a text table of them is
+    unreadable and, on most images, wider than any table takes; `--inputs` puts them in and
+    `--no-inputs` leaves out every input's coordinates.
+    """
+    if inputs is True:
+        return None, None
+    if inputs is False:
+        return [], None
+    kept, left, start = [], [], 0
+    for info in model.model_inputs:
+        if len(info.shape) >= 2:
+            name = model.coordinate_names[start].partition("[")[0]
+            left.append(f"{name} ({'x'.join(map(str, info.shape))})")
+        else:
+            kept.extend(range(start, start + info.size))
+        start += info.size
+    kept.extend(range(start, len(model.coordinate_names)))  # a --target NAME's label input, if any
+    if not left:
+        return None, None
+    return kept, (f"the elements of the tensor input {', '.join(left)} are left out of the text output; --inputs puts "
+                  "them in, and NPZ or HDF5 (-o out.npz) keep them in their shapes")
+
+
+def too_many_columns(model: Any, planned: Any, columns: int, inputs_written: bool) -> str:
+    """The one-line error of a text table too wide to write, with the ways out that would help this run."""
+    from derivcli.specs import MAX_COLUMNS
+
+    ways = ["write NPZ or HDF5 (-o out.npz), which keep tensors in their shapes"]
+    if len(model.output_names) > 1:
+        ways.append("pick outputs with --outputs")
+    if inputs_written:
+        ways.append("leave out the inputs with --no-inputs")
+    derivatives = len(planned.names) - len(model.output_names)
+    if planned.highest_order >= 1 and derivatives > MAX_COLUMNS // 10:  # a few columns more or less would not do
+        ways.append("restrict the inputs differentiated with --wrt")
+    return f"{columns:,} columns is more than a text table takes ({MAX_COLUMNS:,}): {'; '.join(ways)}"
 
 
 def summary_bars(model: Any, planned: Any) -> list[tuple[int, str, str]]:

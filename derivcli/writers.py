@@ -850,6 +850,38 @@ def write_hdf5(path: Path, arrays: list[tuple[str, np.ndarray]]) -> None:
                 dataset[start : start + slab] = array[start : start + slab]
 
 
+class InputsLeftOut(Writer):
+    """A text writer given only some of the coordinates (`--no-inputs`, a tensor input's elements by default)."""
+
+    def __init__(self, main: Writer, kept: Sequence[int]) -> None:
+        self.main, self.kept = main, np.asarray(kept, dtype=np.int64)
+        self.layout, self.file = main.layout, main.file
+
+    @property
+    def nonfinite_written_as_null(self) -> int:  # type: ignore[override]
+        return self.main.nonfinite_written_as_null
+
+    def naming_write_errors(self) -> Any:
+        return self.main.naming_write_errors()
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        self.main.write(coordinates[:, self.kept], passthrough, values)
+
+    def close(self) -> None:
+        self.main.close()
+
+    def abort(self) -> None:
+        self.main.abort()
+
+
+def open_text_writer(format_name: str, layout: Layout, output: str | None, kept: Sequence[int] | None) -> Writer:
+    """`open_writer`, writing only the coordinates at positions `kept` (None: all)."""
+    if kept is None or len(kept) == len(layout.coordinate_names):
+        return open_writer(format_name, layout, output)
+    narrowed = dataclasses.replace(layout, coordinate_names=[layout.coordinate_names[j] for j in kept])
+    return InputsLeftOut(open_writer(format_name, narrowed, output), kept)
+
+
 def open_writer(format_name: str, layout: Layout, output: str | None) -> Writer:
     """Opens the writer for `format_name` (already chosen by `choose_format`)."""
     if format_name == "csv":

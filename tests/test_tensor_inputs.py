@@ -75,7 +75,8 @@ def jacobian(model, inputs):
 def test_an_image_model_is_named_by_index_and_takes_its_images_in_their_shape(cli, models, tmp_path):
     images = RNG.uniform(-1, 1, (7, 6, 6, 1))
     np.savez(tmp_path / "images.npz", image=images)
-    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv")
+    result = cli("grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv",
+                 "--inputs")
     assert result.exit_code == 0, result.stderr
     table = read_csv(result.stdout)
     names = list(table)
@@ -160,7 +161,7 @@ def test_two_inputs_of_different_ranks_by_name(cli, models, tmp_path):
     pictures, features = RNG.uniform(-1, 1, (5, 4, 4, 1)), RNG.uniform(-1, 1, (5, 3))
     np.savez(tmp_path / "two.npz", picture=pictures, feat=features)
     result = cli("grad", models / "two.keras", "--npz", tmp_path / "two.npz", "--dtype", "float64", "-f", "csv",
-                 "--wrt", "picture")
+                 "--wrt", "picture", "--inputs")
     assert result.exit_code == 0, result.stderr
     table = read_csv(result.stdout)
     names = list(table)
@@ -356,7 +357,7 @@ def test_target_top_and_index_differentiate_one_class_per_image(cli, models, tmp
     result = cli("grad", models / "cnn.keras", *source, "--target", "top")
     assert result.exit_code == 0, result.stderr
     table = read_csv(result.stdout)
-    assert list(table)[36:39] == ["y", "target", "dy/dx[0,0,0]"]
+    assert list(table)[:3] == ["y", "target", "dy/dx[0,0,0]"]  # the pixels left out of text, by default
     values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
     top = values.argmax(axis=1)
     assert len(set(top)) > 1  # the points do not all pick one class
@@ -419,7 +420,7 @@ def test_target_name_takes_each_points_class_from_its_labels(cli, models, tmp_pa
                  "--target", "label")
     assert result.exit_code == 0, result.stderr
     table = read_csv(result.stdout)
-    assert list(table)[36:40] == ["label", "y", "target", "dy/dx[0,0,0]"]  # the labels, held as the points' own
+    assert list(table)[:4] == ["label", "y", "target", "dy/dx[0,0,0]"]  # the labels, held as the points' own
     assert "dy/dlabel" not in table
     values, (jac,) = jacobian(float64_twin(models / "cnn.keras"), [images])
     np.testing.assert_array_equal(table["target"], labels)
@@ -480,8 +481,8 @@ def test_other_arrays_pass_through_in_their_dtype_and_shape(cli, models, tmp_pat
     assert text.exit_code == 0, text.stderr
     assert "array 'classes' of shape (4,) is not one row per point (5 points)" in text.stderr
     table = read_csv(text.stdout)
-    assert list(table)[36:] == ["ids", "mask0", "mask1", "mask2", "weight", "y", "target"]
-    assert text.stdout.splitlines()[1].split(",")[36] == str(2**40)  # not through float32
+    assert list(table) == ["ids", "mask0", "mask1", "mask2", "weight", "y", "target"]
+    assert text.stdout.splitlines()[1].split(",")[0] == str(2**40)  # not through float32
     assert list(table["mask1"]) == ["false", "true", "false", "false", "false"]
     np.testing.assert_array_equal(table["weight"].astype(np.float32), arrays["weight"])
     out = tmp_path / f"out{suffix}"
@@ -518,7 +519,7 @@ def test_an_exported_savedmodel_with_an_image_input(cli, models, tmp_path):
     images = RNG.uniform(-1, 1, (3, 6, 6, 1))
     np.savez(tmp_path / "images.npz", image=images)
     source = ["--npz", tmp_path / "images.npz", "--dtype", "float64", "-f", "csv", "--target", "top"]
-    saved = cli("grad", exported, *source)
+    saved = cli("grad", exported, *source, "--inputs")
     assert saved.exit_code == 0, saved.stderr
     table = read_csv(saved.stdout)
     assert list(table)[:2] == ["x[0,0,0]", "x[0,1,0]"]
@@ -645,9 +646,15 @@ def test_a_224x224x3_input_streams_and_its_limits_are_one_line_errors(cli, tmp_p
     with np.load(tmp_path / "out.npz") as arrays:
         assert arrays["x"].shape == (2, 224, 224, 3) and arrays["dy/dx[111,37,2]"].shape == (2,)
         np.testing.assert_array_equal(arrays["x"], images)
-    text = cli("eval", *source, "-f", "csv")
-    assert text.exit_code == 2
-    assert "150,530 columns is more than a text table takes (10,000); write NPZ or HDF5" in text.stderr
+    text = cli("eval", *source, "-f", "csv")  # the pixels left out of text: the outputs alone
+    assert text.exit_code == 0 and "left out of the text output" in text.stderr
+    text = cli("eval", *source, "-f", "csv", "--inputs")
+    assert text.exit_code == 2  # the ways out that help eval: not --wrt, which on main at 755183a it was offered
+    assert "150,530 columns is more than a text table takes (10,000): write NPZ or HDF5" in text.stderr
+    assert "--no-inputs" in text.stderr and "--wrt" not in text.stderr
+    gradient = cli("grad", *source, "-f", "csv")
+    assert gradient.exit_code == 2 and "restrict the inputs differentiated with --wrt" in gradient.stderr
+    assert "--no-inputs" not in gradient.stderr  # the pixels are left out already
     whole = cli("grad", *source, "--logits", "-o", tmp_path / "gradient.npz")
     assert whole.exit_code == 0, whole.stderr
     with np.load(tmp_path / "gradient.npz") as arrays:
@@ -784,3 +791,27 @@ def test_names_rename_tensor_inputs_whole(cli, models, tmp_path):
     assert text.stdout.splitlines()[0].endswith('"dy0/dphoto[3,2,0]",dy0/dextra2,"dy1/dphoto[3,2,0]",dy1/dextra2')
     wrong = cli("grad", models / "two.keras", "--npz", tmp_path / "points.npz", "--names", "a,b,c")
     assert wrong.exit_code == 2 and "3 name(s) for 19 input coordinates" in wrong.stderr and "or 2 input(s)" in wrong.stderr
+
+
+def test_text_output_leaves_an_image_s_pixels_out_by_default_and_says_so(cli, models, tmp_path):
+    """On main at 755183a `eval` of an image model wrote every pixel as a column, and on a 64x64x3 image failed with
+    '12,298 columns is more than a text table takes ... restrict --wrt', a hint that does not help `eval`."""
+    np.savez(tmp_path / "images.npz", image=RNG.uniform(-1, 1, (3, 6, 6, 1)))
+    args = ["grad", models / "cnn.keras", "--npz", tmp_path / "images.npz", "-f", "csv"]
+    default = cli(*args)
+    assert default.exit_code == 0, default.stderr
+    assert list(read_csv(default.stdout))[:5] == ["y0", "y1", "y2", "y3", "dy0/dx[0,0,0]"]
+    assert "the elements of the tensor input x (6x6x1) are left out of the text output; --inputs puts them in" \
+        in default.stderr
+    assert "left out" not in cli(*args, "--quiet").stderr
+    everything = read_csv(cli(*args, "--inputs").stdout)
+    assert list(everything)[0] == "x[0,0,0]" and len(everything) == len(read_csv(default.stdout)) + 36
+    binary = cli(*args[:-2], "-o", tmp_path / "r.npz")
+    assert binary.exit_code == 0 and "left out" not in binary.stderr  # NPZ keeps the images, in their shapes
+    assert np.load(tmp_path / "r.npz")["x"].shape == (3, 6, 6, 1)
+
+
+def test_no_inputs_leaves_out_a_vector_input_too(cli):
+    result = cli("grad", "sample_models/softplus_2d.keras", "--at", "0.5,1", "--no-inputs", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    assert list(read_csv(result.stdout)) == ["y", "dy/dx0", "dy/dx1"]
