@@ -139,7 +139,7 @@ def run_command(
         planned = plan_attribution(model, request)
     else:
         planned = plan(model, request)
-    for message in numerical_warnings(model, planned):
+    for message in numerical_warnings(model, planned) + held_inputs_note(model, request, planned):
         warn(message)
     # Shards must cut the points identically on every machine, so they never size batches from memory.
     batch_size = options.batch_size or (
@@ -313,6 +313,22 @@ def numerical_warnings(model: Any, planned: Any) -> list[str]:
                             f"float32-rounded constants (first: {narrow[0]}); their rounding (about 1e-8 "
                             "relative) stays in the results")
     return messages
+
+
+def held_inputs_note(model: Any, request: Any, planned: Any) -> list[str]:
+    """A derivative command on a model whose every input is integer (token ids): why it prints no derivative, and
+    what to run instead."""
+    from derivcli.run import DerivativeRequest
+
+    asked = isinstance(request, DerivativeRequest) and (request.jacobian or request.hessian or request.laplacian
+                                                        or request.partials or request.order)
+    if not asked or planned.highest_order >= 1 or len(model.discrete_positions) < len(model.coordinate_names):
+        return []
+    embeddings = [layer.name for layer in model.keras_model.layers if type(layer).__name__ ==
+                  "Embedding"] if model.kind == "keras" else []
+    hint = f"attribute --layer {embeddings[0]}" if embeddings else "attribute --layer LAYER (an Embedding)"
+    return [f"every input of this model is integer (token ids or categories): they are held at their values and "
+            f"never differentiated, so there is no derivative to print; {hint} attributes the output to each token"]
 
 
 def result_warnings(model: Any, summary: Any) -> list[str]:

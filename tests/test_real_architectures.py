@@ -262,3 +262,20 @@ def test_attention_and_a_bidirectional_lstm_to_order_two(cli, tmp_path):
                   "--partial", "x[0,0]^2", "--partial", "x[0,0],x[4,2]", "--partial", "x[2,1]^2", "--rtol", "1e-8")
     assert checked.exit_code == 0, checked.stderr
     assert read_csv(checked.stdout)["status"] == ["ok", "ok", "ok"]
+
+
+def test_grad_of_a_token_model_says_why_it_has_no_derivative(cli, tmp_path):
+    """On main at 755183a it printed the ids, y and target, with no word on why or on attribute --layer."""
+    import keras
+
+    tokens = keras.Input((16,), dtype="int32", name="tokens")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 8, name="embed")(tokens))
+    keras.Model(tokens, keras.layers.Dense(3, name="out")(pooled)).save(tmp_path / "tokens.keras")
+    np.savez(tmp_path / "ids.npz", tokens=np.random.default_rng(0).integers(0, 50, (4, 16)).astype(np.int32))
+    result = cli("grad", tmp_path / "tokens.keras", "--npz", tmp_path / "ids.npz", "--target", "top", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    assert list(read_csv(result.stdout))[-2:] == ["y", "target"]
+    assert "they are held at their values and never differentiated" in result.stderr
+    assert "attribute --layer embed attributes the output to each token" in result.stderr
+    values = cli("eval", tmp_path / "tokens.keras", "--npz", tmp_path / "ids.npz", "-f", "csv")
+    assert "never differentiated" not in values.stderr  # eval asked for no derivative
