@@ -101,16 +101,21 @@ class SummaryWriter(Writer):
                  bars: Sequence[tuple[int, str, str]] = (), plot: Any = None) -> None:
         """`bars`: (value column, output, input) of each first derivative or attribution, which `plot` (the run's
         options, with `plot` set) draws as a bar chart of mean |dy/dx_i| per input, with the spread."""
-        self.bars, self.plot = list(bars), plot
-        self.layout = layout
-        self.moments = Moments(layout.value_names)
+        self.plot, self.layout = plot, layout
+        # Index columns (--target's `target`) are labels, not quantities: a mean class index means nothing.
+        dimension = len(layout.coordinate_names)
+        self.kept = [j for j in range(len(layout.value_names)) if dimension + j not in layout.integer_columns]
+        position = {j: k for k, j in enumerate(self.kept)}
+        self.bars = [(position[j], output, name) for j, output, name in bars if j in position]
+        names = [layout.value_names[j] for j in self.kept]
+        self.moments = Moments(names)
         self.points = 0
-        self.inner = open_writer(format_name, summary_layout(layout, layout.value_names), output)
+        self.inner = open_writer(format_name, summary_layout(layout, names), output)
         self.file = self.inner.file
         self.nonfinite_written_as_null = 0
 
     def write(self, coordinates: np.ndarray, passthrough: list[Any], values: np.ndarray) -> None:
-        self.moments.update(values.astype(self.layout.dtype))  # the numbers the rows would hold
+        self.moments.update(values[:, self.kept].astype(self.layout.dtype))  # the numbers the rows would hold
         self.points += len(values)
 
     def close(self) -> None:

@@ -92,3 +92,14 @@ def test_summary_plot_is_a_bar_chart_of_mean_absolute_derivatives(cli, tmp_path)
     assert widths == sorted(widths)  # barh draws bottom up: the largest is on top
     np.testing.assert_allclose(widths, [expected[label] for label in labels], rtol=1e-12)
     assert_one_line_error(cli(*args, "--plot", "-"), 2, "--summary --plot draws a bar chart into a file")
+
+
+def test_index_columns_are_not_summarized(cli):
+    """On main at 755183a `--target top --summary` averaged the class index `target`."""
+    args = ["grad", SAMPLES / "bars_cnn.keras", "--npz", SAMPLES / "bars.npz", "--target", "top", "-f", "csv"]
+    rows = read_csv(cli(*args).stdout)
+    summary = cli(*args, "--summary")
+    assert summary.exit_code == 0, summary.stderr
+    table = read_csv(summary.stdout)
+    assert "target" not in table["column"] and table["column"][0] == "y"
+    np.testing.assert_allclose(table["mean"][0], np.mean(rows["y"].astype(np.float32)), rtol=1e-6)
