@@ -858,6 +858,7 @@ def integer_columns(model: LoadedModel, planned: Plan) -> dict[int, np.dtype]:
 
 def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
     """The plan's columns that NPZ/HDF5 write in the model's shapes (`naming.shaped_arrays`)."""
+    from derivcli.models import is_discrete
     from derivcli.naming import shaped_arrays
 
     dimension = len(model.coordinate_names)
@@ -867,6 +868,10 @@ def shaped_arrays_of(model: LoadedModel, planned: Plan) -> list[Any]:
         base = names[0].partition("[")[0]
         if len(info.shape) >= 2 and all(name.startswith(base + "[") for name in names):  # not renamed by --names
             tensor_inputs.append((base, info.shape, first))
+        elif len(info.shape) == 1 and info.size > 1 and is_discrete(info.dtype):  # token ids: one (N, 16) array
+            stem = names[0][:-1]
+            if names == [f"{stem}{k}" for k in range(info.size)]:
+                tensor_inputs.append((stem, info.shape, first))
         first += info.size
     tensor_output = None
     if len(model.outputs) == 1 and len(model.outputs[0].shape) >= 2 and model.target is None \

@@ -279,3 +279,10 @@ def test_grad_of_a_token_model_says_why_it_has_no_derivative(cli, tmp_path):
     assert "attribute --layer embed attributes the output to each token" in result.stderr
     values = cli("eval", tmp_path / "tokens.keras", "--npz", tmp_path / "ids.npz", "-f", "csv")
     assert "never differentiated" not in values.stderr  # eval asked for no derivative
+    binary = cli("grad", tmp_path / "tokens.keras", "--npz", tmp_path / "ids.npz", "--target", "top", "-q",
+                 "-o", tmp_path / "out.npz")
+    assert binary.exit_code == 0, binary.stderr
+    with np.load(tmp_path / "out.npz") as arrays:  # on main at 755183a: 16 arrays x0 ... x15
+        assert sorted(arrays) == ["target", "x", "y"]
+        np.testing.assert_array_equal(arrays["x"], np.load(tmp_path / "ids.npz")["tokens"])
+        assert arrays["x"].dtype == np.int32
