@@ -184,17 +184,18 @@ def smoothness_verdict(model: Any) -> Verdict:
         )
     what = " and ".join(kink_kinds)
     plural = "s" if len(kinks) > 1 else ""
+    named = layer_list(model, list(kinks))
     if smooth:
         reason = "smooth: derivatives of every order are in general non-zero"
         if kinks:
-            reason += (f" wherever they are defined; layer{plural} {', '.join(kinks)} use{'' if plural else 's'} "
+            reason += (f" wherever they are defined; layer{plural} {named} use{'' if plural else 's'} "
                        f"{what}: derivatives may jump where {'their' if plural else 'its'} pieces meet")
         return Verdict(None, reason, list(kinks), list(smooth))
     if kinks:
         return Verdict(
             2,
             "piecewise linear: derivatives of order 2 and higher are zero almost everywhere "
-            f"(layer{plural} {', '.join(kinks)} use{'' if plural else 's'} {what}, which is piecewise linear, "
+            f"(layer{plural} {named} use{'' if plural else 's'} {what}, which is piecewise linear, "
             "and no layer is smooth); use a smooth activation such as tanh, softplus or gelu for non-zero "
             "higher derivatives",
             list(kinks), [],
@@ -202,6 +203,31 @@ def smoothness_verdict(model: Any) -> Verdict:
     return Verdict(
         2, "linear: derivatives of order 2 and higher are zero everywhere (no non-linear layer)"
     )
+
+
+# More layers than this are named by their classes in a verdict (`info --format json` lists them all).
+LISTED_LAYERS = 8
+
+
+def layer_list(model: Any, names: list[str]) -> str:
+    """`a, b, c`; on a big model, the layers counted by class: `40 (22 ReLU, 18 Activation)`."""
+    if len(names) <= LISTED_LAYERS:
+        return ", ".join(names)
+    classes: dict[str, int] = {}
+    for name in names:
+        kind = type(model.keras_model.get_layer(name)).__name__ if model.kind == "keras" and _has_layer(model, name) \
+            else "other"
+        classes[kind] = classes.get(kind, 0) + 1
+    counted = ", ".join(f"{count} {kind}" for kind, count in sorted(classes.items(), key=lambda item: -item[1]))
+    return f"{len(names)} ({counted}; info --format json lists them)"
+
+
+def _has_layer(model: Any, name: str) -> bool:
+    try:
+        model.keras_model.get_layer(name)
+    except ValueError:
+        return False
+    return True
 
 
 # Relative change of a point's outputs when the rest of its batch changes, above which

@@ -67,7 +67,10 @@ def render_info(description: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=sys.stdout, soft_wrap=True)
+    # Off a terminal, the table is as wide as its longest layer name needs (a pipe has no width to fold to).
+    rows = description["layers"]
+    widest = max([len(r["name"]) + len(r["class"]) + len(r["activation"] or "-") for r in rows], default=0) + 30
+    console = Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else max(80, widest))
     console.print(f"[bold]{description['path']}[/bold] ({description['format']}), "
                   f"{description['parameters']:,} parameters")
     ports = Table(box=None, header_style="bold")
@@ -80,8 +83,8 @@ def render_info(description: dict[str, Any]) -> None:
     console.print(ports)
     if description["layers"]:
         layers = Table(box=None, header_style="bold")
-        for heading in ("layer", "class", "activation", "parameters"):
-            layers.add_column(heading, justify="right" if heading == "parameters" else "left")
+        for heading in ("layer", "class", "activation", "parameters"):  # names whole, folded where they must
+            layers.add_column(heading, justify="right" if heading == "parameters" else "left", overflow="fold")
         for layer in description["layers"]:
             layers.add_row(layer["name"], layer["class"], layer["activation"] or "-", f"{layer['parameters']:,}")
         console.print(layers)

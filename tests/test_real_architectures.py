@@ -286,3 +286,16 @@ def test_grad_of_a_token_model_says_why_it_has_no_derivative(cli, tmp_path):
         assert sorted(arrays) == ["target", "x", "y"]
         np.testing.assert_array_equal(arrays["x"], np.load(tmp_path / "ids.npz")["tokens"])
         assert arrays["x"].dtype == np.int32
+
+
+def test_info_on_a_big_model_keeps_whole_names_and_counts_layers_by_class(cli, applications):
+    """On main at 755183a `info` cut MobileNetV3's names with '…' and listed 40 layers in its smoothness line."""
+    _, built = applications
+    result = cli("info", built["MobileNetV3Small"][0])
+    assert result.exit_code == 0, result.stderr
+    layers = result.stdout.split(" layer ")[1]
+    assert "…" not in layers and " expanded_conv_squeeze_excite_avg_pool " in layers
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("smoothness:"))
+    assert "ReLU" in verdict and "info --format json lists them" in verdict and "re_lu_1," not in verdict
+    listed = cli("info", built["MobileNetV3Small"][0], "--format", "json")
+    assert "re_lu_1" in listed.stdout  # the json verdict lists every layer
