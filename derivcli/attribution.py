@@ -156,17 +156,17 @@ def plan_attribution(model: Any, request: AttributionRequest) -> AttributionPlan
     Raises:
         UsageError: an unknown or discrete input in `wrt`, an unknown output.
     """
-    from derivcli.run import _positions, refuse_discrete
+    from derivcli.run import positions_of, refuse_discrete
 
     request.check()
     if request.layer is not None:
         return plan_layer_attribution(model, request)
     inputs = model.coordinate_names
     held = model.discrete_positions
-    values = (_positions(request.outputs, model.output_names, "--outputs", "output")
+    values = (positions_of(request.outputs, model.output_names, "--outputs", "output")
               if request.outputs else list(range(len(model.output_names))))
     outputs = [m for m in values if m not in model.index_outputs]
-    wrt = _positions(request.wrt, inputs, "--wrt", "input") if request.wrt else [p for p in range(len(inputs))
+    wrt = positions_of(request.wrt, inputs, "--wrt", "input") if request.wrt else [p for p in range(len(inputs))
                                                                               if p not in held]
     refuse_discrete(held, inputs, [("--wrt", [p]) for p in wrt])
     names = [model.output_names[m] for m in values]
@@ -203,7 +203,7 @@ def plan_layer_attribution(model: Any, request: AttributionRequest) -> LayerPlan
     import keras
 
     from derivcli.naming import element_names
-    from derivcli.run import _positions
+    from derivcli.run import positions_of
 
     if model.kind != "keras":
         raise UsageError("--layer reads a layer of a .keras or .h5 model; a SavedModel keeps no layers by name")
@@ -215,7 +215,7 @@ def plan_layer_attribution(model: Any, request: AttributionRequest) -> LayerPlan
     summed = isinstance(layer, keras.layers.Embedding)
     shape = tuple(int(d) for d in layer.output.shape[1:])
     shape = shape[:-1] if summed else shape
-    values = (_positions(request.outputs, model.output_names, "--outputs", "output")
+    values = (positions_of(request.outputs, model.output_names, "--outputs", "output")
               if request.outputs else list(range(len(model.output_names))))
     outputs = [m for m in values if m not in model.index_outputs]
     names = [model.output_names[m] for m in values]

@@ -39,6 +39,32 @@ def default_points(dimension: int, held: Sequence[int] = ()) -> np.ndarray:
 def continuous_names(model: Any) -> list[str]:
     """The coordinates derivatives are taken with respect to: every one but those of integer and boolean inputs."""
     return [name for p, name in enumerate(model.coordinate_names) if p not in model.discrete_positions]
+
+
+# Derivative checks on more coordinates than this (an image's pixels) take a seeded sample of them.
+SAMPLED_COORDINATES = 16
+# ... and at most this many derivative columns over all outputs (a 1,000-class classifier: 2 coordinates).
+SAMPLED_COLUMNS = 2000
+
+
+def checked_coordinates(model: Any, wrt: Sequence[str] | None,
+                        most: int = SAMPLED_COORDINATES) -> tuple[list[str], Finding | None]:
+    """The coordinates the derivative checks differentiate: `--wrt`'s, every continuous one, or on a model with
+    many (an image) a seeded sample, with the finding that names them."""
+    from derivcli.run import positions_of, refuse_discrete
+
+    names = continuous_names(model)
+    if wrt:
+        positions = positions_of(wrt, model.coordinate_names, "--wrt", "input")
+        refuse_discrete(model.discrete_positions, model.coordinate_names, [("--wrt", positions)])
+        return [model.coordinate_names[p] for p in positions], None
+    count = max(1, min(most, SAMPLED_COLUMNS // max(1, len(model.output_names))))
+    if len(names) <= count:
+        return names, None
+    picked = sorted(np.random.default_rng(0).choice(len(names), count, replace=False))
+    chosen = [names[p] for p in picked]
+    return chosen, Finding("info", "coordinates", f"the derivative checks take {count} of the {len(names):,} "
+                                                  f"coordinates, sampled: {', '.join(chosen)}; --wrt picks others")
 # float32 and float64 derivatives differing by more than this, relative to the
 # column's largest value, make float32 a risk for that order.
 FLOAT32_RISK_TOLERANCE = 1e-3
@@ -54,10 +80,10 @@ class Finding:
         return asdict(self)
 
 
-def smoothness_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
+def smoothness_findings(model: Any, points: np.ndarray, batch_size: int, coordinates: Sequence[str]) -> list[Finding]:
     """The verdict from the graph, confirmed by the second derivatives at the points."""
     verdict = smoothness_verdict(model)
-    second = evaluate(model, points, DerivativeRequest(partials=[{n: 2} for n in continuous_names(model)]), batch_size)
+    second = evaluate(model, points, DerivativeRequest(partials=[{n: 2} for n in coordinates]), batch_size)
     names = [n for n in second if n.startswith("d2")]
     all_zero = all(np.all(second[n] == 0) for n in names)
     if verdict.zero_from_order is not None:
@@ -96,7 +122,7 @@ FIXES = {
 }
 
 
-def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int) -> list[Finding]:
+def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int, coordinates: Sequence[str]) -> list[Finding]:
     broken = nonfinite_weights(model)
     if broken:
         layer, weight, count = broken[0]
@@ -106,7 +132,7 @@ def nonfinite_findings(model: Any, points: np.ndarray, batch_size: int) -> list[
             f"{f' (and {len(broken) - 1} more weight(s))' if len(broken) > 1 else ''}, so every output it feeds is "
             "NaN: the training diverged; retrain (a lower learning rate, gradient clipping) or load an earlier checkpoint",
         )]
-    table = evaluate(model, points, DerivativeRequest(jacobian=True), batch_size)
+    table = evaluate(model, points, DerivativeRequest(jacobian=True, wrt=list(coordinates)), batch_size)
     columns = [n for n in table if n not in model.coordinate_names]
     bad_rows = np.zeros(len(points), dtype=bool)
     bad_columns = []
@@ -141,11 +167,12 @@ def batch_findings(model: Any, points: np.ndarray) -> list[Finding]:
     return [Finding("ok", "batch", "each output depends on its own point only (its batch against a batch of its copies)")]
 
 
-def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, batch_size: int) -> list[Finding]:
+def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, batch_size: int,
+                     coordinates: Sequence[str]) -> list[Finding]:
     """Pure derivatives up to `order` in float32 against float64."""
     if double is None:
         return [Finding("info", "float32", "the model's graph cannot run in float64: no float64 comparison")]
-    request = DerivativeRequest(partials=[{n: k} for n in continuous_names(model) for k in range(1, order + 1)])
+    request = DerivativeRequest(partials=[{n: k} for n in coordinates for k in range(1, order + 1)])
     single, precise = evaluate(model, points, request, batch_size), evaluate(double, points, request, batch_size)
     risky = []
     for name in single:
@@ -164,25 +191,42 @@ def float32_findings(model: Any, double: Any, points: np.ndarray, order: int, ba
     return [Finding("ok", "float32", f"float32 agrees with float64 to {FLOAT32_RISK_TOLERANCE:g} up to order {order}")]
 
 
-def run_doctor(model: Any, double: Any, points: np.ndarray, order: int) -> list[Finding]:
+# The highest order compared in float32 and float64 without --order. On graphs of more than LARGE_GRAPH_OPS ops (an
+# image classifier) nested tapes of order 2 take minutes (MobileNetV3Small, 1,089 ops: 144 s for 4 second derivatives
+# at 4 points), so there the comparison is of first derivatives, the smoothness verdict the graph's alone, and the
+# checks take LARGE_GRAPH_COORDINATES coordinates; --order N asks for more.
+DEFAULT_ORDER, LARGE_GRAPH_ORDER, LARGE_GRAPH_OPS, LARGE_GRAPH_COORDINATES = 4, 1, 500, 4
+
+
+def run_doctor(model: Any, double: Any, points: np.ndarray, order: int | None,
+               wrt: Sequence[str] | None = None) -> list[Finding]:
     """Every finding for `model` at `points`; `double` is its float64 version or None.
 
     The batch check runs first: a model that mixes samples is then examined
     one point at a time, which is exact for it.
     """
+    large = len(model.frozen().graph_def.node) > LARGE_GRAPH_OPS
+    coordinates, sampled = checked_coordinates(model, wrt, LARGE_GRAPH_COORDINATES if large else SAMPLED_COORDINATES)
+    if order is None:
+        order = LARGE_GRAPH_ORDER if large else DEFAULT_ORDER
     batch = batch_findings(model, points)
     batch_size = 1 if batch[0].severity == "error" else DEFAULT_BATCH_SIZE
+    smoothness = [Finding("info", "smoothness", f"{smoothness_verdict(model).reason} (from the graph: second "
+                                                "derivatives of a network this large are not computed without "
+                                                "--order 2)")] if large and order < 2 \
+        else smoothness_findings(double or model, points, batch_size, coordinates)
     with np.errstate(invalid="ignore"):  # NaN columns are a finding, not a warning
         return (
-            smoothness_findings(double or model, points, batch_size)
+            ([sampled] if sampled else [])
+            + smoothness
             + weight_findings(model, points)
-            + nonfinite_findings(model, points, batch_size)
+            + nonfinite_findings(model, points, batch_size, coordinates)
             + batch
-            + float32_findings(model, double, points, order, batch_size)
+            + float32_findings(model, double, points, order, batch_size, coordinates)
         )
 
 
-def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
+def diagnose_file(options: Any, order: int | None, wrt: Sequence[str] | None = None) -> tuple[str, list[Finding]]:
     """`derivcli doctor`, start to end: the model of `options` (a `command.RunOptions`), at its points or at
     DEFAULT_POINTS random points in [-1, 1]^d; returns where it looked and the findings."""
     from derivcli.check import MAX_CHECK_POINTS
@@ -206,4 +250,4 @@ def diagnose_file(options: Any, order: int) -> tuple[str, list[Finding]]:
         ids = f", ids 0 or 1 for the {held} discrete coordinate(s)" if held else ""
         where = (f"{DEFAULT_POINTS} random points in [-1, 1]^{dimension - held}{ids} "
                  "(give --at/--grid/--csv/--npz/--hdf5 for yours)")
-    return where, run_doctor(loaded, double, points, order)
+    return where, run_doctor(loaded, double, points, order, wrt)

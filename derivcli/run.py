@@ -130,7 +130,7 @@ class Plan:
     laplacian: bool = False
 
 
-def _positions(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
+def positions_of(names: Sequence[str], known: Sequence[str], option: str, what: str) -> list[int]:
     """The positions of `names` in `known`; a tensor's name (`--wrt image`) stands for all its elements."""
     from derivcli.naming import expand_tensors, summarized
 
@@ -162,12 +162,12 @@ def plan(model: LoadedModel, request: DerivativeRequest) -> Plan:
 
     inputs = model.coordinate_names
     outputs = (
-        _positions(request.outputs, model.output_names, "--outputs", "output")
+        positions_of(request.outputs, model.output_names, "--outputs", "output")
         if request.outputs else list(range(len(model.output_names)))
     )
     held = model.discrete_positions
     wrt = (
-        _positions(request.wrt, inputs, "--wrt", "input")
+        positions_of(request.wrt, inputs, "--wrt", "input")
         if request.wrt else [p for p in range(len(inputs)) if p not in held]
     )
     # A column's multi-index holds one entry per input: the Jacobian of a 224x224x3 image would hold

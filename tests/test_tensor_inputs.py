@@ -815,3 +815,22 @@ def test_no_inputs_leaves_out_a_vector_input_too(cli):
     result = cli("grad", "sample_models/softplus_2d.keras", "--at", "0.5,1", "--no-inputs", "-f", "csv")
     assert result.exit_code == 0, result.stderr
     assert list(read_csv(result.stdout)) == ["y", "dy/dx0", "dy/dx1"]
+
+
+def test_doctor_samples_an_image_s_coordinates_and_takes_wrt(cli, models, tmp_path):
+    """On main at 755183a doctor failed on image models ('... derivative columns ... restrict --wrt') and had no
+    --wrt."""
+    np.savez(tmp_path / "images.npz", image=RNG.uniform(-1, 1, (3, 6, 6, 1)))
+    sampled = cli("doctor", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--format", "json")
+    assert sampled.exit_code == 0, sampled.stderr
+    findings = {f["check"]: f for f in json.loads(sampled.stdout)["findings"]}
+    assert findings["coordinates"]["message"].startswith("the derivative checks take 16 of the 36 coordinates, "
+                                                         "sampled: x[")
+    assert findings["nan"]["severity"] == "ok" and findings["float32"]["severity"] == "ok"
+    chosen = cli("doctor", models / "cnn.keras", "--npz", tmp_path / "images.npz", "--wrt", "x[0,0,0],x[5,5,0]",
+                 "--order", "2", "--format", "json")
+    assert chosen.exit_code == 0, chosen.stderr
+    findings = {f["check"]: f for f in json.loads(chosen.stdout)["findings"]}
+    assert "coordinates" not in findings and "up to order 2" in findings["float32"]["message"]
+    wrong = cli("doctor", models / "cnn.keras", "--wrt", "x[9,9,0]")
+    assert wrong.exit_code == 2 and "x[9,9,0]" in wrong.stderr
