@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_shards.py
 	$(BIN)/python bench/bench_images.py
 	$(BIN)/python bench/bench_attribution.py
+	$(BIN)/python bench/bench_applications.py
 
 # The README's pictures, from the sample models (committed under docs/).
 pictures: $(STAMP)

@@ -70,7 +70,7 @@ def render_info(description: dict[str, Any]) -> None:
     # Off a terminal, the table is as wide as its longest layer name needs (a pipe has no width to fold to).
     rows = description["layers"]
     widest = max([len(r["name"]) + len(r["class"]) + len(r["activation"] or "-") for r in rows], default=0) + 30
-    console = Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else max(80, widest))
+    console = Console(file=sys.stdout, soft_wrap=True, width=widest if widest > 80 and not sys.stdout.isatty() else None)
     console.print(f"[bold]{description['path']}[/bold] ({description['format']}), "
                   f"{description['parameters']:,} parameters")
     ports = Table(box=None, header_style="bold")
