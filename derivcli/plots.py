@@ -21,7 +21,7 @@ import numpy as np
 
 from derivcli.errors import RunError, UsageError
 from derivcli.specs import AtPoint
-from derivcli.writers import AtomicFile, Layout, Writer
+from derivcli.writers import AtomicFile, Layout, PassingWriter, Writer
 
 PICTURE_FORMATS = (".png", ".svg", ".pdf")
 # --plot holds every value of the grid in memory: at most this many numbers (400 MB).
@@ -508,19 +508,12 @@ class ImagePlotWriter(Writer):
         self.block = np.empty((0, 0))
 
 
-class Tee(Writer):
+class Tee(PassingWriter):
     """The output writer and the plot, fed the same batches; the plot is drawn after the output is complete."""
 
     def __init__(self, main: Writer, plot: PlotWriter | ImagePlotWriter | PointsPlotWriter) -> None:
-        self.main, self.plot = main, plot
-        self.layout, self.file = main.layout, main.file
-
-    @property
-    def nonfinite_written_as_null(self) -> int:  # type: ignore[override]
-        return self.main.nonfinite_written_as_null
-
-    def naming_write_errors(self) -> Any:
-        return self.main.naming_write_errors()
+        super().__init__(main)
+        self.plot = plot
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
         self.main.write(coordinates, passthrough, values)

@@ -850,11 +850,11 @@ def write_hdf5(path: Path, arrays: list[tuple[str, np.ndarray]]) -> None:
                 dataset[start : start + slab] = array[start : start + slab]
 
 
-class InputsLeftOut(Writer):
-    """A text writer given only some of the coordinates (`--no-inputs`, a tensor input's elements by default)."""
+class PassingWriter(Writer):
+    """A writer that passes a run's batches on to another (`main`): its file, its write errors and its nulls."""
 
-    def __init__(self, main: Writer, kept: Sequence[int]) -> None:
-        self.main, self.kept = main, np.asarray(kept, dtype=np.int64)
+    def __init__(self, main: Writer) -> None:
+        self.main = main
         self.layout, self.file = main.layout, main.file
 
     @property
@@ -865,13 +865,24 @@ class InputsLeftOut(Writer):
         return self.main.naming_write_errors()
 
     def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
-        self.main.write(coordinates[:, self.kept], passthrough, values)
+        self.main.write(coordinates, passthrough, values)
 
     def close(self) -> None:
         self.main.close()
 
     def abort(self) -> None:
         self.main.abort()
+
+
+class InputsLeftOut(PassingWriter):
+    """A text writer given only some of the coordinates (`--no-inputs`, a tensor input's elements by default)."""
+
+    def __init__(self, main: Writer, kept: Sequence[int]) -> None:
+        super().__init__(main)
+        self.kept = np.asarray(kept, dtype=np.int64)
+
+    def write(self, coordinates: np.ndarray, passthrough: list[list[str]], values: np.ndarray) -> None:
+        self.main.write(coordinates[:, self.kept], passthrough, values)
 
 
 def open_text_writer(format_name: str, layout: Layout, output: str | None, kept: Sequence[int] | None) -> Writer:
