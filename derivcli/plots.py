@@ -74,7 +74,9 @@ class View:
         index = tuple(self.pinned.get(i, slice(None)) for i in range(array.ndim))
         part = array[index]
         kept = [i for i in range(array.ndim) if i not in self.pinned]
-        return np.transpose(part, [kept.index(i) for i in self.drawn])
+        # An RGB image's channel axis, beyond the grid's, stays last.
+        return np.transpose(part, [kept.index(i) for i in self.drawn] + [kept.index(i) for i in kept
+                                                                           if i not in self.drawn])
 
 
 def choose_view(data: PlotData, axes: Sequence[str] | None, at: Sequence[AtPoint]) -> View:
@@ -217,6 +219,13 @@ def build_figure(results: Sequence[PlotData], views: Sequence[View], style: Styl
                 panel.locator_params(axis="x", nbins=6)  # -1.00 ... 1.00 in nine ticks would touch
                 if row == last_row or wrapped:
                     panel.set_xlabel(axis_names[0])
+            elif values.ndim == 3:  # an RGB image, (columns, rows, 3): its colours, stretched to its own range
+                finite = values[np.isfinite(values)]
+                low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+                panel.imshow(np.clip((values.transpose(1, 0, 2) - low) / max(high - low, 1e-300), 0, 1),
+                             interpolation="nearest")  # row 0 at the top, square pixels
+                panel.set_xlabel(axis_names[0])
+                panel.set_ylabel(axis_names[1])
             else:
                 colours: dict[str, Any] = {"cmap": style.cmap or "viridis"}
                 if name in result.centred or (style.cmap is None and signed(values)):
@@ -441,7 +450,8 @@ class ImagePlotWriter(Writer):
     """`--plot` for a model whose input is an image (or a sequence): for the first points, the input and each
     derivative of an output with respect to it, as heatmaps in the image's own rows and columns.
 
-    Channels are shown summed (the input's mean over them); derivatives use a diverging map centred at zero.
+    An RGB input is shown in its colours, other channels as their mean; derivatives are summed over the channels,
+    on a diverging map centred at zero.
     """
 
     def __init__(self, layout: Layout, options: Any, terminal: Callable[[list[tuple[PlotData, View]]], None] | None) -> None:
@@ -482,7 +492,10 @@ class ImagePlotWriter(Writer):
                 values = row[list(array.columns)].reshape(shape)
                 return (reduce(values, axis=2) if len(shape) == 3 else values).T  # (columns, rows)
 
-            values = {f"{self.image.name}{' (channel mean)' if channels else ''}": picture(self.image, np.mean)}
+            if len(shape) == 3 and shape[2] == 3:  # RGB, as it is seen
+                values = {f"{self.image.name} (RGB)": row[list(self.image.columns)].reshape(shape).transpose(1, 0, 2)}
+            else:
+                values = {f"{self.image.name}{' (channel mean)' if channels else ''}": picture(self.image, np.mean)}
             values.update({f"{a.name}{channels}": picture(a, np.sum) for a in self.derivatives})
             label = f"point {number}" + (f", target {row[self.target]:.0f}" if self.target is not None else "") \
                 + (f", delta {row[self.delta]:.2g}" if self.delta is not None else "")
@@ -667,6 +680,8 @@ def render_terminal(data: PlotData | Sequence[tuple[PlotData, View]], stream: IO
         coordinates = [np.asarray(result.axes[i][1], dtype=np.float64) for i in chosen.drawn]
         for name, array in result.values.items():
             values = chosen.slice(np.asarray(array, dtype=np.float64))
+            if values.ndim == 3:  # an RGB image: its brightness
+                values = values.mean(axis=2)
             title = " ".join(filter(None, [result.label, name, f"at {chosen.note}" if chosen.note else ""]))
             finite = values[np.isfinite(values)]
             low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)

@@ -329,3 +329,25 @@ def test_a_terminal_that_reports_0x0_gets_an_80x24_picture():
     assert status == 0, shown
     rows = [line for line in shown.replace("\r", "").split("\n") if line]
     assert max(len(line) for line in rows) == 80 and 18 <= len(rows) <= 24
+
+
+def test_an_rgb_input_is_drawn_in_its_colours(cli, tmp_path):
+    """On main at 755183a an RGB image was drawn as its channel mean on viridis. An image whose top half is pure
+    green must show pure green pixels, which no colour map here (viridis, RdBu_r) has."""
+    import keras
+    from matplotlib.image import imread
+
+    image = keras.Input((8, 8, 3), name="image")
+    keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(image))).save(tmp_path / "rgb.keras")
+    pixels = np.zeros((1, 8, 8, 3), np.float32)
+    pixels[:, :4, :, 1] = 1.0  # the top half green, the bottom half black
+    np.savez(tmp_path / "image.npz", image=pixels)
+    result = cli("grad", tmp_path / "rgb.keras", "--npz", tmp_path / "image.npz", "-o", tmp_path / "out.npz",
+                 "--plot", tmp_path / "picture.png")
+    assert result.exit_code == 0, result.stderr
+    picture = imread(tmp_path / "picture.png")[..., :3]
+    green = (picture[..., 1] > 0.9) & (picture[..., 0] < 0.1) & (picture[..., 2] < 0.1)
+    assert green.sum() > 100
+    terminal = cli("grad", tmp_path / "rgb.keras", "--npz", tmp_path / "image.npz", "-o", tmp_path / "again.npz",
+                   "--plot", "-")
+    assert terminal.exit_code == 0 and "x (RGB)" in terminal.stdout  # drawn by its brightness on a terminal
