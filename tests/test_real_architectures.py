@@ -63,8 +63,8 @@ def top_class_gradient(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 APPLICATIONS = {
-    # name: smooth (compared in float32 too), what it brings
-    "ConvNeXtTiny": True,  # grouped (depthwise) Conv2D that Keras wraps in an XLA function; LayerNorm, GELU
+    # name: also compared in float32 (smooth, and quick enough), what it brings
+    "ConvNeXtTiny": False,  # grouped (depthwise) Conv2D that Keras wraps in an XLA function; LayerNorm, GELU
     "EfficientNetB0": True,  # swish with TensorFlow's custom gradient, squeeze-excitation, depthwise conv
     "MobileNetV2": False,  # ReLU6 kinks, depthwise conv, BatchNorm
     "MobileNetV3Small": False,  # hard swish (ReLU6 inside), squeeze-excitation
@@ -149,7 +149,7 @@ def grouped(tmp_path_factory):
     return paths, twin, images, folder / "images.npz", grouped_references(twin, images)
 
 
-PIXELS = [(0, 0, 0), (2, 3, 1), (3, 3, 3)]
+PIXELS = [(0, 0, 0), (2, 3, 1)]
 
 
 def grouped_references(twin, images: np.ndarray) -> dict:
@@ -164,8 +164,8 @@ def grouped_references(twin, images: np.ndarray) -> dict:
     references = {f"dy{m}/dx": tape.gradient(output, x).numpy() for m, output in enumerate(outputs)}
     flat = [int(np.ravel_multi_index(pixel, images.shape[1:])) for pixel in PIXELS]
     names = [f"x[{i},{j},{c}]" for i, j, c in PIXELS]
-    for a in range(3):
-        for b in range(a, 3):
+    for a in range(len(PIXELS)):
+        for b in range(a, len(PIXELS)):
             column = f"d2y0/d{names[a]}^2" if a == b else f"d2y0/d{names[a]}d{names[b]}"
             references[column] = second_derivative_reference(twin, images, flat[a], flat[b])
     return references
@@ -195,7 +195,7 @@ def second_derivative_reference(twin, points: np.ndarray, first: int, second: in
 
 @pytest.mark.parametrize("form", ["keras", "h5", "export"])
 def test_grouped_convolutions_differentiate_to_order_two_in_every_format(cli, tmp_path, grouped, form):
-    """The gradient of both outputs against the float64 twin's tape; the Hessian over three pixels against float64
+    """The gradient of both outputs against the float64 twin's tape; the Hessian over two pixels against float64
     finite differences of the twin."""
     paths, twin, images, npz, references = grouped
     out = tmp_path / "grad.npz"
